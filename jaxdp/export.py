@@ -1,0 +1,40 @@
+"""Export any model source (HF dir or id, jaxdp run directory) to a HF PyTorch directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jaxdp import hf
+
+
+def _tokenizer_for(src: Path | None, tokenizer: str | os.PathLike | None) -> Any | None:
+    from jaxdp.data import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if src is not None and (
+        (src / "tokenizer_config.json").is_file() or (src / "vocab.json").is_file()
+    ):
+        return load_tokenizer(src)
+    return None
+
+
+def export_to_hf(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+) -> Path:
+    """Writes `out_dir` (config.json, tied model.safetensors, tokenizer files when known)."""
+    path = Path(src).expanduser()
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        from jaxdp import checkpoint
+
+        model, run_tokenizer = checkpoint.load_model_from_workdir(path)
+        tok = _tokenizer_for(None, tokenizer or run_tokenizer)
+        return hf.save_pretrained(model, out_dir, tokenizer=tok)
+    model_dir = hf.resolve_model_dir(src)
+    model = hf.from_pretrained(model_dir)
+    return hf.save_pretrained(model, out_dir, tokenizer=_tokenizer_for(model_dir, tokenizer))

@@ -1,0 +1,41 @@
+"""Shared fixtures: offline data beside the checkout and tiny, prime-sized models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("JAXDP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (override with JAXDP_SHARED_DATA); a missing copy is an error, not a skip."""
+    if not (SHARED_DATA / "gpt2-tokenizer" / "vocab.json").is_file():
+        pytest.fail(f"Offline test data not found at {SHARED_DATA}; set JAXDP_SHARED_DATA.")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(shared_data: Path) -> Path:
+    return shared_data / "gpt2-tokenizer"
+
+
+@pytest.fixture
+def tiny_config():
+    from jaxdp.gpt2 import GPT2Config
+
+    # Prime-ish sizes so that a transposed or mis-reshaped axis cannot hide.
+    return GPT2Config(
+        vocab_size=61,
+        n_positions=11,
+        n_embd=30,
+        n_layer=2,
+        n_head=3,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
