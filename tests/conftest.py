@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The tests compile many tiny programs; XLA's backend optimisations cost more than they save here.
+# (Numerics are unaffected; set XLA_FLAGS yourself to override.)
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXDP_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -1,0 +1,190 @@
+"""Per-example gradients, per-example clipping and the clipped sum.
+
+`clipped_grad(loss_fn, l2_clip_norm)` mirrors `jax.grad`: it returns a function that computes, for
+a batch, the sum over real (non-padding) examples of clip(g_i, C), where g_i is the gradient of
+`loss_fn` on example i alone and
+
+    flat clipping:       clip(g, C) = g * min(1, C / ||g||_2)   (norm over all trainable params)
+    per-layer clipping:  each parameter tensor (leaf) k is clipped to C_k = C / sqrt(K)
+
+so in both cases every example's clipped contribution has L2 norm <= C. Adding or removing one
+example therefore changes the clipped sum by at most C in L2 norm: the sensitivity that
+`jaxdp.noise.add_gaussian_noise` calibrates its noise to. Padding rows contribute exactly zero;
+examples whose gradient is not finite (NaN/inf) are zeroed (contributing nothing, which keeps the
+bound) and counted.
+
+Per-example gradients are computed with `jax.vmap(jax.grad(...))` over chunks of
+`microbatch_size` examples inside a `lax.scan`, so only one chunk of per-example gradients is
+materialised at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+CLIPPING_MODES = ("flat", "per_layer")
+
+
+class ClipStats(NamedTuple):
+    """Sums over the real examples of one call (add them across calls)."""
+
+    loss_sum: jax.Array  # sum of per-example losses (finite ones)
+    num_examples: jax.Array  # real (non-padding) examples
+    num_clipped: jax.Array  # examples whose gradient was scaled down
+    num_nonfinite: jax.Array  # examples whose gradient was not finite (zeroed)
+    norm_sum: jax.Array  # sum of (finite) pre-clipping per-example gradient norms
+
+    @classmethod
+    def zeros(cls) -> ClipStats:
+        return cls(*(jnp.zeros((), jnp.float32) for _ in cls._fields))
+
+    def __add__(self, other: ClipStats) -> ClipStats:  # type: ignore[override]
+        return ClipStats(*(a + b for a, b in zip(self, other, strict=True)))
+
+
+def _check_mode(clipping: str) -> None:
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
+
+
+def per_example_norms(grads: PyTree) -> jax.Array:
+    """L2 norm of each example's gradient over the whole tree: [B, ...] leaves -> [B]."""
+    sq = [
+        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+        for g in jax.tree.leaves(grads)
+    ]
+    return jnp.sqrt(sum(sq))
+
+
+def clip_and_sum(
+    grads: PyTree,
+    l2_clip_norm: float,
+    is_padding: jax.Array | None = None,
+    *,
+    clipping: str = "flat",
+) -> tuple[PyTree, dict[str, jax.Array]]:
+    """Sum over examples of clipped per-example gradients (leaves with a leading batch axis).
+
+    Returns (clipped sum, {"norms" [B], "clipped" [B] bool, "finite" [B] bool, "real" [B] bool}).
+    """
+    _check_mode(clipping)
+    if l2_clip_norm <= 0:
+        raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
+    leaves, treedef = jax.tree.flatten(grads)
+    batch = leaves[0].shape[0]
+    real = jnp.ones((batch,), bool) if is_padding is None else ~is_padding
+    leaf_sq = [
+        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in leaves
+    ]  # K x [B]
+    norms = jnp.sqrt(sum(leaf_sq))  # [B]
+    finite = jnp.isfinite(norms)
+    keep = real & finite
+    if clipping == "flat":
+        factor = l2_clip_norm / jnp.maximum(norms, l2_clip_norm)  # min(1, C / ||g||)
+        factors = [factor] * len(leaves)
+        clipped = norms > l2_clip_norm
+    else:
+        c_k = l2_clip_norm / math.sqrt(len(leaves))
+        leaf_norms = [jnp.sqrt(s) for s in leaf_sq]
+        factors = [c_k / jnp.maximum(n, c_k) for n in leaf_norms]
+        clipped = jnp.any(jnp.stack([n > c_k for n in leaf_norms]), axis=0)
+    # where() before multiplying: NaN * 0 would still be NaN.
+    weights = [jnp.where(keep, f, 0.0) for f in factors]
+    summed = [
+        jnp.einsum("b...,b->...", jnp.where(_bcast(keep, g), g, 0).astype(jnp.float32), w).astype(
+            g.dtype
+        )
+        for g, w in zip(leaves, weights, strict=True)
+    ]
+    info = {"norms": norms, "clipped": clipped & keep, "finite": finite, "real": real}
+    return jax.tree.unflatten(treedef, summed), info
+
+
+def _bcast(mask: jax.Array, like: jax.Array) -> jax.Array:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
+def clipped_grad(
+    loss_fn: Callable[..., jax.Array],
+    l2_clip_norm: float,
+    *,
+    microbatch_size: int | None = None,
+    clipping: str = "flat",
+) -> Callable[..., tuple[PyTree, ClipStats]]:
+    """Like `jax.grad`, but returns the sum of clipped per-example gradients.
+
+    `loss_fn(params, example, key)` is the loss of ONE example (no batch axis; `key` is a PRNG key
+    for dropout, or None). The returned function is
+
+        fn(params, batch, is_padding, key=None) -> (clipped_sum, ClipStats)
+
+    where `batch` is a pytree with a leading axis B, `is_padding` a [B] bool mask, and `key` (if
+    given) is split into one independent key per example. B must be divisible by
+    `microbatch_size` (default: B, i.e. one vmap over the whole batch).
+    """
+    _check_mode(clipping)
+
+    def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
+        size = is_padding.shape[0]
+        m = microbatch_size or size
+        if size % m:
+            raise ValueError(f"Batch size {size} is not divisible by microbatch_size {m}.")
+        use_key = key is not None
+        # One independent dropout key per example (a dummy array when there is no key).
+        keys = jax.random.split(key, size) if use_key else jnp.zeros((size,), jnp.uint32)
+        per_example = lambda p, e, k: loss_fn(p, e, k if use_key else None)
+        value_and_grad = jax.vmap(jax.value_and_grad(per_example), in_axes=(None, 0, 0))
+        to_chunks = lambda x: x.reshape((size // m, m) + x.shape[1:])  # [B, ...] -> [B/m, m, ...]
+        xs = (jax.tree.map(to_chunks, batch), to_chunks(is_padding), to_chunks(keys))
+
+        def body(carry, chunk_xs):
+            acc, stats = carry
+            chunk, pad, ks = chunk_xs
+            losses, grads = value_and_grad(params, chunk, ks)  # [m], [m, ...]
+            summed, info = clip_and_sum(grads, l2_clip_norm, pad, clipping=clipping)
+            ok = info["real"] & info["finite"]
+            total = lambda x: jnp.sum(x.astype(jnp.float32))
+            stats = stats + ClipStats(
+                loss_sum=total(jnp.where(ok, losses, 0.0)),
+                num_examples=total(info["real"]),
+                num_clipped=total(info["clipped"]),
+                num_nonfinite=total(info["real"] & ~info["finite"]),
+                norm_sum=total(jnp.where(ok, info["norms"], 0.0)),
+            )
+            return (jax.tree.map(jnp.add, acc, summed), stats), None
+
+        init = (jax.tree.map(jnp.zeros_like, params), ClipStats.zeros())
+        (clipped_sum, stats), _ = jax.lax.scan(body, init, xs)
+        return clipped_sum, stats
+
+    return fn
+
+
+def clip_per_example(
+    l2_clip_norm: float, *, clipping: str = "flat"
+) -> optax.GradientTransformationExtraArgs:
+    """Optax transform: per-example gradients (leading batch axis) -> their clipped sum.
+
+    For users who already hold per-example gradients; pass `is_padding=[B] bool` as an extra
+    argument to `update` to exclude padding rows. Chain it with `jaxdp.noise.add_gaussian_noise`.
+    Sensitivity of the output: l2_clip_norm (add/remove one example).
+    """
+    _check_mode(clipping)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, is_padding=None, **extra_args):
+        del params, extra_args
+        summed, _ = clip_and_sum(updates, l2_clip_norm, is_padding, clipping=clipping)
+        return summed, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,179 @@
+"""Jitted train and eval steps (pure functions of (state, batch)).
+
+One logical DP-SGD step t is:
+
+    acc = zeros
+    for each physical batch j of the examples Poisson-drawn at step t:   # fixed shape [P, T]
+        acc = grad_step(params, batch_j, fold_in(dropout_key_t, j), acc)  # += sum_i clip(g_i, C)
+    state, metrics = update_step(state, acc)                             # + noise once, / B, optax
+
+so the noise is added once per logical step however many physical batches the drawn batch
+needed (gradient accumulation with DP semantics), and padding rows contribute exactly zero.
+Without DP (`dp=None`) the same loop computes the plain mean gradient over the drawn examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxdp import clipping as clipping_lib
+from jaxdp.clipping import ClipStats
+from jaxdp.gpt2 import GPT2LMHeadModel
+from jaxdp.loss import example_loss, next_token_losses, token_accuracy
+from jaxdp.noise import add_gaussian_noise
+
+PyTree = Any
+Batch = dict[str, jax.Array]  # {"tokens": [P, T] int32, "is_padding": [P] bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGDConfig:
+    """DP-SGD hyper-parameters (see jaxdp.clipping / jaxdp.noise for the exact semantics)."""
+
+    l2_clip_norm: float
+    noise_multiplier: float
+    expected_batch_size: float
+    microbatch_size: int | None = None
+    clipping: str = "flat"
+    noise_seed: int = 0
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # logical steps taken
+    params: PyTree
+    opt_state: PyTree
+
+
+class GradAccum(struct.PyTreeNode):
+    grad_sum: PyTree  # DP: sum of clipped per-example grads; else sum of per-example grads
+    stats: ClipStats
+
+
+def make_optimizer(
+    base: optax.GradientTransformation, dp: DPSGDConfig | None
+) -> optax.GradientTransformation:
+    """`base` preceded, under DP, by the Gaussian noise transform (which also divides by B)."""
+    if dp is None:
+        return base
+    noise = add_gaussian_noise(
+        dp.l2_clip_norm, dp.noise_multiplier, dp.expected_batch_size, dp.noise_seed
+    )
+    return optax.chain(noise, base)
+
+
+def init_state(model: GPT2LMHeadModel, tx: optax.GradientTransformation):
+    """(graphdef, TrainState) with the model's parameters split out for functional training."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+    )
+
+
+def zero_accum(params: PyTree) -> GradAccum:
+    return GradAccum(grad_sum=jax.tree.map(jnp.zeros_like, params), stats=ClipStats.zeros())
+
+
+def make_example_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
+    """loss(params, example, key) for ONE example {"tokens": [T]} (the privacy unit)."""
+
+    def loss(params, example, key):
+        model = nnx.merge(graphdef, params)
+        tokens = example["tokens"]
+        logits = model(tokens[None], dropout_key=key)[0]  # [T, V]
+        return example_loss(logits, tokens, example.get("token_mask"))
+
+    return loss
+
+
+def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[..., GradAccum]:
+    """grad_step(params, batch, key, acc) -> acc with this physical batch's gradient sum added."""
+    example_loss_fn = make_example_loss(graphdef)
+    if dp is not None:
+        clipped = clipping_lib.clipped_grad(
+            example_loss_fn,
+            dp.l2_clip_norm,
+            microbatch_size=dp.microbatch_size,
+            clipping=dp.clipping,
+        )
+
+    def grad_step(params, batch: Batch, key, acc: GradAccum) -> GradAccum:
+        is_padding = batch["is_padding"]
+        examples = {k: v for k, v in batch.items() if k != "is_padding"}
+        if dp is not None:
+            grad_sum, stats = clipped(params, examples, is_padding, key)
+        else:
+            real = (~is_padding).astype(jnp.float32)
+
+            def summed_loss(p):
+                model = nnx.merge(graphdef, p)
+                logits = model(examples["tokens"], dropout_key=key)  # [P, T, V]
+                losses, weights = next_token_losses(
+                    logits, examples["tokens"], examples.get("token_mask")
+                )
+                per_example = jnp.sum(losses * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1)
+                return jnp.sum(per_example * real)
+
+            loss_sum, grad_sum = jax.value_and_grad(summed_loss)(params)
+            zero = jnp.zeros((), jnp.float32)
+            stats = ClipStats(
+                loss_sum=loss_sum,
+                num_examples=jnp.sum(real),
+                num_clipped=zero,
+                num_nonfinite=zero,
+                norm_sum=zero,
+            )
+        return GradAccum(
+            grad_sum=jax.tree.map(jnp.add, acc.grad_sum, grad_sum), stats=acc.stats + stats
+        )
+
+    return grad_step
+
+
+def make_update_step(
+    tx: optax.GradientTransformation, dp: DPSGDConfig | None
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """update_step(state, acc) -> (state, metrics): noise (DP) or mean (non-DP), then optax."""
+
+    def update_step(state: TrainState, acc: GradAccum):
+        n = acc.stats.num_examples
+        if dp is not None:
+            grads = acc.grad_sum  # the noise transform adds N(0, s^2 C^2) and divides by B
+        else:
+            grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), acc.grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.maximum(n - acc.stats.num_nonfinite, 1.0)
+        metrics = {
+            "train_loss": acc.stats.loss_sum / finite,
+            "batch_size": n,
+            "clip_fraction": acc.stats.num_clipped / jnp.maximum(n, 1.0),
+            "num_nonfinite": acc.stats.num_nonfinite,
+            "grad_norm_mean": acc.stats.norm_sum / finite,
+            "update_norm": optax.tree.norm(updates),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return update_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]]:
+    """eval_step(params, batch) -> token-level sums: loss_sum, num_tokens, num_correct."""
+
+    def eval_step(params, batch: Batch):
+        model = nnx.merge(graphdef, params)
+        tokens = batch["tokens"]
+        logits = model(tokens)  # [P, T, V]
+        real = ~batch["is_padding"][:, None]  # [P, 1]
+        mask = batch.get("token_mask", jnp.ones_like(tokens, dtype=bool)) & real
+        losses, weights = next_token_losses(logits, tokens, mask)
+        correct, count = token_accuracy(logits, tokens, mask)
+        return {"loss_sum": jnp.sum(losses * weights), "num_tokens": count, "num_correct": correct}
+
+    return eval_step
