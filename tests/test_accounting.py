@@ -1,0 +1,221 @@
+"""Tests for jaxdp.accounting against dp_accounting used directly and a closed-form oracle."""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import pld, rdp
+from scipy import optimize, stats
+
+from jaxdp import accounting
+
+DELTA = 1e-5
+ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+# A coarser PLD grid keeps searches fast; it is still a valid (pessimistic) bound.
+COARSE = 1e-3
+
+
+def direct_epsilon(sigma, q, steps, delta, kind, discretization=1e-4):
+    """dp_accounting by hand: compose(event, count) rather than a SelfComposedDpEvent."""
+    if kind == "pld":
+        acc = pld.PLDAccountant(ADD_REMOVE, value_discretization_interval=discretization)
+    else:
+        acc = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    return acc.compose(event, steps).get_epsilon(delta)
+
+
+def gaussian_epsilon(sigma, delta):
+    """Exact epsilon of the Gaussian mechanism, sensitivity 1 (Balle & Wang 2018, Thm. 8)."""
+
+    def delta_of(eps):
+        return stats.norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * stats.norm.cdf(
+            -1 / (2 * sigma) - eps * sigma
+        )
+
+    return optimize.brentq(lambda e: delta_of(e) - delta, 0.0, 100.0, xtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "sigma, q, steps, delta",
+    [(1.0, 0.01, 1000, 1e-5), (2.0, 0.1, 50, 1e-6), (1.3, 0.004, 5000, 1e-7)],
+)
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_compute_epsilon_matches_dp_accounting(sigma, q, steps, delta, kind):
+    got = accounting.compute_epsilon(sigma, q, steps, delta, accountant=kind)
+    assert got == pytest.approx(direct_epsilon(sigma, q, steps, delta, kind), rel=1e-12)
+    assert 0 < got < math.inf
+
+
+@pytest.mark.parametrize("sigma, steps", [(1.0, 1), (4.0, 16), (30.0, 100)])
+def test_full_batch_matches_closed_form_gaussian(sigma, steps):
+    # q = 1: `steps` Gaussian steps compose to one Gaussian with std sigma / sqrt(steps).
+    exact = gaussian_epsilon(sigma / math.sqrt(steps), DELTA)
+    got_pld = accounting.compute_epsilon(sigma, 1.0, steps, DELTA, accountant="pld")
+    got_rdp = accounting.compute_epsilon(sigma, 1.0, steps, DELTA, accountant="rdp")
+    assert exact <= got_pld <= exact + 1e-3  # PLD: pessimistic, but tight.
+    assert got_rdp >= exact  # RDP: a valid, looser bound.
+
+
+def test_steps_zero_is_free_and_sigma_zero_is_not_private():
+    for kind in accounting.ACCOUNTANTS:
+        assert accounting.compute_epsilon(1.0, 0.01, 0, DELTA, accountant=kind) == 0.0
+        assert accounting.compute_epsilon(0.0, 0.01, 10, DELTA, accountant=kind) == math.inf
+    assert isinstance(accounting.dpsgd_event(1.0, 0.01, 0), dp_accounting.NoOpDpEvent)
+    assert isinstance(accounting.dpsgd_event(0.0, 0.01, 5), dp_accounting.NonPrivateDpEvent)
+
+
+def test_dpsgd_event_structure():
+    expected = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.5)), 7
+    )
+    assert accounting.dpsgd_event(1.5, 0.02, 7) == expected
+    # Shuffled / fixed batches are accounted as if Poisson-sampled (approximation).
+    assert accounting.dpsgd_event(1.5, 0.02, 7, sampling="shuffle") == expected
+    assert accounting.dpsgd_event(1.5, 0.02, 7, sampling="fixed") == expected
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_epsilon_monotone(kind):
+    def eps(sigma, q, steps):
+        return accounting.compute_epsilon(
+            sigma, q, steps, DELTA, accountant=kind, pld_discretization=COARSE
+        )
+
+    in_steps = np.array([eps(1.0, 0.01, t) for t in (1, 10, 100, 1000, 3000)])
+    assert np.all(np.diff(in_steps) > 0), in_steps
+    in_sigma = np.array([eps(s, 0.01, 300) for s in (0.8, 1.0, 1.5, 3.0)])
+    assert np.all(np.diff(in_sigma) < 0), in_sigma
+    in_q = np.array([eps(1.0, q, 300) for q in (0.001, 0.01, 0.1)])
+    assert np.all(np.diff(in_q) > 0), in_q
+
+
+def test_compute_delta_inverts_compute_epsilon():
+    for kind in accounting.ACCOUNTANTS:
+        eps = accounting.compute_epsilon(1.0, 0.01, 500, DELTA, accountant=kind)
+        got = accounting.compute_delta(1.0, 0.01, 500, eps, accountant=kind)
+        assert got <= DELTA * 1.01
+        assert accounting.compute_delta(1.0, 0.01, 500, 0.5 * eps, accountant=kind) > DELTA
+
+
+def test_truncated_poisson():
+    kw = dict(sampling="truncated_poisson", num_examples=400)
+    # A truncation bound >= num_examples never truncates: identical to Poisson sampling.
+    untruncated = accounting.compute_epsilon(1.0, 0.05, 40, DELTA, truncated_batch_size=400, **kw)
+    assert untruncated == pytest.approx(direct_epsilon(1.0, 0.05, 40, DELTA, "pld"), rel=1e-6)
+    with pytest.raises(ValueError, match="pld"):
+        accounting.compute_epsilon(
+            1.0, 0.05, 40, DELTA, accountant="rdp", truncated_batch_size=40, **kw
+        )
+    with pytest.raises(ValueError, match="truncated_batch_size"):
+        accounting.compute_epsilon(1.0, 0.05, 40, DELTA, **kw)
+
+
+def test_describe_guarantee():
+    assert "APPROXIMATE" not in accounting.describe_guarantee("poisson")
+    assert "add/remove" in accounting.describe_guarantee("poisson")
+    for sampling in accounting.APPROXIMATE_SAMPLINGS:
+        label = accounting.describe_guarantee(sampling)
+        assert label.startswith("APPROXIMATE") and "not a formal guarantee" in label
+    with pytest.raises(ValueError, match="poisson"):
+        accounting.describe_guarantee("uniform")
+
+
+def test_make_accountant():
+    a, b = accounting.make_accountant("pld"), accounting.make_accountant("pld")
+    assert a is not b and isinstance(a, pld.PLDAccountant)
+    assert isinstance(accounting.make_accountant("rdp"), rdp.RdpAccountant)
+    for acc in (a, accounting.make_accountant("rdp")):
+        assert acc.neighboring_relation == ADD_REMOVE
+        assert isinstance(acc.ledger, dp_accounting.NoOpDpEvent)
+    with pytest.raises(ValueError, match="pld.*rdp"):
+        accounting.make_accountant("moments")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sampling_prob=0.0), "sampling_prob"),
+        (dict(sampling_prob=1.5), "sampling_prob"),
+        (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(noise_multiplier=math.nan), "noise_multiplier"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(target_delta=0.0), "target_delta"),
+        (dict(target_delta=1.0), "target_delta"),
+        (dict(sampling="uniform"), "sampling"),
+    ],
+)
+def test_compute_epsilon_validates(kwargs, match):
+    args = dict(noise_multiplier=1.0, sampling_prob=0.01, steps=10, target_delta=DELTA) | kwargs
+    with pytest.raises(ValueError, match=match):
+        accounting.compute_epsilon(**args, accountant="rdp")
+
+
+@pytest.mark.parametrize(
+    "kind, discretization, target_epsilon, q, steps",
+    [
+        ("rdp", 1e-4, 1.0, 0.01, 1000),
+        ("rdp", 1e-4, 8.0, 0.004, 10_000),
+        ("rdp", 1e-4, 0.5, 1.0, 10),
+        ("pld", 1e-4, 1.0, 0.01, 1000),
+        ("pld", COARSE, 8.0, 0.004, 10_000),
+    ],
+)
+def test_calibrate_round_trip_is_tight(kind, discretization, target_epsilon, q, steps):
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon, DELTA, q, steps, accountant=kind, pld_discretization=discretization
+    )
+    eps = lambda s: direct_epsilon(s, q, steps, DELTA, kind, discretization)
+    assert eps(sigma) <= target_epsilon
+    assert eps(0.98 * sigma) > target_epsilon
+    assert eps(sigma - 1e-3) > target_epsilon
+
+
+def test_calibrate_unreachable_and_invalid_targets():
+    with pytest.raises(ValueError, match="fewer steps.*smaller sampling_prob.*larger"):
+        accounting.calibrate_noise_multiplier(1e-3, DELTA, 1.0, 10_000, accountant="rdp")
+    with pytest.raises(ValueError, match="target_epsilon"):
+        accounting.calibrate_noise_multiplier(0.0, DELTA, 0.01, 100)
+    with pytest.raises(ValueError, match="target_epsilon"):
+        accounting.calibrate_noise_multiplier(-1.0, DELTA, 0.01, 100)
+    with pytest.raises(ValueError, match="target_delta"):
+        accounting.calibrate_noise_multiplier(1.0, 0.0, 0.01, 100)
+    with pytest.raises(ValueError, match="steps"):
+        accounting.calibrate_noise_multiplier(1.0, DELTA, 0.01, 0)
+    with pytest.raises(ValueError, match="pld"):
+        accounting.calibrate_noise_multiplier(
+            1.0,
+            DELTA,
+            0.01,
+            100,
+            accountant="rdp",
+            sampling="truncated_poisson",
+            num_examples=1000,
+            truncated_batch_size=20,
+        )
+
+
+@pytest.mark.parametrize(
+    "kind, discretization, sigma, q, target_epsilon",
+    [
+        ("rdp", 1e-4, 1.0, 0.01, 2.0),
+        ("rdp", 1e-4, 0.7, 0.05, 5.0),
+        ("pld", COARSE, 1.0, 0.01, 2.0),
+    ],
+)
+def test_max_steps_within_budget(kind, discretization, sigma, q, target_epsilon):
+    k = accounting.max_steps_within_budget(
+        sigma, q, target_epsilon, DELTA, accountant=kind, pld_discretization=discretization
+    )
+    eps = lambda t: direct_epsilon(sigma, q, t, DELTA, kind, discretization)
+    assert k >= 1
+    assert eps(k) <= target_epsilon < eps(k + 1)
+
+
+def test_max_steps_edge_cases():
+    kw = dict(accountant="rdp")
+    assert accounting.max_steps_within_budget(0.0, 0.01, 10.0, DELTA, **kw) == 0
+    assert accounting.max_steps_within_budget(0.5, 1.0, 0.1, DELTA, **kw) == 0  # One step > eps.
+    assert accounting.max_steps_within_budget(50.0, 0.001, 10.0, DELTA, upper=1000, **kw) == 1000
