@@ -75,3 +75,23 @@ def text_file_blocks(
             raise FileNotFoundError(f"Text file not found: {path}")
         pieces.append(tokenize(tokenizer, path.read_text(encoding="utf-8")))
     return to_blocks(np.concatenate(pieces), block_size)
+
+
+def hf_dataset_blocks(
+    name: str, config: str | None, split: str, text_field: str, tokenizer: Any, block_size: int
+) -> np.ndarray:
+    """A `datasets` split's text rows joined into one string, tokenized and cut into blocks."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown dataset, missing split, ...
+        raise HubUnavailableError(
+            f"Could not load dataset {name!r} ({config}) split {split!r} "
+            f"({type(e).__name__}: {e}). Offline, use local text instead: "
+            f"--config.data.source=text_files --config.data.train_files=path/to/train.txt "
+            f"(e.g. ../shared/data/wikitext-2/valid.txt)."
+        ) from e
+    if text_field not in ds.column_names:
+        raise ValueError(f"Dataset {name!r} has no column {text_field!r}: {ds.column_names}.")
+    return to_blocks(tokenize(tokenizer, "".join(ds[text_field])), block_size)

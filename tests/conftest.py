@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXDP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Reuse compiled programs across the many short runs of one test session."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (override with JAXDP_SHARED_DATA); a missing copy is an error, not a skip."""

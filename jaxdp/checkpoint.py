@@ -1,0 +1,120 @@
+"""Orbax checkpoints of a run, with the privacy ledger beside the arrays.
+
+A checkpoint at step t holds the `TrainState` (params, optimizer state, including the noise
+transform's counter that keys the noise) and a JSON `meta` record: the privacy ledger (steps
+taken, sampling probability, noise multiplier, clip norm, accountant, epsilon spent so far), the
+run fingerprint, and the model/tokenizer needed to rebuild the model. The Poisson sampler and the
+dropout keys are stateless functions of (seed, step), so restoring step t resumes exactly.
+
+A checkpoint that cannot be read, or whose fingerprint differs from the current run's, raises
+`CheckpointError`: silently restarting from scratch would spend the privacy budget twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+META_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or belongs to a different run configuration."""
+
+
+def manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+    directory = Path(workdir).expanduser().resolve() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+    meta = {"version": META_VERSION, **meta}
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+    except Exception as e:
+        raise CheckpointError(
+            f"Checkpoint {mngr.directory}/{step} has no readable metadata ({e}). It may be "
+            f"corrupt; move it away to resume from an earlier checkpoint, or use a new workdir."
+        ) from e
+
+
+def restore(
+    mngr: ocp.CheckpointManager, step: int, abstract_state: Any, fingerprint: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of checkpoint `step`; raises CheckpointError on corruption or mismatch."""
+    meta = read_meta(mngr, step)
+    saved = meta.get("fingerprint", {})
+    diffs = {
+        k: (saved.get(k), fingerprint.get(k))
+        for k in sorted(set(saved) | set(fingerprint))
+        if _norm(saved.get(k)) != _norm(fingerprint.get(k))
+    }
+    if diffs:
+        lines = "; ".join(f"{k}: checkpoint={a!r}, now={b!r}" for k, (a, b) in diffs.items())
+        raise CheckpointError(
+            f"The checkpoint in {mngr.directory} belongs to a different run ({lines}). Resuming "
+            f"it would mix two runs' privacy accounting. Use a new --workdir, or restore the "
+            f"original settings."
+        )
+    try:
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"Checkpoint {mngr.directory}/{step} could not be restored ({type(e).__name__}: {e}). "
+            f"It may be corrupt or from another model; it was NOT silently replaced."
+        ) from e
+    return restored["state"], meta
+
+
+def _norm(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples vs lists, numpy scalars
+
+
+def abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None):
+    """(model, tokenizer name) from a run directory's latest (or given) checkpoint."""
+    from flax import nnx
+
+    from jaxdp import hf
+    from jaxdp.gpt2 import GPT2Config
+
+    mngr = manager(workdir, max_to_keep=None)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"No checkpoint in {Path(workdir) / 'checkpoints'}.")
+    meta = read_meta(mngr, step)
+    config = GPT2Config(**meta["model_config"])
+    graphdef, params = nnx.split(hf._abstract_model(config), nnx.Param)
+    try:
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract(params)}, partial_restore=True
+                )
+            ),
+        )
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint {mngr.directory}/{step} could not be read: {e}") from e
+    return nnx.merge(graphdef, restored["state"]["params"]), meta.get("tokenizer")

@@ -1,0 +1,95 @@
+"""The run configuration: every field `scripts/train.py` understands, with defaults.
+
+Config files in `configs/` start from `default_config()` and change what they need; unknown
+fields are rejected (the ConfigDict is locked), so a typo such as `--config.dp.noise_mutliplier`
+is an error rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _optional(kind: type):
+    """A typed field that defaults to None (a fresh reference each time: never share one)."""
+    return ml_collections.config_dict.placeholder(kind)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = "gpt2"  # HF id, local HF dir, or (with init="random") a preset name
+    c.model.init = "pretrained"  # "pretrained" | "random"
+    c.model.dropout = _optional(float)  # overrides resid/embd/attn_pdrop; None: model's own
+    c.model.revision = _optional(str)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "hf"  # "hf" (a `datasets` dataset) | "text_files"
+    c.data.train_files = ()  # text_files: read whole, tokenized, concatenated, cut into blocks
+    c.data.eval_files = ()
+    c.data.hf_dataset = "wikitext"
+    c.data.hf_config = "wikitext-2-raw-v1"
+    c.data.hf_train_split = "train"
+    c.data.hf_eval_split = "validation"
+    c.data.hf_text_field = "text"
+    c.data.tokenizer = "gpt2"  # HF id or local dir (vocab.json + merges.txt is enough)
+    c.data.block_size = 128  # tokens per example (= the privacy unit)
+    c.data.max_eval_examples = _optional(int)  # evaluate on the first k eval blocks
+
+    c.dp = ml_collections.ConfigDict()
+    c.dp.enabled = True
+    c.dp.l2_clip_norm = 1.0
+    c.dp.noise_multiplier = _optional(float)  # None: calibrate to target_epsilon
+    c.dp.target_epsilon = 8.0  # None with a noise_multiplier: report epsilon, no budget stop
+    c.dp.target_delta = _optional(float)  # None: 1 / (10 * num_examples)
+    c.dp.expected_batch_size = 64  # B = q * N; also the batch size without DP
+    c.dp.microbatch_size = 8  # examples per vmap chunk (bounds memory)
+    c.dp.physical_batch_size = _optional(int)  # None: fits the drawn batch w.h.p.
+    c.dp.clipping = "flat"  # "flat" | "per_layer"
+    c.dp.accountant = "pld"  # "pld" | "rdp"
+    c.dp.sampling = "poisson"  # "poisson" | "shuffle" (APPROXIMATE epsilon, labelled as such)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # "sgd" | "adam" | "adamw"
+    c.optim.learning_rate = 1e-4
+    c.optim.weight_decay = 0.0
+    c.optim.momentum = 0.0  # sgd only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # "constant" | "cosine" (decays to 0 at num_steps)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000  # logical (noisy) steps
+    c.train.num_epochs = _optional(float)  # if set: num_steps = ceil(epochs / q)
+    c.train.seed = 0  # sampling, dropout and noise are all derived from it
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_batch_size = 16
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 3
+    c.train.sample_prompts = ("Robert went on a trip to Las Vegas,",)
+    c.train.sample_max_new_tokens = 32
+    c.train.sample_top_k = 0  # 0: greedy
+    c.train.export_hf = True  # write W/hf at the end
+    c.train.progress = True  # tqdm progress bar
+
+    return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, as `--config path[:arg]` loads it, locked."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"jaxdp_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.lock()
+    return config

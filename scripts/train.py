@@ -1,0 +1,59 @@
+"""Train a GPT-2 with DP-SGD (or without DP) from a config file.
+
+    python scripts/train.py --config configs/dpsgd_gpt2.py --workdir runs/dpsgd_gpt2
+    python scripts/train.py --config configs/tiny_offline.py --workdir runs/tiny \
+        --config.train.num_steps=50 --config.dp.target_epsilon=3
+
+Any field of the config can be overridden with --config.a.b=value; unknown fields are errors.
+Running the same command again on the same --workdir resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxdp import trainer
+from jaxdp.checkpoint import CheckpointError
+from jaxdp.hf import HubUnavailableError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding everything of this run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # jaxdp's own progress at INFO; libraries (orbax, absl) only at WARNING and above.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    jaxdp_log = logging.getLogger("jaxdp")
+    jaxdp_log.addHandler(handler)
+    jaxdp_log.setLevel(logging.INFO)
+    jaxdp_log.propagate = False
+    try:
+        summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+    except (trainer.ConfigError, HubUnavailableError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    eps = summary["epsilon"]
+    approx = " (APPROXIMATE)" if summary["epsilon_is_approximate"] else ""
+    if eps is None:
+        print(f"Done: {summary['steps']} steps, non-private. Outputs in {_WORKDIR.value}")
+    else:
+        print(
+            f"Done: {summary['steps']} steps, epsilon = {eps:.4g}{approx} at delta = "
+            f"{summary['delta']:.3g}. Outputs in {_WORKDIR.value}"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

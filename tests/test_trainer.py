@@ -1,0 +1,218 @@
+"""End-to-end runs of the offline configs: smoke, resume equivalence, export, bad input."""
+
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from jaxdp import accounting, checkpoint, sampling, trainer
+
+
+def _load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def _small(cfg, **train_overrides):
+    """The offline config shrunk further so that a run takes seconds."""
+    cfg.data.block_size = 16
+    cfg.data.max_eval_examples = 8
+    cfg.dp.expected_batch_size = 6
+    cfg.dp.microbatch_size = 3
+    # A fixed sigma: calibrating at these tiny q and step counts lands at sigma ~ 0.3, where PLD
+    # accounting takes seconds per evaluation (the smoke test below still calibrates once).
+    cfg.dp.noise_multiplier = 1.0
+    cfg.dp.target_epsilon = None
+    cfg.train.num_steps = 2
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 2
+    cfg.train.checkpoint_every = 2
+    cfg.train.eval_batch_size = 8
+    cfg.train.sample_max_new_tokens = 4
+    cfg.train.progress = False
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("arg", [None, "nodp"])
+def test_offline_config_two_step_smoke_run(tmp_path, arg):
+    cfg = _small(_load_config("tiny_offline", arg))
+    cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 3.0  # calibrated, as shipped
+    summary = trainer.run(cfg, tmp_path)
+    for name in ("metrics.jsonl", "privacy.json", "samples.jsonl", "report.png", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert math.isfinite(records[-1]["eval_loss"]) and records[-1]["eval_ppl"] > 1
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    assert privacy == summary and privacy["steps"] == 2
+    if arg == "nodp":
+        assert privacy["epsilon"] is None and "non-private" in privacy["guarantee"]
+    else:
+        # The reported epsilon is dp-accounting's for exactly this Poisson-sampled run.
+        import dp_accounting
+
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                privacy["sampling_prob"], dp_accounting.GaussianDpEvent(privacy["noise_multiplier"])
+            ),
+            2,
+        )
+        acc = dp_accounting.pld.PLDAccountant().compose(event)
+        assert privacy["epsilon"] == pytest.approx(acc.get_epsilon(privacy["delta"]), rel=1e-9)
+        assert privacy["epsilon"] <= cfg.dp.target_epsilon
+        assert privacy["sampling_prob"] == 6 / privacy["num_examples"]
+        assert records[-1]["epsilon"] == privacy["epsilon"]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = _small(_load_config("tiny_offline"), num_steps=3, checkpoint_every=2, eval_every=3)
+    cfg.model.dropout = 0.1  # dropout keys must resume too
+    full = trainer.run(cfg, tmp_path / "full")
+
+    # Kill the second run as it draws the batch of step 3: after the checkpoint at step 2.
+    real_sample = sampling.PoissonSampler.sample
+
+    def dying_sample(self, step):
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_sample(self, step)
+
+    monkeypatch.setattr(sampling.PoissonSampler, "sample", dying_sample)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(sampling.PoissonSampler, "sample", real_sample)
+    assert checkpoint.manager(tmp_path / "resumed").latest_step() == 2
+    resumed = trainer.run(cfg, tmp_path / "resumed")
+
+    assert resumed == full
+    a, _ = checkpoint.load_model_from_workdir(tmp_path / "full")
+    b, _ = checkpoint.load_model_from_workdir(tmp_path / "resumed")
+    from flax import nnx
+
+    for x, y in zip(
+        nnx.to_flat_state(nnx.state(a, nnx.Param)),
+        nnx.to_flat_state(nnx.state(b, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x[1].get_value()), np.asarray(y[1].get_value()))
+    steps = [json.loads(s)["step"] for s in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3]
+
+
+def test_exported_hf_dir_loads_in_pytorch(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = _small(_load_config("tiny_offline"))
+    trainer.run(cfg, tmp_path)
+    model, _ = checkpoint.load_model_from_workdir(tmp_path)
+    pt = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
+    with torch.no_grad():
+        expected = pt(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids)), expected, atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    # scripts/export_to_pytorch.py --from <workdir> goes through the same checkpoint.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "export_to_pytorch.py"),
+            "--from",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "exported"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pt2 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        np.testing.assert_array_equal(pt2(torch.from_numpy(ids)).logits.numpy(), expected)
+    tok2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tok2("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path):
+    cfg = _small(_load_config("tiny_offline"))
+    trainer.run(cfg, tmp_path)
+    cfg.dp.l2_clip_norm = 2.0
+    with pytest.raises(checkpoint.CheckpointError, match="l2_clip_norm"):
+        trainer.run(cfg, tmp_path)
+    cfg.dp.l2_clip_norm = 1.0
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="NOT silently replaced"):
+        trainer.run(cfg, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "meta")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        trainer.run(cfg, tmp_path)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    cfg = _small(_load_config("tiny_offline"))
+    cfg.dp.expected_batch_size = 10**6
+    with pytest.raises(trainer.ConfigError, match="exceeds the number of training examples"):
+        trainer.run(cfg, tmp_path / "a")
+    cfg = _small(_load_config("tiny_offline"))
+    cfg.dp.expected_batch_size = 999  # q ~ 0.06
+    cfg.dp.target_epsilon = 0.01
+    with pytest.raises(trainer.ConfigError, match="Even one step"):
+        trainer.run(cfg, tmp_path / "b")
+    cfg = _small(_load_config("tiny_offline"))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    cfg.data.train_files = (str(short),)
+    with pytest.raises(trainer.ConfigError, match="no complete block"):
+        trainer.run(cfg, tmp_path / "c")
+
+
+def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
+    cfg = _small(_load_config("tiny_offline"), num_steps=50, eval_every=100)
+    N = 1000
+    q = cfg.dp.expected_batch_size / N
+    cfg.dp.target_epsilon = accounting.compute_epsilon(1.0, q, 7, 1 / (10 * N)) * 1.0001
+    plan = trainer.plan_privacy(cfg, N)
+    assert plan.num_steps == 7
+    assert plan.epsilon(7) <= cfg.dp.target_epsilon < plan.epsilon(8)
+
+
+def test_typo_in_config_override_is_rejected(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "tiny_offline.py"),
+            "--workdir",
+            str(tmp_path),
+            "--config.dp.noise_mutliplier=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "noise_multiplier" in proc.stderr  # the "did you mean" suggestion
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_shipped_config_loads():
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+    assert {"dpsgd_gpt2", "sgd_gpt2", "tiny_offline"} <= set(names)
+    for name in names:
+        cfg = _load_config(name)
+        assert cfg.data.block_size >= 2 and cfg.train.num_steps >= 1
+        assert set(cfg.keys()) == {"model", "data", "dp", "optim", "train"}
