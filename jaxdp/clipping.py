@@ -56,11 +56,7 @@ def _check_mode(clipping: str) -> None:
 
 def per_example_norms(grads: PyTree) -> jax.Array:
     """L2 norm of each example's gradient over the whole tree: [B, ...] leaves -> [B]."""
-    sq = [
-        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
-        for g in jax.tree.leaves(grads)
-    ]
-    return jnp.sqrt(sum(sq))
+    return jnp.sqrt(sum(_sq_norms(jax.tree.leaves(grads))))
 
 
 def clip_and_sum(
@@ -69,42 +65,62 @@ def clip_and_sum(
     is_padding: jax.Array | None = None,
     *,
     clipping: str = "flat",
+    group_size: int = 1,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Sum over examples of clipped per-example gradients (leaves with a leading batch axis).
 
-    Returns (clipped sum, {"norms" [B], "clipped" [B] bool, "finite" [B] bool, "real" [B] bool}).
+    With `group_size` k > 1 (micro-batch clipping), rows [j*k, (j+1)*k) form one group: their
+    gradients are summed first and the group sum is clipped (see `jaxdp.sampling.group_layout`
+    for the layout that keeps the sensitivity at 2C, and the README for its accounting).
+
+    Returns (clipped sum, {"norms" [B], "clipped" [B] bool, "finite" [B] bool, "real" [B] bool}),
+    all per example ("clipped": the example's clipping unit was scaled down).
     """
     _check_mode(clipping)
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
     leaves, treedef = jax.tree.flatten(grads)
     batch = leaves[0].shape[0]
+    if batch % group_size:
+        raise ValueError(f"Batch size {batch} is not divisible by group_size {group_size}.")
     real = jnp.ones((batch,), bool) if is_padding is None else ~is_padding
-    leaf_sq = [
-        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in leaves
-    ]  # K x [B]
-    norms = jnp.sqrt(sum(leaf_sq))  # [B]
+    norms = jnp.sqrt(sum(_sq_norms(leaves)))  # [B]
     finite = jnp.isfinite(norms)
     keep = real & finite
+    dtypes = [g.dtype for g in leaves]
+    # where() rather than multiplying by 0: NaN * 0 would still be NaN.
+    leaves = [jnp.where(_bcast(keep, g), g, 0).astype(jnp.float32) for g in leaves]
+    if group_size > 1:
+        n_groups = batch // group_size
+        leaves = [g.reshape((n_groups, group_size) + g.shape[1:]).sum(1) for g in leaves]
+        unit_keep = keep.reshape(n_groups, group_size).any(1)  # [G]
+    else:
+        unit_keep = keep
+    leaf_sq = _sq_norms(leaves)  # K x [units]
     if clipping == "flat":
-        factor = l2_clip_norm / jnp.maximum(norms, l2_clip_norm)  # min(1, C / ||g||)
+        unit_norms = jnp.sqrt(sum(leaf_sq))
+        factor = l2_clip_norm / jnp.maximum(unit_norms, l2_clip_norm)  # min(1, C / ||g||)
         factors = [factor] * len(leaves)
-        clipped = norms > l2_clip_norm
+        unit_clipped = unit_norms > l2_clip_norm
     else:
         c_k = l2_clip_norm / math.sqrt(len(leaves))
         leaf_norms = [jnp.sqrt(s) for s in leaf_sq]
         factors = [c_k / jnp.maximum(n, c_k) for n in leaf_norms]
-        clipped = jnp.any(jnp.stack([n > c_k for n in leaf_norms]), axis=0)
-    # where() before multiplying: NaN * 0 would still be NaN.
-    weights = [jnp.where(keep, f, 0.0) for f in factors]
+        unit_clipped = jnp.any(jnp.stack([n > c_k for n in leaf_norms]), axis=0)
     summed = [
-        jnp.einsum("b...,b->...", jnp.where(_bcast(keep, g), g, 0).astype(jnp.float32), w).astype(
-            g.dtype
-        )
-        for g, w in zip(leaves, weights, strict=True)
+        jnp.einsum("u...,u->...", g, jnp.where(unit_keep, f, 0.0)).astype(dtype)
+        for g, f, dtype in zip(leaves, factors, dtypes, strict=True)
     ]
-    info = {"norms": norms, "clipped": clipped & keep, "finite": finite, "real": real}
+    clipped = jnp.repeat(unit_clipped & unit_keep, group_size) & keep
+    info = {"norms": norms, "clipped": clipped, "finite": finite, "real": real}
     return jax.tree.unflatten(treedef, summed), info
+
+
+def _sq_norms(leaves: list[jax.Array]) -> list[jax.Array]:
+    """Per-row squared L2 norm of each leaf: K x [B]."""
+    return [
+        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in leaves
+    ]
 
 
 def _bcast(mask: jax.Array, like: jax.Array) -> jax.Array:
@@ -117,6 +133,7 @@ def clipped_grad(
     *,
     microbatch_size: int | None = None,
     clipping: str = "flat",
+    group_size: int = 1,
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """Like `jax.grad`, but returns the sum of clipped per-example gradients.
 
@@ -127,15 +144,19 @@ def clipped_grad(
 
     where `batch` is a pytree with a leading axis B, `is_padding` a [B] bool mask, and `key` (if
     given) is split into one independent key per example. B must be divisible by
-    `microbatch_size` (default: B, i.e. one vmap over the whole batch).
+    `microbatch_size` (default: B, i.e. one vmap over the whole batch), itself divisible by
+    `group_size` (micro-batch clipping, see `clip_and_sum`).
     """
     _check_mode(clipping)
 
     def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
         size = is_padding.shape[0]
         m = microbatch_size or size
-        if size % m:
-            raise ValueError(f"Batch size {size} is not divisible by microbatch_size {m}.")
+        if size % m or m % group_size:
+            raise ValueError(
+                f"Batch size {size} must be divisible by microbatch_size {m}, and that by "
+                f"group_size {group_size}."
+            )
         use_key = key is not None
         # One independent dropout key per example (a dummy array when there is no key).
         keys = jax.random.split(key, size) if use_key else jnp.zeros((size,), jnp.uint32)
@@ -148,7 +169,9 @@ def clipped_grad(
             acc, stats = carry
             chunk, pad, ks = chunk_xs
             losses, grads = value_and_grad(params, chunk, ks)  # [m], [m, ...]
-            summed, info = clip_and_sum(grads, l2_clip_norm, pad, clipping=clipping)
+            summed, info = clip_and_sum(
+                grads, l2_clip_norm, pad, clipping=clipping, group_size=group_size
+            )
             ok = info["real"] & info["finite"]
             total = lambda x: jnp.sum(x.astype(jnp.float32))
             stats = stats + ClipStats(

@@ -118,7 +118,7 @@ class ShuffleSampler:
 
 
 def pad_batches(
-    indices: np.ndarray, physical_batch_size: int
+    indices: np.ndarray, physical_batch_size: int, is_padding: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Splits drawn indices into fixed-shape chunks of ``physical_batch_size`` rows.
 
@@ -126,6 +126,7 @@ def pad_batches(
     ``(indices [P] int64, is_padding [P] bool)``. Padding rows hold index 0 (a valid example, so
     gathers stay in bounds) and are flagged ``True``; the caller must mask them out of the
     gradient sum. Every input index appears exactly once, in order, across the chunks.
+    ``is_padding`` marks rows of ``indices`` that are padding already (``group_layout``).
     """
     if not (isinstance(physical_batch_size, (int, np.integer)) and physical_batch_size >= 1):
         raise ValueError(
@@ -140,7 +141,9 @@ def pad_batches(
     num_chunks = max(1, math.ceil(n / physical_batch_size))
     padded = np.zeros(num_chunks * physical_batch_size, np.int64)
     padded[:n] = indices
-    is_padding = np.arange(num_chunks * physical_batch_size) >= n
+    padding = np.ones(num_chunks * physical_batch_size, bool)
+    padding[:n] = False if is_padding is None else np.asarray(is_padding, bool)
+    is_padding = padding
     return [
         (padded[i : i + physical_batch_size], is_padding[i : i + physical_batch_size])
         for i in range(0, num_chunks * physical_batch_size, physical_batch_size)
@@ -171,3 +174,29 @@ def default_physical_batch_size(
     std = math.sqrt(num_examples * q * (1 - q))
     size = min(math.ceil(expected_batch_size + 4 * std), num_examples)
     return max(1, math.ceil(size / microbatch_size)) * microbatch_size
+
+
+def group_layout(indices: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lays drawn examples out in groups of ``group_size`` slots for micro-batch (group) clipping.
+
+    Groups are fixed cells of the dataset: example ``i`` belongs to cell ``i // group_size``,
+    whatever else was drawn. Each cell with at least one drawn example gets ``group_size``
+    consecutive slots holding its drawn members followed by padding. Because membership does not
+    depend on the other drawn examples, adding or removing one example changes exactly one
+    group's clipped contribution (by at most 2 C), never shifts others into new groups.
+
+    Returns (slot indices [G * group_size] int64, is_padding [G * group_size] bool).
+    """
+    if not (isinstance(group_size, (int, np.integer)) and group_size >= 1):
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}.")
+    indices = np.sort(np.asarray(indices, np.int64))
+    cells, first = np.unique(indices // group_size, return_index=True)
+    slots = np.zeros(len(cells) * group_size, np.int64)
+    is_padding = np.ones(len(cells) * group_size, bool)
+    offset_in_cell = np.arange(len(indices)) - np.repeat(
+        first, np.diff(np.append(first, len(indices)))
+    )
+    positions = np.searchsorted(cells, indices // group_size) * group_size + offset_in_cell
+    slots[positions] = indices
+    is_padding[positions] = False
+    return slots, is_padding

@@ -42,6 +42,7 @@ class DPSGDConfig:
     expected_batch_size: float
     microbatch_size: int | None = None
     clipping: str = "flat"
+    group_size: int = 1  # > 1: micro-batch (group) clipping; accounting uses sigma / 2
     noise_seed: int = 0
 
 
@@ -101,6 +102,7 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
             dp.l2_clip_norm,
             microbatch_size=dp.microbatch_size,
             clipping=dp.clipping,
+            group_size=dp.group_size,
         )
 
     def grad_step(params, batch: Batch, key, acc: GradAccum) -> GradAccum:

@@ -99,6 +99,12 @@ class PrivacyPlan:
     target_epsilon: float | None
     target_delta: float
     accountant: str
+    group_size: int = 1
+
+    @property
+    def accounting_noise_multiplier(self) -> float:
+        """sigma relative to the sensitivity: C per example, 2C per group (group clipping)."""
+        return self.noise_multiplier / sensitivity_factor(self.group_size)
 
     @property
     def approximate(self) -> bool:
@@ -107,7 +113,10 @@ class PrivacyPlan:
     @functools.cached_property
     def _curve(self) -> accounting.EpsilonCurve:
         return accounting.EpsilonCurve(
-            self.noise_multiplier, self.sampling_prob, self.target_delta, accountant=self.accountant
+            self.accounting_noise_multiplier,
+            self.sampling_prob,
+            self.target_delta,
+            accountant=self.accountant,
         )
 
     def epsilon(self, steps: int) -> float:
@@ -118,6 +127,17 @@ class PrivacyPlan:
         if not self.enabled:
             return "non-private (no DP guarantee)"
         return accounting.describe_guarantee(self.sampling)
+
+
+def sensitivity_factor(group_size: int) -> float:
+    """Sensitivity of the clipped sum in units of C under add/remove-one.
+
+    Per-example clipping: adding or removing an example adds or removes one vector of norm <= C.
+    Group clipping (fixed cells, `sampling.group_layout`): it changes one existing group's clipped
+    sum from one vector of norm <= C to another, a change of norm <= 2C. The accountant is then
+    given noise_multiplier / 2 (the Poisson-subsampled Gaussian with sensitivity 2C).
+    """
+    return 1.0 if group_size == 1 else 2.0
 
 
 def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPlan:
@@ -147,7 +167,16 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
         l2_clip_norm=dp.l2_clip_norm,
         target_delta=delta,
         accountant=dp.accountant,
+        group_size=dp.group_size,
     )
+    if dp.group_size < 1 or (dp.enabled and dp.microbatch_size % dp.group_size):
+        raise ConfigError(
+            f"dp.microbatch_size ({dp.microbatch_size}) must be a multiple of dp.group_size "
+            f"({dp.group_size} >= 1)."
+        )
+    if dp.group_size > 1 and dp.sampling != "poisson":
+        raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
+    factor = sensitivity_factor(dp.group_size)
     if not dp.enabled:
         return PrivacyPlan(
             enabled=False, num_steps=steps, noise_multiplier=0.0, target_epsilon=None, **common
@@ -157,12 +186,12 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
         if sigma is None:
             if target is None:
                 raise ConfigError("Set dp.noise_multiplier or dp.target_epsilon (or both).")
-            sigma = accounting.calibrate_noise_multiplier(
+            sigma = factor * accounting.calibrate_noise_multiplier(
                 target, delta, q, steps, accountant=dp.accountant
             )
         elif target is not None:
             affordable = accounting.max_steps_within_budget(
-                sigma, q, target, delta, accountant=dp.accountant, upper=steps
+                sigma / factor, q, target, delta, accountant=dp.accountant, upper=steps
             )
             if affordable < 1:
                 raise ConfigError(
@@ -252,6 +281,7 @@ def _fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, 
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
         "clipping": cfg.dp.clipping,
+        "group_size": cfg.dp.group_size,
         "target_delta": plan.target_delta,
         "seed": cfg.train.seed,
         "model": cfg.model.name_or_path,
@@ -259,8 +289,13 @@ def _fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, 
     }
 
 
-def _physical_batches(idx: np.ndarray, blocks: np.ndarray, P: int):
-    for rows, is_padding in sampling.pad_batches(idx, P):
+def _physical_batches(idx: np.ndarray, blocks: np.ndarray, P: int, group_size: int = 1):
+    if group_size > 1:
+        slots, slot_padding = sampling.group_layout(idx, group_size)
+        chunks = sampling.pad_batches(slots, P, slot_padding)
+    else:
+        chunks = sampling.pad_batches(idx, P)
+    for rows, is_padding in chunks:
         yield {"tokens": jnp.asarray(blocks[rows]), "is_padding": jnp.asarray(is_padding)}
 
 
@@ -335,6 +370,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             expected_batch_size=plan.expected_batch_size,
             microbatch_size=cfg.dp.microbatch_size,
             clipping=cfg.dp.clipping,
+            group_size=cfg.dp.group_size,
             noise_seed=cfg.train.seed,
         )
     tx = train.make_optimizer(build_optimizer(cfg, plan.num_steps), dp_cfg)
@@ -343,7 +379,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     micro = cfg.dp.microbatch_size if plan.enabled else 1
     if plan.enabled and plan.sampling == "poisson":
         sampler = sampling.PoissonSampler(N, plan.sampling_prob, cfg.train.seed)
-        P = cfg.dp.physical_batch_size or sampling.default_physical_batch_size(
+        # Group clipping lays each drawn example's cell out in group_size slots: up to k x rows.
+        P = cfg.dp.physical_batch_size or plan.group_size * sampling.default_physical_batch_size(
             plan.expected_batch_size, N, micro
         )
     else:
@@ -393,7 +430,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         idx = sampler.sample(step)
         step_key = jax.random.fold_in(base_key, step)
         acc = train.zero_accum(state.params)
-        for j, batch in enumerate(_physical_batches(idx, train_blocks, P)):
+        batches = _physical_batches(idx, train_blocks, P, plan.group_size if plan.enabled else 1)
+        for j, batch in enumerate(batches):
             acc = grad_step(state.params, batch, jax.random.fold_in(step_key, j), acc)
         state, metrics = update_step(state, acc)
         done = step + 1
@@ -473,7 +511,9 @@ def _privacy_record(plan: PrivacyPlan, steps: int, eps: float) -> dict[str, Any]
         "expected_batch_size": plan.expected_batch_size,
         "num_examples": plan.num_examples,
         "noise_multiplier": plan.noise_multiplier,
+        "accounting_noise_multiplier": plan.accounting_noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
+        "group_size": plan.group_size,
         "target_epsilon": plan.target_epsilon,
         "sampling_method": plan.sampling if plan.enabled else "shuffle (non-private)",
         "neighbouring_relation": NEIGHBOURING_RELATION,

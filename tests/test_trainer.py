@@ -216,3 +216,38 @@ def test_every_shipped_config_loads():
         cfg = _load_config(name)
         assert cfg.data.block_size >= 2 and cfg.train.num_steps >= 1
         assert set(cfg.keys()) == {"model", "data", "dp", "optim", "train"}
+
+
+def test_group_clipping_is_accounted_at_sensitivity_2C():
+    import dp_accounting
+
+    cfg = _small(_load_config("tiny_offline"), num_steps=10)
+    cfg.dp.expected_batch_size = 50
+    cfg.dp.microbatch_size = 4
+    cfg.dp.group_size = 2
+    cfg.dp.noise_multiplier = 1.6
+    plan = trainer.plan_privacy(cfg, 1000)
+    assert plan.accounting_noise_multiplier == 0.8
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(0.8)), 10
+    )
+    direct = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(plan.target_delta)
+    assert plan.epsilon(10) == pytest.approx(direct, rel=1e-9)
+    # Calibrated: twice the noise of per-example clipping for the same target.
+    cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 4.0
+    grouped = trainer.plan_privacy(cfg, 1000)
+    cfg.dp.group_size = 1
+    single = trainer.plan_privacy(cfg, 1000)
+    assert grouped.noise_multiplier == pytest.approx(2 * single.noise_multiplier, rel=1e-12)
+    assert grouped.epsilon(10) <= 4.0
+    cfg.dp.group_size, cfg.dp.microbatch_size = 3, 4
+    with pytest.raises(trainer.ConfigError, match="multiple of dp.group_size"):
+        trainer.plan_privacy(cfg, 1000)
+
+
+def test_group_clipping_run(tmp_path):
+    cfg = _small(_load_config("tiny_offline"))
+    cfg.dp.group_size = 3
+    summary = trainer.run(cfg, tmp_path)
+    assert summary["group_size"] == 3
+    assert summary["accounting_noise_multiplier"] == pytest.approx(1.0 / 2)
