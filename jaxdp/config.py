@@ -25,13 +25,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.revision = _optional(str)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "hf"  # "hf" (a `datasets` dataset) | "text_files"
+    c.data.source = "hf"  # "hf" (a `datasets` dataset) | "text_files" | "tfds" (extra)
     c.data.train_files = ()  # text_files: read whole, tokenized, concatenated, cut into blocks
     c.data.eval_files = ()
-    c.data.hf_dataset = "wikitext"
+    c.data.hf_dataset = "wikitext"  # hf/tfds: dataset name (hf: also a local dataset dir)
     c.data.hf_config = "wikitext-2-raw-v1"
     c.data.hf_train_split = "train"
-    c.data.hf_eval_split = "validation"
+    c.data.hf_eval_split = "validation"  # "" for no evaluation
     c.data.hf_text_field = "text"
     c.data.tokenizer = "gpt2"  # HF id or local dir (vocab.json + merges.txt is enough)
     c.data.block_size = 128  # tokens per example (= the privacy unit)

@@ -94,4 +94,30 @@ def hf_dataset_blocks(
         ) from e
     if text_field not in ds.column_names:
         raise ValueError(f"Dataset {name!r} has no column {text_field!r}: {ds.column_names}.")
-    return to_blocks(tokenize(tokenizer, "".join(ds[text_field])), block_size)
+    return to_blocks(tokenize(tokenizer, join_rows(ds[text_field])), block_size)
+
+
+def join_rows(rows: Sequence[str]) -> str:
+    """A split's text rows as one string: as they are if they keep their line breaks (WikiText
+    on the Hub does), else one row per line."""
+    rows = list(rows)
+    if any(r.endswith("\n") for r in rows):
+        return "".join(rows)
+    return "".join(r + "\n" for r in rows)
+
+
+def tfds_blocks(
+    name: str, split: str, text_field: str, tokenizer: Any, block_size: int
+) -> np.ndarray:
+    """A TensorFlow Datasets split, treated like `hf_dataset_blocks` (needs the `tfds` extra)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            "data.source='tfds' needs TensorFlow Datasets: pip install 'jaxdp[tfds]'."
+        ) from e
+    rows = [
+        ex[text_field].decode("utf-8") if isinstance(ex[text_field], bytes) else str(ex[text_field])
+        for ex in tfds.as_numpy(tfds.load(name, split=split))
+    ]
+    return to_blocks(tokenize(tokenizer, join_rows(rows)), block_size)

@@ -54,25 +54,22 @@ def load_data(cfg: ml_collections.ConfigDict) -> tuple[Any, np.ndarray, np.ndarr
             if cfg.data.eval_files
             else np.zeros((0, T), np.int32)
         )
-    elif cfg.data.source == "hf":
-        train_blocks = data.hf_dataset_blocks(
-            cfg.data.hf_dataset,
-            cfg.data.hf_config,
-            cfg.data.hf_train_split,
-            cfg.data.hf_text_field,
-            tokenizer,
-            T,
-        )
-        eval_blocks = data.hf_dataset_blocks(
-            cfg.data.hf_dataset,
-            cfg.data.hf_config,
-            cfg.data.hf_eval_split,
-            cfg.data.hf_text_field,
-            tokenizer,
-            T,
-        )
+    elif cfg.data.source in ("hf", "tfds"):
+        d = cfg.data
+        if d.source == "hf":
+            load = lambda split: data.hf_dataset_blocks(
+                d.hf_dataset, d.hf_config, split, d.hf_text_field, tokenizer, T
+            )
+        else:
+            load = lambda split: data.tfds_blocks(
+                d.hf_dataset, split, d.hf_text_field, tokenizer, T
+            )
+        train_blocks = load(d.hf_train_split)
+        eval_blocks = load(d.hf_eval_split) if d.hf_eval_split else np.zeros((0, T), np.int32)
     else:
-        raise ConfigError(f"Unknown data.source {cfg.data.source!r}; use 'hf' or 'text_files'.")
+        raise ConfigError(
+            f"Unknown data.source {cfg.data.source!r}; use 'hf', 'text_files' or 'tfds'."
+        )
     if cfg.data.max_eval_examples is not None:
         eval_blocks = eval_blocks[: cfg.data.max_eval_examples]
     if len(train_blocks) == 0:
@@ -375,6 +372,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         )
     tx = train.make_optimizer(build_optimizer(cfg, plan.num_steps), dp_cfg)
     graphdef, state = train.init_state(model, tx)
+    model_config = dataclasses.asdict(model.config)
     del model
     micro = cfg.dp.microbatch_size if plan.enabled else 1
     if plan.enabled and plan.sampling == "poisson":
@@ -396,12 +394,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     mngr = checkpoint.manager(workdir, max_to_keep=cfg.train.keep_checkpoints)
     fingerprint = _fingerprint(cfg, plan, train_blocks)
     metrics_path = workdir / "metrics.jsonl"
-    start = 0
+    start, examples_seen = 0, 0
     if (latest := mngr.latest_step()) is not None:
         state, meta = checkpoint.restore(mngr, latest, checkpoint.abstract(state), fingerprint)
-        start = int(state.step)
+        start, examples_seen = int(state.step), int(meta["examples_seen"])
         log.info(
-            "Resumed from %s at step %d (epsilon so far %.4g).",
+            "Resumed from %s at step %d (epsilon so far: %s).",
             mngr.directory,
             start,
             meta["privacy"]["epsilon"],
@@ -409,20 +407,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     _truncate_jsonl(metrics_path, start)
     _truncate_jsonl(workdir / "samples.jsonl", start)
 
-    def meta_for(step: int, eps: float) -> dict[str, Any]:
-        return {
+    def save(step: int, eps: float) -> None:
+        meta = {
             "fingerprint": fingerprint,
             "privacy": _privacy_record(plan, step, eps),
-            "model_config": dataclasses.asdict(nnx.merge(graphdef, state.params).config),
+            "examples_seen": examples_seen,
+            "model_config": model_config,
             "tokenizer": str(cfg.data.tokenizer),
         }
-
-    def save(step: int, eps: float) -> None:
-        checkpoint.save(mngr, step, state, meta_for(step, eps))
+        checkpoint.save(mngr, step, state, meta)
 
     # Loop.
     base_key = jax.random.key(cfg.train.seed)
-    examples_seen = 0
     eps = plan.epsilon(start)
     progress = _progress(cfg.train.progress, start, plan.num_steps)
     t_last, tokens_since = time.perf_counter(), 0

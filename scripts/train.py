@@ -10,6 +10,7 @@ Running the same command again on the same --workdir resumes from its last check
 
 from __future__ import annotations
 
+import ast
 import logging
 import sys
 
@@ -28,6 +29,34 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding everything of
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _message(e: BaseException) -> str:
+    """The text of an exception, unquoted (KeyError wraps its message in repr quotes)."""
+    message = str(e)
+    for _ in range(3):
+        try:
+            unquoted = ast.literal_eval(message)
+        except (ValueError, SyntaxError):
+            break
+        if not isinstance(unquoted, str):
+            break
+        message = unquoted
+    return message.replace("\n", " ")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config typos reported in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # unknown field, bad value type, missing config file, ...
+        print(f"error: {_message(e)}", file=sys.stderr)
+        print(
+            "Usage: python scripts/train.py --config configs/NAME.py --workdir DIR "
+            "[--config.a.b=value ...]",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -40,7 +69,13 @@ def main(argv):
     jaxdp_log.setLevel(logging.INFO)
     jaxdp_log.propagate = False
     try:
-        summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+        config.keys()  # the file is loaded lazily: fail here, not mid-run
+    except OSError as e:  # the config file could not be loaded
+        print(f"error: {_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        summary = trainer.run(config, _WORKDIR.value)
     except (trainer.ConfigError, HubUnavailableError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -56,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

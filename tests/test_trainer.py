@@ -105,8 +105,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(x[1].get_value()), np.asarray(y[1].get_value()))
-    steps = [json.loads(s)["step"] for s in (tmp_path / "resumed" / "metrics.jsonl").open()]
-    assert steps == [1, 2, 3]
+    records = {
+        name: [json.loads(s) for s in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("full", "resumed")
+    }
+    assert [r["step"] for r in records["resumed"]] == [1, 2, 3]
+    for key in ("train_loss", "eval_loss", "epsilon", "examples_seen", "clip_fraction"):
+        assert [r.get(key) for r in records["resumed"]] == [r.get(key) for r in records["full"]]
 
 
 def test_exported_hf_dir_loads_in_pytorch(tmp_path):
@@ -204,8 +209,9 @@ def test_typo_in_config_override_is_rejected(tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0
-    assert "noise_multiplier" in proc.stderr  # the "did you mean" suggestion
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert 'Did you mean "noise_multiplier"' in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -251,3 +257,37 @@ def test_group_clipping_run(tmp_path):
     summary = trainer.run(cfg, tmp_path)
     assert summary["group_size"] == 3
     assert summary["accounting_noise_multiplier"] == pytest.approx(1.0 / 2)
+
+
+def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, shared_data):
+    """data.source='hf' through `datasets.load_dataset` on a local directory (no network)."""
+    from jaxdp import data
+
+    ds_dir = tmp_path / "ds"
+    ds_dir.mkdir()
+    text = (shared_data / "wikitext-2" / "test.txt").read_text()[:20000]
+    lines = text.splitlines()
+    (ds_dir / "train.txt").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    (ds_dir / "validation.txt").write_text("\n".join(lines[len(lines) // 2 :]) + "\n")
+    tok = data.load_tokenizer(tokenizer_dir)
+    blocks = data.hf_dataset_blocks(str(ds_dir), None, "train", "text", tok, 16)
+    # The text builder drops line breaks; join_rows restores one row per line.
+    expected = data.to_blocks(data.tokenize(tok, (ds_dir / "train.txt").read_text()), 16)
+    np.testing.assert_array_equal(blocks, expected)
+
+    cfg = _small(_load_config("tiny_offline"))
+    cfg.data.source = "hf"
+    cfg.data.hf_dataset, cfg.data.hf_config = str(ds_dir), None
+    summary = trainer.run(cfg, tmp_path / "run")
+    assert summary["num_examples"] == len(blocks)
+
+
+def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
+    cfg = _small(_load_config("tiny_offline"))
+    cfg.dp.sampling = "shuffle"
+    summary = trainer.run(cfg, tmp_path)
+    assert summary["epsilon_is_approximate"] is True
+    assert summary["guarantee"].startswith("APPROXIMATE")
+    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").open()]
+    assert all(r["epsilon_is_approximate"] is True for r in records)
+    assert all(r["batch_size"] == cfg.dp.expected_batch_size for r in records)
