@@ -162,7 +162,15 @@ def clipped_grad(
         keys = jax.random.split(key, size) if use_key else jnp.zeros((size,), jnp.uint32)
         per_example = lambda p, e, k: loss_fn(p, e, k if use_key else None)
         value_and_grad = jax.vmap(jax.value_and_grad(per_example), in_axes=(None, 0, 0))
-        to_chunks = lambda x: x.reshape((size // m, m) + x.shape[1:])  # [B, ...] -> [B/m, m, ...]
+        n, k = size // m, group_size
+
+        def to_chunks(x):  # [B, ...] -> [n, m, ...]
+            # Chunk j holds the groups a*n + j (a < m/k), each group's k rows kept together. The
+            # stride means that when B is sharded over devices, every chunk is spread evenly
+            # across them (the vmap axis stays sharded; the scan axis needs no communication).
+            x = x.reshape((m // k, n, k) + x.shape[1:])  # [m/k, n, k, ...]
+            return jnp.swapaxes(x, 0, 1).reshape((n, m) + x.shape[3:])
+
         xs = (jax.tree.map(to_chunks, batch), to_chunks(is_padding), to_chunks(keys))
 
         def body(carry, chunk_xs):

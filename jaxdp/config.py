@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dp.target_epsilon = 8.0  # None with a noise_multiplier: report epsilon, no budget stop
     c.dp.target_delta = _optional(float)  # None: 1 / (10 * num_examples)
     c.dp.expected_batch_size = 64  # B = q * N; also the batch size without DP
-    c.dp.microbatch_size = 8  # examples per vmap chunk (bounds memory)
+    c.dp.microbatch_size = 8  # examples per device per vmap chunk (bounds memory)
     c.dp.physical_batch_size = _optional(int)  # None: fits the drawn batch w.h.p.
     c.dp.clipping = "flat"  # "flat" | "per_layer"
     c.dp.group_size = 1  # > 1: micro-batch clipping of fixed groups; costs 2x in accounting
@@ -61,6 +61,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"  # "constant" | "cosine" (decays to 0 at num_steps)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1,)  # devices per axis; -1: all the remaining devices
+    c.mesh.axes = ("data",)  # ("data",) data parallel; ("data", "fsdp") also shards params
+
+    c.distributed = ml_collections.ConfigDict()  # multi-host; unset: auto-detect (SLURM, TPU)
+    c.distributed.coordinator_address = _optional(str)  # "host:port" of process 0
+    c.distributed.num_processes = _optional(int)
+    c.distributed.process_id = _optional(int)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000  # logical (noisy) steps

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdp.sharding import to_host
+
 
 def generate(
     graphdef: nnx.GraphDef,
@@ -35,7 +37,7 @@ def generate(
     if key is None:
         key = jax.random.key(0)
     out = _generate(graphdef, params, jnp.asarray(prompt), key, total, top_k, temperature)
-    return np.asarray(out[len(prompt) :])
+    return to_host(out)[len(prompt) :]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))

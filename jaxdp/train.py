@@ -179,3 +179,43 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]
         return {"loss_sum": jnp.sum(losses * weights), "num_tokens": count, "num_correct": correct}
 
     return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The jitted steps of one run, with their shardings over a mesh."""
+
+    zero_accum: Callable[..., GradAccum]
+    grad_step: Callable[..., GradAccum]
+    update_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[..., dict[str, jax.Array]]
+
+
+def shard_and_jit(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    dp: DPSGDConfig | None,
+    state: TrainState,
+    mesh: jax.sharding.Mesh,
+    *,
+    min_sharded_size: int | None = None,
+) -> tuple[TrainState, CompiledSteps]:
+    """Places `state` on `mesh` (replicated, or FSDP-sharded with an `fsdp` axis) and jits the
+    steps with matching shardings. Batches go in sharded by example (`sharding.global_batch`);
+    the clipped sums are reduced across devices by XLA and the noise, drawn from one shared key
+    with JAX's sharding-invariant PRNG, is the same as on one device."""
+    from jaxdp import sharding
+
+    min_size = sharding.MIN_SHARDED_SIZE if min_sharded_size is None else min_sharded_size
+    state_sh = sharding.state_shardings(state, mesh, min_size)
+    rep = sharding.replicated(mesh)
+    acc_sh = GradAccum(grad_sum=state_sh.params, stats=rep)
+    steps = CompiledSteps(
+        zero_accum=jax.jit(zero_accum, out_shardings=acc_sh),
+        grad_step=jax.jit(make_grad_step(graphdef, dp), donate_argnums=(3,), out_shardings=acc_sh),
+        update_step=jax.jit(
+            make_update_step(tx, dp), donate_argnums=(0,), out_shardings=(state_sh, rep)
+        ),
+        eval_step=jax.jit(make_eval_step(graphdef), out_shardings=rep),
+    )
+    return jax.device_put(state, state_sh), steps

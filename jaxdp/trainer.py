@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from jaxdp import accounting, checkpoint, data, hf, sampling, train
+from jaxdp import accounting, checkpoint, data, hf, sampling, sharding, train
 from jaxdp.generate import generate
 from jaxdp.gpt2 import GPT2Config, init_model
 
@@ -286,21 +285,23 @@ def _fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, 
     }
 
 
-def _physical_batches(idx: np.ndarray, blocks: np.ndarray, P: int, group_size: int = 1):
+def _physical_batches(idx: np.ndarray, blocks: np.ndarray, P: int, mesh, group_size: int = 1):
     if group_size > 1:
         slots, slot_padding = sampling.group_layout(idx, group_size)
         chunks = sampling.pad_batches(slots, P, slot_padding)
     else:
         chunks = sampling.pad_batches(idx, P)
     for rows, is_padding in chunks:
-        yield {"tokens": jnp.asarray(blocks[rows]), "is_padding": jnp.asarray(is_padding)}
+        batch = sharding.global_batch({"tokens": blocks}, rows, mesh)
+        batch.update(sharding.global_batch({"is_padding": is_padding}, np.arange(P), mesh))
+        yield batch
 
 
-def _evaluate(eval_step, params, blocks: np.ndarray, batch_size: int) -> dict[str, float]:
+def _evaluate(eval_step, params, blocks: np.ndarray, batch_size: int, mesh) -> dict[str, float]:
     if len(blocks) == 0:
         return {}
     sums = {"loss_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
-    for batch in _physical_batches(np.arange(len(blocks)), blocks, batch_size):
+    for batch in _physical_batches(np.arange(len(blocks)), blocks, batch_size, mesh):
         out = eval_step(params, batch)
         for k in sums:
             sums[k] += float(out[k])
@@ -335,8 +336,15 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final summary."""
     workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+
+    # Mesh (and multi-host start-up, if configured: before any other JAX call).
+    d = cfg.distributed
+    sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    lead = jax.process_index() == 0  # the process that writes files other than checkpoints
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
 
     # Data.
     tokenizer, train_blocks, eval_blocks = load_data(cfg)
@@ -365,7 +373,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             l2_clip_norm=plan.l2_clip_norm,
             noise_multiplier=plan.noise_multiplier,
             expected_batch_size=plan.expected_batch_size,
-            microbatch_size=cfg.dp.microbatch_size,
+            microbatch_size=cfg.dp.microbatch_size * mesh.size,  # per device -> per step
             clipping=cfg.dp.clipping,
             group_size=cfg.dp.group_size,
             noise_seed=cfg.train.seed,
@@ -374,7 +382,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     graphdef, state = train.init_state(model, tx)
     model_config = dataclasses.asdict(model.config)
     del model
-    micro = cfg.dp.microbatch_size if plan.enabled else 1
+    # Physical batches hold whole microbatches of microbatch_size examples per device.
+    micro = (cfg.dp.microbatch_size if plan.enabled else 1) * mesh.size
     if plan.enabled and plan.sampling == "poisson":
         sampler = sampling.PoissonSampler(N, plan.sampling_prob, cfg.train.seed)
         # Group clipping lays each drawn example's cell out in group_size slots: up to k x rows.
@@ -386,9 +395,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         P = cfg.dp.physical_batch_size or int(round(plan.expected_batch_size))
     P = int(math.ceil(P / micro) * micro)
 
-    grad_step = jax.jit(train.make_grad_step(graphdef, dp_cfg), donate_argnums=(3,))
-    update_step = jax.jit(train.make_update_step(tx, dp_cfg), donate_argnums=(0,))
-    eval_step = jax.jit(train.make_eval_step(graphdef))
+    eval_batch_size = math.ceil(cfg.train.eval_batch_size / mesh.size) * mesh.size
+
+    # Shardings: batch over all devices; params and optimizer state replicated or FSDP-sharded.
+    state, steps = train.shard_and_jit(graphdef, tx, dp_cfg, state, mesh)
 
     # Restore.
     mngr = checkpoint.manager(workdir, max_to_keep=cfg.train.keep_checkpoints)
@@ -404,8 +414,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             start,
             meta["privacy"]["epsilon"],
         )
-    _truncate_jsonl(metrics_path, start)
-    _truncate_jsonl(workdir / "samples.jsonl", start)
+    if lead:
+        _truncate_jsonl(metrics_path, start)
+        _truncate_jsonl(workdir / "samples.jsonl", start)
 
     def save(step: int, eps: float) -> None:
         meta = {
@@ -420,16 +431,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     # Loop.
     base_key = jax.random.key(cfg.train.seed)
     eps = plan.epsilon(start)
-    progress = _progress(cfg.train.progress, start, plan.num_steps)
+    progress = _progress(cfg.train.progress and lead, start, plan.num_steps)
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start, plan.num_steps):
         idx = sampler.sample(step)
         step_key = jax.random.fold_in(base_key, step)
-        acc = train.zero_accum(state.params)
-        batches = _physical_batches(idx, train_blocks, P, plan.group_size if plan.enabled else 1)
+        acc = steps.zero_accum(state.params)
+        group_size = plan.group_size if plan.enabled else 1
+        batches = _physical_batches(idx, train_blocks, P, mesh, group_size)
         for j, batch in enumerate(batches):
-            acc = grad_step(state.params, batch, jax.random.fold_in(step_key, j), acc)
-        state, metrics = update_step(state, acc)
+            acc = steps.grad_step(state.params, batch, jax.random.fold_in(step_key, j), acc)
+        state, metrics = steps.update_step(state, acc)
         done = step + 1
         examples_seen += len(idx)
         tokens_since += len(idx) * T
@@ -467,10 +479,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             t_last, tokens_since = now, 0
             if is_eval:
                 record.update(
-                    _evaluate(eval_step, state.params, eval_blocks, cfg.train.eval_batch_size)
+                    _evaluate(steps.eval_step, state.params, eval_blocks, eval_batch_size, mesh)
                 )
-                _write_samples(workdir, cfg, tokenizer, graphdef, state.params, done)
-            _append_jsonl(metrics_path, record)
+                _write_samples(workdir, cfg, tokenizer, graphdef, state.params, done, lead)
+            if lead:
+                _append_jsonl(metrics_path, record)
             progress.set_postfix(
                 loss=f"{record['train_loss']:.3f}",
                 eps=f"{eps:.3g}" + ("~" if plan.approximate else ""),
@@ -485,12 +498,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     if mngr.latest_step() != final_step:
         save(final_step, plan.epsilon(final_step))
     summary = _privacy_record(plan, final_step, plan.epsilon(final_step))
-    (workdir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if cfg.train.export_hf:
-        hf.save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf", tokenizer=tokenizer)
-    from jaxdp import report
+    host_params = sharding.to_host(state.params) if cfg.train.export_hf else None  # collective
+    if lead:
+        (workdir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.train.export_hf:
+            model = nnx.merge(graphdef, host_params)
+            hf.save_pretrained(model, workdir / "hf", tokenizer=tokenizer)
+        from jaxdp import report
 
-    report.plot(metrics_path, workdir / "report.png", title=plan.describe())
+        report.plot(metrics_path, workdir / "report.png", title=plan.describe())
     mngr.close()
     return summary
 
@@ -516,7 +532,7 @@ def _privacy_record(plan: PrivacyPlan, steps: int, eps: float) -> dict[str, Any]
     }
 
 
-def _write_samples(workdir, cfg, tokenizer, graphdef, params, step) -> None:
+def _write_samples(workdir, cfg, tokenizer, graphdef, params, step, lead: bool) -> None:
     for i, prompt in enumerate(cfg.train.sample_prompts):
         ids = data.tokenize(tokenizer, prompt)
         out = generate(
@@ -527,6 +543,8 @@ def _write_samples(workdir, cfg, tokenizer, graphdef, params, step) -> None:
             top_k=cfg.train.sample_top_k,
             key=jax.random.fold_in(jax.random.key(cfg.train.seed), i),
         )
+        if not lead:
+            continue
         text = tokenizer.decode(out.tolist())
         _append_jsonl(
             workdir / "samples.jsonl", {"step": step, "prompt": prompt, "completion": text}

@@ -149,29 +149,25 @@ def test_group_clipping_matches_reference(k):
     np.testing.assert_allclose(info["norms"], np.linalg.norm(g, axis=1), rtol=1e-5)
 
 
-def test_group_clipping_in_clipped_grad_equals_loop(tiny_config):
+@pytest.mark.parametrize("microbatch_size", [2, 6])
+def test_group_clipping_in_clipped_grad_equals_loop(tiny_config, microbatch_size):
     graphdef, params, tokens = _setup(tiny_config)
     is_padding = np.array([False, False, True, False, False, False])
     grad = jax.jit(jax.grad(make_example_loss(graphdef)), static_argnums=2)
     per_ex = [jax.tree.leaves(grad(params, {"tokens": t}, None)) for t in tokens]
     flat = np.stack([np.concatenate([np.ravel(x) for x in leaves]) for leaves in per_ex])
-    fn = jax.jit(
-        clipping.clipped_grad(make_example_loss(graphdef), 0.05, microbatch_size=4, group_size=2)
-    )
+    loss = make_example_loss(graphdef)
     with pytest.raises(ValueError, match="group_size"):
-        clipping.clipped_grad(make_example_loss(graphdef), 0.05, microbatch_size=3, group_size=2)(
+        clipping.clipped_grad(loss, 0.05, microbatch_size=3, group_size=2)(
             params, {"tokens": tokens}, jnp.asarray(is_padding)
         )
-    got, stats = fn(params, {"tokens": tokens[:4]}, jnp.asarray(is_padding[:4]))
-    got2, _ = fn(params, {"tokens": tokens[4:].repeat(2, 0)}, jnp.array([False, True, False, True]))
-    total = np.concatenate([np.ravel(x) for x in jax.tree.leaves(got)]) + np.concatenate(
-        [np.ravel(x) for x in jax.tree.leaves(got2)]
-    )
-    expected = _np_group_clip_sum(flat[:4], is_padding[:4], 0.05, 2) + _np_group_clip_sum(
-        flat[[4, 4, 5, 5]], [False, True, False, True], 0.05, 2
-    )
+    fn = jax.jit(clipping.clipped_grad(loss, 0.05, microbatch_size=microbatch_size, group_size=2))
+    got, stats = fn(params, {"tokens": tokens}, jnp.asarray(is_padding))
+    total = np.concatenate([np.ravel(x) for x in jax.tree.leaves(got)])
+    # Groups are rows (0, 1), (2, 3), (4, 5), whatever the microbatch size.
+    expected = _np_group_clip_sum(flat, is_padding, 0.05, 2)
     np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-7)
-    assert float(stats.num_examples) == 3
+    assert float(stats.num_examples) == 5
 
 
 @pytest.mark.parametrize("k", [1, 3])

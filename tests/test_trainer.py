@@ -221,7 +221,7 @@ def test_every_shipped_config_loads():
     for name in names:
         cfg = _load_config(name)
         assert cfg.data.block_size >= 2 and cfg.train.num_steps >= 1
-        assert set(cfg.keys()) == {"model", "data", "dp", "optim", "train"}
+        assert set(cfg.keys()) == {"model", "data", "dp", "optim", "mesh", "distributed", "train"}
 
 
 def test_group_clipping_is_accounted_at_sensitivity_2C():
