@@ -63,3 +63,59 @@ def test_fsdp_spec_shards_largest_divisible_dim():
     assert sharding.fsdp_spec((3072, 768), FakeMesh()) == PartitionSpec("fsdp", None)
     assert sharding.fsdp_spec((768,), FakeMesh()) == PartitionSpec()  # small: replicated
     assert sharding.fsdp_spec((50257, 3), FakeMesh(), min_size=0) == PartitionSpec()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_equals_one_process_run(tmp_path):
+    """Two processes x 2 CPU devices (gloo collectives on localhost) vs one process x 4 devices."""
+    from safetensors.numpy import load_file
+
+    script = str(REPO / "tests" / "multidevice" / "multiprocess_run.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), "1", "0", "0", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(tmp_path / "two"), "2", str(pid), port, "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:  # one process failing can leave the other waiting on a collective
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+    def summary(stdout):
+        line = [s for s in stdout.splitlines() if s.startswith("SUMMARY ")][-1]
+        return json.loads(line.removeprefix("SUMMARY "))
+
+    assert summary(outs[0][0]) == summary(one.stdout)
+    assert "SUMMARY" not in outs[1][0]  # only process 0 reports and writes files
+    a = load_file(tmp_path / "one" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert abs(a[k] - b[k]).max() <= 1e-6 * max(1.0, abs(a[k]).max()), k
+    assert (tmp_path / "two" / "checkpoints" / "2").is_dir()
