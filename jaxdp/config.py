@@ -66,7 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.shape = (-1,)  # devices per axis; -1: all the remaining devices
     c.mesh.axes = ("data",)  # ("data",) data parallel; ("data", "fsdp") also shards params
 
-    c.distributed = ml_collections.ConfigDict()  # multi-host; unset: auto-detect (SLURM, TPU)
+    c.distributed = ml_collections.ConfigDict()  # multi-host (README: Running on a cluster)
+    c.distributed.initialize = "auto"  # "auto" (SLURM/env detected) | "always" (TPU pods) | "never"
     c.distributed.coordinator_address = _optional(str)  # "host:port" of process 0
     c.distributed.num_processes = _optional(int)
     c.distributed.process_id = _optional(int)

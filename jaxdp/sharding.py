@@ -35,23 +35,28 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    mode: str = "auto",
 ) -> bool:
     """Starts multi-host JAX if configured; returns True if this is a multi-process run.
 
-    Explicit arguments win; otherwise `jax.distributed.initialize()` auto-detects SLURM
-    (`SLURM_JOB_ID` with several tasks), Cloud TPU pods and `JAX_COORDINATOR_ADDRESS`. Call it
-    before any other JAX call. A single-process run needs nothing.
+    mode "auto": explicit arguments, else `jax.distributed.initialize()` when the environment
+    shows a multi-process job (SLURM with several tasks, `JAX_COORDINATOR_ADDRESS`, TPU worker
+    variables); "always": call `jax.distributed.initialize()` and let JAX auto-detect (Cloud TPU
+    pods, GKE, ...); "never": single process. Call it before any other JAX computation.
     """
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"distributed.initialize must be auto, always or never, got {mode!r}.")
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     explicit = coordinator_address is not None
-    auto = (
+    detected = (
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or "JAX_COORDINATOR_ADDRESS" in os.environ
         or "TPU_WORKER_HOSTNAMES" in os.environ
         or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
     )
-    if not (explicit or auto):
+    if mode == "never" or not (explicit or detected or mode == "always"):
         return False
     if explicit:
         if num_processes is None or process_id is None:

@@ -339,7 +339,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
     # Mesh (and multi-host start-up, if configured: before any other JAX call).
     d = cfg.distributed
-    sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    sharding.initialize_distributed(
+        d.coordinator_address, d.num_processes, d.process_id, mode=d.initialize
+    )
     lead = jax.process_index() == 0  # the process that writes files other than checkpoints
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     if lead:
