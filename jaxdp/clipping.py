@@ -127,6 +127,64 @@ def _bcast(mask: jax.Array, like: jax.Array) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
 
+def scan_microbatches(
+    chunk_fn: Callable[..., tuple[PyTree, ClipStats]],
+    params: PyTree,
+    batch: PyTree,
+    is_padding: jax.Array,
+    key: jax.Array | None,
+    microbatch_size: int | None,
+    group_size: int = 1,
+) -> tuple[PyTree, ClipStats]:
+    """Sums `chunk_fn(params, chunk, chunk_is_padding, chunk_keys)` over microbatches.
+
+    `chunk_keys` holds one independent dropout key per example (None without `key`). Chunk j
+    holds the groups a*n + j (n = B / microbatch_size), each group's k rows kept together: the
+    stride keeps every chunk spread evenly over the devices when B is sharded (the vmap axis stays
+    sharded; the scan axis needs no communication).
+    """
+    size = is_padding.shape[0]
+    m = microbatch_size or size
+    if size % m or m % group_size:
+        raise ValueError(
+            f"Batch size {size} must be divisible by microbatch_size {m}, and that by "
+            f"group_size {group_size}."
+        )
+    n, k = size // m, group_size
+    use_key = key is not None
+    keys = jax.random.split(key, size) if use_key else jnp.zeros((size,), jnp.uint32)
+
+    def to_chunks(x):  # [B, ...] -> [n, m, ...]
+        x = x.reshape((m // k, n, k) + x.shape[1:])  # [m/k, n, k, ...]
+        return jnp.swapaxes(x, 0, 1).reshape((n, m) + x.shape[3:])
+
+    def body(carry, xs):
+        acc, stats = carry
+        chunk, pad, ks = xs
+        summed, chunk_stats = chunk_fn(params, chunk, pad, ks if use_key else None)
+        return (jax.tree.map(jnp.add, acc, summed), stats + chunk_stats), None
+
+    xs = (jax.tree.map(to_chunks, batch), to_chunks(is_padding), to_chunks(keys))
+    init = (jax.tree.map(jnp.zeros_like, params), ClipStats.zeros())
+    (total, stats), _ = jax.lax.scan(body, init, xs)
+    return total, stats
+
+
+def chunk_stats(
+    losses: jax.Array, norms: jax.Array, real: jax.Array, finite: jax.Array, clipped: jax.Array
+) -> ClipStats:
+    """ClipStats of one chunk from per-example [m] arrays."""
+    ok = real & finite
+    total = lambda x: jnp.sum(x.astype(jnp.float32))
+    return ClipStats(
+        loss_sum=total(jnp.where(ok, losses, 0.0)),
+        num_examples=total(real),
+        num_clipped=total(clipped),
+        num_nonfinite=total(real & ~finite),
+        norm_sum=total(jnp.where(ok, norms, 0.0)),
+    )
+
+
 def clipped_grad(
     loss_fn: Callable[..., jax.Array],
     l2_clip_norm: float,
@@ -149,51 +207,23 @@ def clipped_grad(
     """
     _check_mode(clipping)
 
+    def chunk_fn(params, chunk, pad, keys):
+        if keys is None:
+            per_example = lambda p, e: loss_fn(p, e, None)
+            losses, grads = jax.vmap(jax.value_and_grad(per_example), (None, 0))(params, chunk)
+        else:
+            vg = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
+            losses, grads = vg(params, chunk, keys)  # [m], [m, ...]
+        summed, info = clip_and_sum(
+            grads, l2_clip_norm, pad, clipping=clipping, group_size=group_size
+        )
+        stats = chunk_stats(losses, info["norms"], info["real"], info["finite"], info["clipped"])
+        return summed, stats
+
     def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
-        size = is_padding.shape[0]
-        m = microbatch_size or size
-        if size % m or m % group_size:
-            raise ValueError(
-                f"Batch size {size} must be divisible by microbatch_size {m}, and that by "
-                f"group_size {group_size}."
-            )
-        use_key = key is not None
-        # One independent dropout key per example (a dummy array when there is no key).
-        keys = jax.random.split(key, size) if use_key else jnp.zeros((size,), jnp.uint32)
-        per_example = lambda p, e, k: loss_fn(p, e, k if use_key else None)
-        value_and_grad = jax.vmap(jax.value_and_grad(per_example), in_axes=(None, 0, 0))
-        n, k = size // m, group_size
-
-        def to_chunks(x):  # [B, ...] -> [n, m, ...]
-            # Chunk j holds the groups a*n + j (a < m/k), each group's k rows kept together. The
-            # stride means that when B is sharded over devices, every chunk is spread evenly
-            # across them (the vmap axis stays sharded; the scan axis needs no communication).
-            x = x.reshape((m // k, n, k) + x.shape[1:])  # [m/k, n, k, ...]
-            return jnp.swapaxes(x, 0, 1).reshape((n, m) + x.shape[3:])
-
-        xs = (jax.tree.map(to_chunks, batch), to_chunks(is_padding), to_chunks(keys))
-
-        def body(carry, chunk_xs):
-            acc, stats = carry
-            chunk, pad, ks = chunk_xs
-            losses, grads = value_and_grad(params, chunk, ks)  # [m], [m, ...]
-            summed, info = clip_and_sum(
-                grads, l2_clip_norm, pad, clipping=clipping, group_size=group_size
-            )
-            ok = info["real"] & info["finite"]
-            total = lambda x: jnp.sum(x.astype(jnp.float32))
-            stats = stats + ClipStats(
-                loss_sum=total(jnp.where(ok, losses, 0.0)),
-                num_examples=total(info["real"]),
-                num_clipped=total(info["clipped"]),
-                num_nonfinite=total(info["real"] & ~info["finite"]),
-                norm_sum=total(jnp.where(ok, info["norms"], 0.0)),
-            )
-            return (jax.tree.map(jnp.add, acc, summed), stats), None
-
-        init = (jax.tree.map(jnp.zeros_like, params), ClipStats.zeros())
-        (clipped_sum, stats), _ = jax.lax.scan(body, init, xs)
-        return clipped_sum, stats
+        return scan_microbatches(
+            chunk_fn, params, batch, is_padding, key, microbatch_size, group_size
+        )
 
     return fn
 

@@ -136,6 +136,32 @@ def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
+class Tape:
+    """Instrumentation for ghost clipping (`jaxdp.ghost`); the model runs unchanged without it.
+
+    For each parametrised layer (named by its HF path, e.g. `h.0.attn.c_attn`, plus `embed` for
+    wte(ids) + wpe(positions) and `lm_head` for the tied output layer) it records the layer's input
+    and adds `perturbations[name]` (zeros) to the output: the gradient of the loss with respect to
+    that perturbation is the layer's output gradient.
+    """
+
+    def __init__(self, perturbations: dict[str, jax.Array] | None = None):
+        self.perturbations = dict(perturbations or {})
+        self.inputs: dict[str, jax.Array] = {}
+        self.output_shapes: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, name: str, layer, x: jax.Array) -> jax.Array:
+        self.inputs[name] = x
+        y = layer(x)
+        self.output_shapes[name] = y.shape
+        perturbation = self.perturbations.get(name)
+        return y if perturbation is None else y + perturbation
+
+
+def _call(tape: Tape | None, name: str, layer, x: jax.Array) -> jax.Array:
+    return layer(x) if tape is None else tape(name, layer, x)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(config.initializer_range)
@@ -154,10 +180,12 @@ class Attention(nnx.Module):
             scale /= float(layer_idx + 1)
         self.scale = scale
 
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key: jax.Array | None = None, tape: Tape | None = None, name: str = ""
+    ) -> jax.Array:
         B, T, D = x.shape
         attn_key, resid_key = _split(key, 2)
-        qkv = self.c_attn(x)  # [B, T, 3D]
+        qkv = _call(tape, f"{name}.c_attn", self.c_attn, x)  # [B, T, 3D]
         q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, D]
         q, k, v = (
             t.reshape(B, T, self.n_head, D // self.n_head) for t in (q, k, v)
@@ -173,7 +201,7 @@ class Attention(nnx.Module):
             probs = dropout(probs, self.attn_pdrop, attn_key)
             y = jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
         y = y.reshape(B, T, D)  # [B, T, D]
-        return dropout(self.c_proj(y), self.resid_pdrop, resid_key)
+        return dropout(_call(tape, f"{name}.c_proj", self.c_proj, y), self.resid_pdrop, resid_key)
 
 
 class MLP(nnx.Module):
@@ -187,9 +215,11 @@ class MLP(nnx.Module):
         self.act = _ACTIVATIONS[config.activation_function]
         self.resid_pdrop = config.resid_pdrop
 
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        h = self.act(self.c_fc(x))  # [B, T, 4D]
-        return dropout(self.c_proj(h), self.resid_pdrop, key)
+    def __call__(
+        self, x: jax.Array, key: jax.Array | None = None, tape: Tape | None = None, name: str = ""
+    ) -> jax.Array:
+        h = self.act(_call(tape, f"{name}.c_fc", self.c_fc, x))  # [B, T, 4D]
+        return dropout(_call(tape, f"{name}.c_proj", self.c_proj, h), self.resid_pdrop, key)
 
 
 class Block(nnx.Module):
@@ -199,11 +229,15 @@ class Block(nnx.Module):
         self.attn = Attention(config, layer_idx, rngs=rngs)
         self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
+        self.name = f"h.{layer_idx}"
 
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key: jax.Array | None = None, tape: Tape | None = None
+    ) -> jax.Array:
         attn_key, mlp_key = _split(key, 2)
-        x = x + self.attn(self.ln_1(x), attn_key)
-        return x + self.mlp(self.ln_2(x), mlp_key)
+        n = self.name
+        x = x + self.attn(_call(tape, f"{n}.ln_1", self.ln_1, x), attn_key, tape, f"{n}.attn")
+        return x + self.mlp(_call(tape, f"{n}.ln_2", self.ln_2, x), mlp_key, tape, f"{n}.mlp")
 
 
 class GPT2LMHeadModel(nnx.Module):
@@ -221,7 +255,13 @@ class GPT2LMHeadModel(nnx.Module):
         self.h = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
         self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        tape: Tape | None = None,
+    ) -> jax.Array:
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(
@@ -229,12 +269,13 @@ class GPT2LMHeadModel(nnx.Module):
             )
         keys = _split(dropout_key, self.config.n_layer + 1)
         positions = jnp.arange(T)[None, :]  # [1, T]
-        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
+        embed = lambda ids: self.wte(ids) + self.wpe(positions)
+        x = _call(tape, "embed", embed, input_ids)  # [B, T, D]
         x = dropout(x, self.config.embd_pdrop, keys[0])
         for block, key in zip(self.h, keys[1:], strict=True):
-            x = block(x, key)
-        x = self.ln_f(x)  # [B, T, D]
-        return self.wte.attend(x).astype(jnp.float32)  # [B, T, V]
+            x = block(x, key, tape)
+        x = _call(tape, "ln_f", self.ln_f, x)  # [B, T, D]
+        return _call(tape, "lm_head", self.wte.attend, x).astype(jnp.float32)  # [B, T, V]
 
 
 def init_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:

@@ -44,6 +44,7 @@ class DPSGDConfig:
     clipping: str = "flat"
     group_size: int = 1  # > 1: micro-batch (group) clipping; accounting uses sigma / 2
     noise_seed: int = 0
+    engine: str = "vmap"  # "vmap": materialise per-example grads | "ghost": ghost norms
 
 
 class TrainState(struct.PyTreeNode):
@@ -96,7 +97,17 @@ def make_example_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
 def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[..., GradAccum]:
     """grad_step(params, batch, key, acc) -> acc with this physical batch's gradient sum added."""
     example_loss_fn = make_example_loss(graphdef)
-    if dp is not None:
+    if dp is not None and dp.engine == "ghost":
+        from jaxdp import ghost
+
+        if dp.clipping != "flat" or dp.group_size != 1:
+            raise ValueError("The ghost engine supports flat per-example clipping only.")
+        clipped = ghost.ghost_clipped_grad(
+            graphdef, dp.l2_clip_norm, microbatch_size=dp.microbatch_size
+        )
+    elif dp is not None:
+        if dp.engine != "vmap":
+            raise ValueError(f"Unknown clipping engine {dp.engine!r}; use 'vmap' or 'ghost'.")
         clipped = clipping_lib.clipped_grad(
             example_loss_fn,
             dp.l2_clip_norm,

@@ -379,6 +379,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             clipping=cfg.dp.clipping,
             group_size=cfg.dp.group_size,
             noise_seed=cfg.train.seed,
+            engine=cfg.dp.engine,
         )
     tx = train.make_optimizer(build_optimizer(cfg, plan.num_steps), dp_cfg)
     graphdef, state = train.init_state(model, tx)

@@ -1,0 +1,350 @@
+"""Speed and memory of one full train step, non-private vs DP-SGD engines, side by side.
+
+Each mode runs the trainer's real step (`train.make_optimizer`, `train.init_state`,
+`train.shard_and_jit`; per step `zero_accum -> grad_step -> update_step`, blocked until ready) on
+a randomly initialised GPT-2 (no download) and a random batch of B sequences of T tokens, with
+no padding rows and dropout off:
+
+    nonprivate  dp=None: the plain mean gradient
+    vmap        DP-SGD, per-example gradients materialised by jax.vmap, `--microbatch` at a time
+    ghost       DP-SGD with the ghost-norm engine (jaxdp.ghost)
+
+Every mode runs in a fresh subprocess of this script, so that its peak memory is its own (GPU
+peak memory cannot be reset within a process), and all modes run in one invocation, one after
+the other in the order given. One JSON line per mode is printed to stdout at the end (and
+appended to --out), with a table on stderr:
+
+    step_s               median wall time of --steps timed steps, after --warmup untimed ones
+    tokens_per_s         B * T / step_s
+    compile_s            lowering + compiling zero_accum, grad_step and update_step
+    peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
+                         (includes the Python/XLA runtime; see peak_bytes_source)
+    ratio_vs_nonprivate  nonprivate step_s / this step_s: the throughput relative to non-private
+                         training (0.25 = four times slower); null without a nonprivate result
+    error                null, or why the mode failed (engine missing, out of memory, ...); the
+                         other modes still run
+
+CPU (a quick check; the tiny model still has GPT-2's 50257-token vocabulary):
+
+    python scripts/benchmark.py --model tiny --batch 8 --seq 64 --modes nonprivate,vmap
+
+GPU (if vmap runs out of memory its line says so; retry it with a smaller --microbatch):
+
+    python scripts/benchmark.py --model gpt2 --batch 32 --seq 256 \
+        --modes nonprivate,vmap,ghost --out results.jsonl
+    python scripts/benchmark.py --model gpt2 --batch 16 --seq 1024 \
+        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+    python scripts/benchmark.py --model gpt2-large --batch 16 --seq 256 \
+        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+
+Invalid arguments exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+MODES = ("nonprivate", "vmap", "ghost")
+MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+RESULT_KEYS = (
+    "step_s",
+    "tokens_per_s",
+    "peak_bytes",
+    "peak_bytes_source",
+    "compile_s",
+    "grad_step_temp_bytes",
+    "n_params",
+    "device",
+    "backend",
+    "num_devices",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, required=True, help="GPT-2 preset")
+    parser.add_argument("--batch", type=int, required=True, help="B: examples per step")
+    parser.add_argument("--seq", type=int, required=True, help="T: tokens per example")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+    )
+    parser.add_argument(
+        "--microbatch", type=int, default=None, help="M for vmap/ghost (default: B, one vmap)"
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown mode(s) {unknown}; choose from {','.join(MODES)}.")
+    if len(set(args.modes)) != len(args.modes):
+        parser.error(f"--modes: repeated mode in {','.join(args.modes)}.")
+    if args.dtype != "float32":
+        parser.error(f"--dtype {args.dtype} is not supported yet; use float32.")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}.")
+    from jaxdp.gpt2 import PRESETS, GPT2Config  # imports JAX but starts no backend
+
+    n_positions = PRESETS[args.model].get("n_positions", GPT2Config.n_positions)
+    if not 2 <= args.seq <= n_positions:
+        parser.error(
+            f"--seq must be in [2, {n_positions}] (n_positions of {args.model}), got {args.seq}."
+        )
+    if args.microbatch is None:
+        args.microbatch = args.batch
+    if args.microbatch < 1 or args.batch % args.microbatch:
+        m, b = args.microbatch, args.batch
+        parser.error(f"--microbatch must be >= 1 and divide --batch {b}, got {m}.")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}.")
+    return args
+
+
+def _log(mode: str, message: str) -> None:
+    print(f"[benchmark {mode}] {message}", file=sys.stderr, flush=True)
+
+
+def _error_message(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+    return text[:500]
+
+
+def _peak_bytes() -> tuple[int, str]:
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "gpu_peak_bytes_in_use"
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "host_peak_rss"
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Builds, compiles and times `mode`'s train step in this process."""
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxdp import sharding, train
+    from jaxdp.gpt2 import GPT2Config, init_model
+
+    B, T = args.batch, args.seq
+    result: dict[str, Any] = {
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "num_devices": jax.device_count(),
+    }
+    if B % jax.device_count():
+        raise ValueError(f"--batch {B} must be divisible by the {jax.device_count()} devices.")
+
+    # Model and state, exactly as the trainer builds them.
+    config = GPT2Config.preset(args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = init_model(config, seed=0)
+    dp = None
+    if mode != "nonprivate":
+        dp = train.DPSGDConfig(
+            l2_clip_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=B,
+            microbatch_size=args.microbatch,
+            engine=mode,
+        )
+    tx = train.make_optimizer(optax.adamw(1e-4), dp)
+    graphdef, state = train.init_state(model, tx)
+    del model
+    result["n_params"] = sum(x.size for x in jax.tree.leaves(state.params))
+    mesh = sharding.make_mesh()
+    state, steps = train.shard_and_jit(graphdef, tx, dp, state, mesh)
+
+    # A random batch, no padding rows, placed as the trainer places it.
+    rng = np.random.default_rng(0)
+    columns = {
+        "tokens": rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int32),  # [B, T]
+        "is_padding": np.zeros((B,), dtype=bool),  # [B]
+    }
+    batch = sharding.global_batch(columns, np.arange(B), mesh)
+    replicated = sharding.replicated(mesh)
+    base_key = jax.random.key(0)
+    keys = [
+        jax.device_put(jax.random.fold_in(base_key, i), replicated)
+        for i in range(args.warmup + args.steps)
+    ]
+
+    # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
+    _log(mode, "compiling")
+    t0 = time.perf_counter()
+    zero_accum = steps.zero_accum.lower(state.params).compile()
+    compile_s = time.perf_counter() - t0
+    acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
+    t0 = time.perf_counter()
+    grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc).compile()
+    update_step = steps.update_step.lower(state, acc).compile()
+    result["compile_s"] = compile_s + time.perf_counter() - t0
+    del acc
+    analysis = grad_step.memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+    result["grad_step_temp_bytes"] = None if temp is None else int(temp)
+    _log(mode, f"compiled in {result['compile_s']:.1f}s; running")
+
+    times = []
+    for i, key in enumerate(keys):
+        t0 = time.perf_counter()
+        acc = zero_accum(state.params)
+        acc = grad_step(state.params, batch, key, acc)
+        state, metrics = update_step(state, acc)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    loss = float(metrics["train_loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite train_loss {loss}")
+
+    result["step_s"] = statistics.median(times)
+    result["tokens_per_s"] = B * T / result["step_s"]
+    result["peak_bytes"], result["peak_bytes_source"] = _peak_bytes()
+    return result
+
+
+def run_single(args: argparse.Namespace) -> None:
+    """Child process: one mode, one JSON line on stdout, errors included in it."""
+    mode = args.single_mode
+    try:
+        result = measure(args, mode)
+        result["error"] = None
+    except (Exception, MemoryError) as e:  # engine missing, out of memory, ...
+        _log(mode, f"failed: {_error_message(e)}")
+        result = {"error": _error_message(e)}
+        try:
+            import jax
+
+            result.update(device=jax.devices()[0].device_kind, backend=jax.default_backend())
+        except Exception:
+            pass
+    print(json.dumps(result), flush=True)
+
+
+def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--model={args.model}",
+        f"--batch={args.batch}",
+        f"--seq={args.seq}",
+        f"--modes={mode}",
+        f"--microbatch={args.microbatch}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--dtype={args.dtype}",
+        f"--single-mode={mode}",
+    ]
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Runs one mode in a fresh subprocess (same environment: XLA_FLAGS etc.)."""
+    # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it happens.
+    proc = subprocess.run(
+        _child_command(args, mode), stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    if proc.returncode < 0:
+        why = f"killed by signal {-proc.returncode} (out of host memory?)"
+    else:
+        why = f"exited with status {proc.returncode}"
+    return {"error": f"benchmark subprocess {why} without a result; see its stderr"}
+
+
+def _row(result: dict[str, Any]) -> dict[str, Any]:
+    row = {
+        "mode": None,
+        "model": None,
+        "batch": None,
+        "seq": None,
+        "microbatch": None,
+        "dtype": None,
+    }
+    row.update({k: None for k in RESULT_KEYS})
+    row["ratio_vs_nonprivate"] = None
+    row["error"] = None
+    row.update(result)
+    return row
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value, width, spec):
+        return f"{'-' if value is None else format(value, spec):>{width}}"
+
+    out = [
+        f"{'mode':<11} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'peak MiB':>9} "
+        f"{'compile s':>9}  error"
+    ]
+    for r in rows:
+        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+        step_ms = None if r["step_s"] is None else 1e3 * r["step_s"]
+        line = (
+            f"{r['mode']:<11} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
+            f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(peak, 9, '.0f')} "
+            f"{fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
+        )
+        out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.single_mode is not None:
+        run_single(args)
+        return
+
+    rows = []
+    for mode in args.modes:
+        _log(mode, f"{args.model} B={args.batch} T={args.seq}")
+        row = _row(run_mode(args, mode))
+        row.update(
+            mode=mode,
+            model=args.model,
+            batch=args.batch,
+            seq=args.seq,
+            microbatch=None if mode == "nonprivate" else args.microbatch,
+            dtype=args.dtype,
+        )
+        rows.append(row)
+
+    base = next((r for r in rows if r["mode"] == "nonprivate"), None)
+    base_s = None if base is None or base["error"] is not None else base["step_s"]
+    for r in rows:
+        if base_s is not None and r["error"] is None and r["step_s"]:
+            r["ratio_vs_nonprivate"] = base_s / r["step_s"]
+
+    device = next((r["device"] for r in rows if r["device"]), "?")
+    print(f"\n{args.model} B={args.batch} T={args.seq} on {device}", file=sys.stderr)
+    print(_table(rows), file=sys.stderr, flush=True)
+    lines = [json.dumps(r) for r in rows]
+    print("\n".join(lines), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+
+if __name__ == "__main__":
+    main()

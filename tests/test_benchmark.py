@@ -1,0 +1,59 @@
+"""scripts/benchmark.py end to end on the tiny preset (CPU, a few seconds per mode)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "benchmark.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc = _run(
+        "--model=tiny",
+        "--batch=4",
+        "--seq=16",
+        "--modes=nonprivate,vmap",
+        "--steps=2",
+        "--warmup=1",
+        f"--out={out}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["nonprivate", "vmap"]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    for r in rows:
+        assert r["error"] is None, r["error"]
+        assert (r["model"], r["batch"], r["seq"], r["dtype"]) == ("tiny", 4, 16, "float32")
+        for key in ("step_s", "tokens_per_s", "compile_s", "peak_bytes"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_s"])
+        assert r["peak_bytes_source"] in ("gpu_peak_bytes_in_use", "host_peak_rss")
+        assert r["device"] and r["backend"]
+    nonprivate, vmap = rows
+    assert nonprivate["ratio_vs_nonprivate"] == 1.0
+    assert nonprivate["microbatch"] is None and vmap["microbatch"] == 4
+    assert vmap["ratio_vs_nonprivate"] == pytest.approx(nonprivate["step_s"] / vmap["step_s"])
+
+
+def test_benchmark_rejects_unknown_mode():
+    proc = _run("--model=tiny", "--batch=4", "--seq=16", "--modes=nonprivate,nosuchmode")
+    assert proc.returncode == 2
+    assert "nosuchmode" in proc.stderr

@@ -1,0 +1,133 @@
+"""The ghost-clipping engine against the vmap reference (fp32, <= 1e-5 relative)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdp import clipping, ghost, train
+from jaxdp.gpt2 import init_model
+
+RTOL = 1e-5
+
+
+def _rel(a, b) -> float:
+    """||a - b|| / ||b|| over a whole tensor (elementwise ratios are ill-posed near zero)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _setup(config, batch=6, seq=7, seed=0):
+    graphdef, state = train.init_state(init_model(config, seed=seed), optax.sgd(0.1))
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, size=(batch, seq))
+    tokens[0, 4] = tokens[0, 1]  # a repeated token: the embedding rows overlap
+    tokens[1, :] = tokens[1, 0]  # an example of a single repeated token
+    return graphdef, state.params, jnp.asarray(tokens, jnp.int32)
+
+
+def _vmap_norms(graphdef, params, tokens):
+    loss = train.make_example_loss(graphdef)
+    grads = jax.vmap(jax.grad(lambda p, e: loss(p, e, None)), (None, 0))(params, {"tokens": tokens})
+    return np.asarray(clipping.per_example_norms(grads))
+
+
+@pytest.mark.parametrize("vocab_size", [61, 50257])
+def test_ghost_norms_equal_per_example_gradient_norms(tiny_config, vocab_size):
+    config = dataclasses.replace(tiny_config, vocab_size=vocab_size)
+    graphdef, params, tokens = _setup(config)
+    norms, losses = jax.jit(lambda p, t: ghost.ghost_norms(graphdef, p, {"tokens": t}))(
+        params, tokens
+    )
+    np.testing.assert_allclose(np.asarray(norms), _vmap_norms(graphdef, params, tokens), rtol=RTOL)
+    loss = train.make_example_loss(graphdef)
+    expected = [float(loss(params, {"tokens": t}, None)) for t in tokens]
+    np.testing.assert_allclose(np.asarray(losses), expected, rtol=RTOL)
+
+
+def test_every_parameter_groups_norm_and_the_tied_cross_term(tiny_config):
+    """Each group's ghost norm equals its per-example gradient's; the wte/lm_head cross term is
+    needed (without it, i.e. treating the tied embedding as two matrices, norms are wrong)."""
+    from flax import nnx
+
+    graphdef, params, tokens = _setup(tiny_config)
+    sq, _ = jax.jit(lambda p, t: ghost.ghost_sq_norms(graphdef, p, {"tokens": t}))(params, tokens)
+    loss = train.make_example_loss(graphdef)
+    grads = jax.vmap(jax.grad(lambda p, e: loss(p, e, None)), (None, 0))(params, {"tokens": tokens})
+    for path, var in nnx.to_flat_state(grads):
+        names = [str(x) for x in path]
+        if names[0] in ("wte", "wpe"):
+            key = names[0]
+        else:
+            key = ".".join(names)
+        g = np.asarray(var.get_value(), np.float64)
+        expected = np.sum(g.reshape(len(g), -1) ** 2, axis=1)
+        np.testing.assert_allclose(np.asarray(sq[key]), expected, rtol=RTOL, err_msg=key)
+    cross = np.asarray(sq["_wte_cross"])
+    assert np.all(np.abs(cross) > 1e3 * RTOL * np.asarray(sq["wte"]))
+
+
+def test_dense_norms_both_strategies_match_brute_force():
+    rng = np.random.default_rng(0)
+    for T, d, p in [(3, 40, 50), (50, 4, 5)]:  # first instantiates? no: T(d+p) < dp -> ghost
+        a = jnp.asarray(rng.normal(size=(2, T, d)), jnp.float32)
+        g = jnp.asarray(rng.normal(size=(2, T, p)), jnp.float32)
+        brute = [np.sum((np.asarray(a[i]).T @ np.asarray(g[i])) ** 2) for i in range(2)]
+        np.testing.assert_allclose(ghost.dense_sq_norms(a, g), brute, rtol=RTOL)
+        np.testing.assert_allclose(ghost._gram_inner(a, g), brute, rtol=RTOL)
+
+
+@pytest.mark.parametrize("microbatch_size", [2, 6])
+def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size):
+    graphdef, params, tokens = _setup(tiny_config)
+    is_padding = jnp.array([False, False, True, False, False, False])
+    norms = _vmap_norms(graphdef, params, tokens)
+    C = float(np.median(norms))  # some examples clipped, some not
+    loss = train.make_example_loss(graphdef)
+    ref, ref_stats = jax.jit(clipping.clipped_grad(loss, C, microbatch_size=microbatch_size))(
+        params, {"tokens": tokens}, is_padding
+    )
+    got, stats = jax.jit(ghost.ghost_clipped_grad(graphdef, C, microbatch_size=microbatch_size))(
+        params, {"tokens": tokens}, is_padding
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert _rel(a, b) <= RTOL
+    for field in ("num_examples", "num_clipped", "num_nonfinite"):
+        assert float(getattr(stats, field)) == float(getattr(ref_stats, field))
+    np.testing.assert_allclose(float(stats.norm_sum), float(ref_stats.norm_sum), rtol=RTOL)
+    np.testing.assert_allclose(float(stats.loss_sum), float(ref_stats.loss_sum), rtol=RTOL)
+
+
+def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
+    graphdef, params, tokens = _setup(tiny_config)
+    batch = {"tokens": tokens, "is_padding": jnp.zeros(6, bool)}
+    results = {}
+    for engine in ("vmap", "ghost"):
+        dp = train.DPSGDConfig(
+            l2_clip_norm=0.5,
+            noise_multiplier=1.0,
+            expected_batch_size=6,
+            microbatch_size=3,
+            engine=engine,
+        )
+        tx = train.make_optimizer(optax.sgd(0.1), dp)
+        state = train.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+        )
+        acc = jax.jit(train.make_grad_step(graphdef, dp))(
+            params, batch, jax.random.key(0), train.zero_accum(params)
+        )
+        results[engine], _ = jax.jit(train.make_update_step(tx, dp))(state, acc)
+    # Compare the updates (new - old params): same noise, same clipped sum.
+    for a, b, p in zip(
+        jax.tree.leaves(results["ghost"].params),
+        jax.tree.leaves(results["vmap"].params),
+        jax.tree.leaves(params),
+        strict=True,
+    ):
+        assert _rel(np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)) <= RTOL
+    with pytest.raises(ValueError, match="flat per-example clipping only"):
+        train.make_grad_step(graphdef, dataclasses.replace(dp, clipping="per_layer"))
