@@ -164,15 +164,16 @@ def compute_epsilon(
     ``steps > 0``; ``0.0`` if ``steps == 0``.
     """
     target_delta = _check_delta(target_delta)
-    event = dpsgd_event(
+    acc = _composed_accountant(
         noise_multiplier,
         sampling_prob,
         steps,
-        sampling=sampling,
-        num_examples=num_examples,
-        truncated_batch_size=truncated_batch_size,
+        accountant,
+        sampling,
+        num_examples,
+        truncated_batch_size,
+        pld_discretization,
     )
-    acc = _compose(make_accountant(accountant, pld_discretization=pld_discretization), event)
     return float(acc.get_epsilon(target_delta))
 
 
@@ -194,6 +195,30 @@ def compute_delta(
     """
     if not (math.isfinite(target_epsilon) and target_epsilon >= 0):
         raise ValueError(f"target_epsilon must be finite and >= 0, got {target_epsilon}.")
+    acc = _composed_accountant(
+        noise_multiplier,
+        sampling_prob,
+        steps,
+        accountant,
+        sampling,
+        num_examples,
+        truncated_batch_size,
+        pld_discretization,
+    )
+    return float(acc.get_delta(target_epsilon))
+
+
+def _composed_accountant(
+    noise_multiplier,
+    sampling_prob,
+    steps,
+    accountant,
+    sampling,
+    num_examples,
+    truncated_batch_size,
+    pld_discretization,
+) -> dp_accounting.PrivacyAccountant:
+    """A fresh accountant that has composed `steps` DP-SGD steps."""
     event = dpsgd_event(
         noise_multiplier,
         sampling_prob,
@@ -202,8 +227,7 @@ def compute_delta(
         num_examples=num_examples,
         truncated_batch_size=truncated_batch_size,
     )
-    acc = _compose(make_accountant(accountant, pld_discretization=pld_discretization), event)
-    return float(acc.get_delta(target_epsilon))
+    return _compose(make_accountant(accountant, pld_discretization=pld_discretization), event)
 
 
 def calibrate_noise_multiplier(
