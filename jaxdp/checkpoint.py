@@ -93,28 +93,43 @@ def abstract(tree: Any) -> Any:
 
 
 def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None):
-    """(model, tokenizer name) from a run directory's latest (or given) checkpoint."""
+    """(model, tokenizer name) from a run directory's latest (or given) checkpoint.
+
+    LoRA adapters, if the run had them, are merged into the returned plain GPT-2."""
     from flax import nnx
 
-    from jaxdp import hf
-    from jaxdp.gpt2 import GPT2Config
+    from jaxdp import lora
+    from jaxdp.gpt2 import GPT2Config, GPT2LMHeadModel
 
     mngr = manager(workdir, max_to_keep=None)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"No checkpoint in {Path(workdir) / 'checkpoints'}.")
     meta = read_meta(mngr, step)
-    config = GPT2Config(**meta["model_config"])
-    graphdef, params = nnx.split(hf._abstract_model(config), nnx.Param)
+    config, lora_cfg = GPT2Config(**meta["model_config"]), meta.get("lora")
+
+    def build():
+        model = GPT2LMHeadModel(config, rngs=nnx.Rngs(0))
+        if lora_cfg:
+            lora.apply_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["targets"])
+        return model
+
+    model = nnx.eval_shape(build)  # structure only; the values come from the checkpoint
+    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(meta["trainable"]), ...)
     try:
         restored = mngr.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
-                    item={"params": abstract(params)}, partial_restore=True
+                    item={"params": abstract(params), "frozen": abstract(frozen)},
+                    partial_restore=True,
                 )
             ),
         )
     except Exception as e:
         raise CheckpointError(f"Checkpoint {mngr.directory}/{step} could not be read: {e}") from e
-    return nnx.merge(graphdef, restored["state"]["params"]), meta.get("tokenizer")
+    state = restored["state"]
+    model = nnx.merge(graphdef, state["params"], state["frozen"])
+    if lora_cfg:
+        model = lora.merge_lora(model)
+    return model, meta.get("tokenizer")

@@ -23,6 +23,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init = "pretrained"  # "pretrained" | "random"
     c.model.dropout = _optional(float)  # overrides resid/embd/attn_pdrop; None: model's own
     c.model.revision = _optional(str)
+    # Trainable subset: regexes fully matching parameter paths such as "h.11.attn.c_attn.kernel",
+    # "ln_f.scale", "wte.embedding"; empty: everything (or only the adapters with LoRA).
+    c.model.trainable = ()
+    c.model.lora_rank = 0  # > 0: LoRA adapters of this rank on model.lora_targets
+    c.model.lora_alpha = 16.0  # the adapter output is scaled by lora_alpha / lora_rank
+    c.model.lora_targets = ("attn.c_attn", "attn.c_proj")  # layers of each block
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "hf"  # "hf" (a `datasets` dataset) | "text_files" | "tfds" (extra)

@@ -24,13 +24,15 @@ def generate(
 ) -> np.ndarray:
     """Continues `prompt_ids` [P] by `max_new_tokens` tokens (greedy when top_k == 0).
 
+    `params` is the model's State, or a tuple of States (e.g. trainable and frozen parameters).
+
     The model is causal, so a fixed-length buffer whose future positions hold placeholders gives
     the same logits at the current position as the unpadded prefix: one compilation serves every
     step. No KV cache: meant for short samples during evaluation.
     """
     prompt = np.asarray(prompt_ids, np.int32)
     total = len(prompt) + max_new_tokens
-    n_positions = nnx.merge(graphdef, params).config.n_positions
+    n_positions = _merge(graphdef, params).config.n_positions
     if total > n_positions:
         prompt = prompt[-(n_positions - max_new_tokens) :]
         total = n_positions
@@ -40,9 +42,16 @@ def generate(
     return to_host(out)[len(prompt) :]
 
 
+def _merge(graphdef, params):
+    """`params` is one State or a tuple of States (trainable, frozen)."""
+    return (
+        nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _generate(graphdef, params, prompt, key, total, top_k, temperature):
-    model = nnx.merge(graphdef, params)
+    model = _merge(graphdef, params)
     buf = jnp.zeros((total,), jnp.int32).at[: prompt.shape[0]].set(prompt)  # [L]
 
     def body(t, buf):

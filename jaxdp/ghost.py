@@ -38,6 +38,7 @@ from flax import nnx
 from jaxdp.clipping import ClipStats, chunk_stats, scan_microbatches
 from jaxdp.gpt2 import Tape
 from jaxdp.loss import next_token_losses
+from jaxdp.train import merge
 
 PyTree = Any
 
@@ -102,13 +103,16 @@ def per_example_sq_norms(
     return out
 
 
-def ghost_sq_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None):
-    """({parameter group: per-example squared gradient norm [B]}, per-example losses [B])."""
+def ghost_sq_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, frozen=None):
+    """({parameter group: per-example squared gradient norm [B]}, per-example losses [B]).
+
+    Groups are named by parameter path (`h.0.attn.c_attn.kernel`, `ln_f.scale`, `wte`, `wpe`);
+    all are computed, whether trainable or not."""
     tokens = batch["tokens"]
     mask = batch.get("token_mask")
 
     def forward(tape):
-        logits = nnx.merge(graphdef, params)(tokens, dropout_key=key, tape=tape)
+        logits = merge(graphdef, params, frozen)(tokens, dropout_key=key, tape=tape)
         return _example_losses(logits, tokens, mask)
 
     # The taps' shapes, recorded during an abstract trace (no computation).
@@ -122,19 +126,37 @@ def ghost_sq_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None
         return jnp.sum(losses), (losses, tape.inputs)
 
     grads, (losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
-    config = nnx.merge(graphdef, params).config
+    config = merge(graphdef, params, frozen).config
     return per_example_sq_norms(config, inputs, grads, tokens), losses
 
 
-def ghost_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None):
-    """(per-example gradient norms [B], per-example losses [B]) without per-example gradients."""
-    sq, losses = ghost_sq_norms(graphdef, params, batch, key)
-    total = sum(v for k, v in sq.items() if not k.startswith("_"))
-    return jnp.sqrt(jnp.maximum(total, 0.0)), losses
+_GROUP_OF_PATH = {"wte.embedding": "wte", "wpe.embedding": "wpe"}
+
+
+def ghost_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, frozen=None):
+    """(per-example norms [B] of the gradient w.r.t. `params`, per-example losses [B]).
+
+    Only the groups of the trainable `params` count; frozen parameters are left out."""
+    sq, losses = ghost_sq_norms(graphdef, params, batch, key, frozen)
+    groups = []
+    for path, _ in nnx.to_flat_state(params):
+        name = ".".join(str(p) for p in path)
+        group = _GROUP_OF_PATH.get(name, name)
+        if group not in sq:
+            raise NotImplementedError(
+                f"The ghost engine has no per-example norm for parameter {name!r} (LoRA adapters "
+                f"are not supported by it yet); use dp.engine='vmap'."
+            )
+        groups.append(sq[group])
+    return jnp.sqrt(jnp.maximum(sum(groups), 0.0)), losses
 
 
 def ghost_clipped_grad(
-    graphdef: nnx.GraphDef, l2_clip_norm: float, *, microbatch_size: int | None = None
+    graphdef: nnx.GraphDef,
+    l2_clip_norm: float,
+    *,
+    microbatch_size: int | None = None,
+    frozen: PyTree = None,
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """The ghost-clipping counterpart of `clipping.clipped_grad` for `jaxdp.gpt2` models.
 
@@ -146,7 +168,7 @@ def ghost_clipped_grad(
 
     def chunk_fn(params, chunk, pad, keys):
         key = None if keys is None else keys[0]
-        norms, losses = ghost_norms(graphdef, params, chunk, key)
+        norms, losses = ghost_norms(graphdef, params, chunk, key, frozen)
         real, finite = ~pad, jnp.isfinite(norms)
         keep = real & finite
         weights = jnp.where(keep, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
@@ -154,7 +176,7 @@ def ghost_clipped_grad(
         tokens = jnp.where(keep[:, None], chunk["tokens"], 0)  # keep NaNs out of the sum
 
         def weighted_loss(p):
-            logits = nnx.merge(graphdef, p)(tokens, dropout_key=key)
+            logits = merge(graphdef, p, frozen)(tokens, dropout_key=key)
             return jnp.sum(weights * _example_losses(logits, tokens, chunk.get("token_mask")))
 
         summed = jax.grad(weighted_loss)(params)

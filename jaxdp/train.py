@@ -15,7 +15,7 @@ Without DP (`dp=None`) the same loop computes the plain mean gradient over the d
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -49,8 +49,9 @@ class DPSGDConfig:
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # logical steps taken
-    params: PyTree
+    params: PyTree  # the trainable parameters: clipped, noised, updated
     opt_state: PyTree
+    frozen: PyTree = None  # parameters that are not trained (an empty State if all are)
 
 
 class GradAccum(struct.PyTreeNode):
@@ -70,23 +71,35 @@ def make_optimizer(
     return optax.chain(noise, base)
 
 
-def init_state(model: GPT2LMHeadModel, tx: optax.GradientTransformation):
-    """(graphdef, TrainState) with the model's parameters split out for functional training."""
-    graphdef, params = nnx.split(model, nnx.Param)
+def init_state(
+    model: GPT2LMHeadModel, tx: optax.GradientTransformation, trainable: Sequence[str] = ()
+):
+    """(graphdef, TrainState): the parameters whose paths match `trainable` (regexes, see
+    `jaxdp.lora.trainable_filter`; all if empty) are trained, the rest is kept frozen."""
+    from jaxdp.lora import trainable_filter
+
+    graphdef, params, frozen = nnx.split(model, trainable_filter(trainable), ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"No parameter matches model.trainable={list(trainable)}.")
     return graphdef, TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), frozen=frozen
     )
+
+
+def merge(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree = None) -> GPT2LMHeadModel:
+    """The model from its trainable and frozen parameters."""
+    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
 
 
 def zero_accum(params: PyTree) -> GradAccum:
     return GradAccum(grad_sum=jax.tree.map(jnp.zeros_like, params), stats=ClipStats.zeros())
 
 
-def make_example_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
+def make_example_loss(graphdef: nnx.GraphDef, frozen: PyTree = None) -> Callable[..., jax.Array]:
     """loss(params, example, key) for ONE example {"tokens": [T]} (the privacy unit)."""
 
     def loss(params, example, key):
-        model = nnx.merge(graphdef, params)
+        model = merge(graphdef, params, frozen)
         tokens = example["tokens"]
         logits = model(tokens[None], dropout_key=key)[0]  # [T, V]
         return example_loss(logits, tokens, example.get("token_mask"))
@@ -95,37 +108,38 @@ def make_example_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
 
 
 def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[..., GradAccum]:
-    """grad_step(params, batch, key, acc) -> acc with this physical batch's gradient sum added."""
-    example_loss_fn = make_example_loss(graphdef)
-    if dp is not None and dp.engine == "ghost":
-        from jaxdp import ghost
+    """grad_step(params, batch, key, acc, frozen=None) -> acc + this physical batch's gradient sum.
 
-        if dp.clipping != "flat" or dp.group_size != 1:
-            raise ValueError("The ghost engine supports flat per-example clipping only.")
-        clipped = ghost.ghost_clipped_grad(
-            graphdef, dp.l2_clip_norm, microbatch_size=dp.microbatch_size
-        )
-    elif dp is not None:
-        if dp.engine != "vmap":
-            raise ValueError(f"Unknown clipping engine {dp.engine!r}; use 'vmap' or 'ghost'.")
-        clipped = clipping_lib.clipped_grad(
-            example_loss_fn,
-            dp.l2_clip_norm,
-            microbatch_size=dp.microbatch_size,
-            clipping=dp.clipping,
-            group_size=dp.group_size,
-        )
+    Gradients are taken with respect to `params` (the trainable parameters) only."""
+    if dp is not None and dp.engine not in ("vmap", "ghost"):
+        raise ValueError(f"Unknown clipping engine {dp.engine!r}; use 'vmap' or 'ghost'.")
+    if dp is not None and dp.engine == "ghost" and (dp.clipping != "flat" or dp.group_size != 1):
+        raise ValueError("The ghost engine supports flat per-example clipping only.")
 
-    def grad_step(params, batch: Batch, key, acc: GradAccum) -> GradAccum:
+    def grad_step(params, batch: Batch, key, acc: GradAccum, frozen=None) -> GradAccum:
         is_padding = batch["is_padding"]
         examples = {k: v for k, v in batch.items() if k != "is_padding"}
-        if dp is not None:
+        if dp is not None and dp.engine == "ghost":
+            from jaxdp import ghost
+
+            clipped = ghost.ghost_clipped_grad(
+                graphdef, dp.l2_clip_norm, microbatch_size=dp.microbatch_size, frozen=frozen
+            )
+            grad_sum, stats = clipped(params, examples, is_padding, key)
+        elif dp is not None:
+            clipped = clipping_lib.clipped_grad(
+                make_example_loss(graphdef, frozen),
+                dp.l2_clip_norm,
+                microbatch_size=dp.microbatch_size,
+                clipping=dp.clipping,
+                group_size=dp.group_size,
+            )
             grad_sum, stats = clipped(params, examples, is_padding, key)
         else:
             real = (~is_padding).astype(jnp.float32)
 
             def summed_loss(p):
-                model = nnx.merge(graphdef, p)
+                model = merge(graphdef, p, frozen)
                 logits = model(examples["tokens"], dropout_key=key)  # [P, T, V]
                 losses, weights = next_token_losses(
                     logits, examples["tokens"], examples.get("token_mask")
@@ -171,16 +185,16 @@ def make_update_step(
             "grad_norm_mean": acc.stats.norm_sum / finite,
             "update_norm": optax.tree.norm(updates),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return update_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]]:
-    """eval_step(params, batch) -> token-level sums: loss_sum, num_tokens, num_correct."""
+    """eval_step(params, batch, frozen=None) -> token sums: loss_sum, num_tokens, num_correct."""
 
-    def eval_step(params, batch: Batch):
-        model = nnx.merge(graphdef, params)
+    def eval_step(params, batch: Batch, frozen=None):
+        model = merge(graphdef, params, frozen)
         tokens = batch["tokens"]
         logits = model(tokens)  # [P, T, V]
         real = ~batch["is_padding"][:, None]  # [P, 1]

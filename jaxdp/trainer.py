@@ -22,9 +22,8 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
-from jaxdp import accounting, checkpoint, data, hf, sampling, sharding, train
+from jaxdp import accounting, checkpoint, data, hf, lora, sampling, sharding, train
 from jaxdp.generate import generate
 from jaxdp.gpt2 import GPT2Config, init_model
 
@@ -238,7 +237,25 @@ def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
         raise ConfigError(
             f"The tokenizer has {vocab_size} tokens but the model only {model.config.vocab_size}."
         )
+    if m.lora_rank:
+        if cfg.dp.engine == "ghost":
+            raise ConfigError("dp.engine='ghost' does not support LoRA yet; use 'vmap'.")
+        lora.apply_lora(model, m.lora_rank, m.lora_alpha, m.lora_targets, seed=cfg.train.seed)
     return model
+
+
+def trainable_patterns(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """model.trainable, or only the LoRA adapters when LoRA is on and nothing else is asked."""
+    if cfg.model.trainable:
+        return tuple(cfg.model.trainable)
+    return (lora.LORA_PATTERN,) if cfg.model.lora_rank else ()
+
+
+def lora_record(cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    m = cfg.model
+    if not m.lora_rank:
+        return None
+    return {"rank": m.lora_rank, "alpha": m.lora_alpha, "targets": list(m.lora_targets)}
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -277,6 +294,8 @@ def _fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, 
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
         "clipping": cfg.dp.clipping,
+        "trainable": list(trainable_patterns(cfg)),
+        "lora": lora_record(cfg),
         "group_size": cfg.dp.group_size,
         "target_delta": plan.target_delta,
         "seed": cfg.train.seed,
@@ -297,12 +316,12 @@ def _physical_batches(idx: np.ndarray, blocks: np.ndarray, P: int, mesh, group_s
         yield batch
 
 
-def _evaluate(eval_step, params, blocks: np.ndarray, batch_size: int, mesh) -> dict[str, float]:
+def _evaluate(eval_step, state, blocks: np.ndarray, batch_size: int, mesh) -> dict[str, float]:
     if len(blocks) == 0:
         return {}
     sums = {"loss_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
     for batch in _physical_batches(np.arange(len(blocks)), blocks, batch_size, mesh):
-        out = eval_step(params, batch)
+        out = eval_step(state.params, batch, state.frozen)
         for k in sums:
             sums[k] += float(out[k])
     loss = sums["loss_sum"] / sums["num_tokens"]
@@ -382,7 +401,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             engine=cfg.dp.engine,
         )
     tx = train.make_optimizer(build_optimizer(cfg, plan.num_steps), dp_cfg)
-    graphdef, state = train.init_state(model, tx)
+    try:
+        graphdef, state = train.init_state(model, tx, trainable_patterns(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+    n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
+    log.info("%d trainable parameters, %d frozen.", n_trainable, n_frozen)
     model_config = dataclasses.asdict(model.config)
     del model
     # Physical batches hold whole microbatches of microbatch_size examples per device.
@@ -427,6 +452,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             "privacy": _privacy_record(plan, step, eps),
             "examples_seen": examples_seen,
             "model_config": model_config,
+            "trainable": list(trainable_patterns(cfg)),
+            "lora": lora_record(cfg),
             "tokenizer": str(cfg.data.tokenizer),
         }
         checkpoint.save(mngr, step, state, meta)
@@ -443,7 +470,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         group_size = plan.group_size if plan.enabled else 1
         batches = _physical_batches(idx, train_blocks, P, mesh, group_size)
         for j, batch in enumerate(batches):
-            acc = steps.grad_step(state.params, batch, jax.random.fold_in(step_key, j), acc)
+            key = jax.random.fold_in(step_key, j)
+            acc = steps.grad_step(state.params, batch, key, acc, state.frozen)
         state, metrics = steps.update_step(state, acc)
         done = step + 1
         examples_seen += len(idx)
@@ -481,10 +509,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             }
             t_last, tokens_since = now, 0
             if is_eval:
-                record.update(
-                    _evaluate(steps.eval_step, state.params, eval_blocks, eval_batch_size, mesh)
-                )
-                _write_samples(workdir, cfg, tokenizer, graphdef, state.params, done, lead)
+                record.update(_evaluate(steps.eval_step, state, eval_blocks, eval_batch_size, mesh))
+                params = (state.params, state.frozen)
+                _write_samples(workdir, cfg, tokenizer, graphdef, params, done, lead)
             if lead:
                 _append_jsonl(metrics_path, record)
             progress.set_postfix(
@@ -501,11 +528,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     if mngr.latest_step() != final_step:
         save(final_step, plan.epsilon(final_step))
     summary = _privacy_record(plan, final_step, plan.epsilon(final_step))
-    host_params = sharding.to_host(state.params) if cfg.train.export_hf else None  # collective
+    # Gathering sharded arrays is collective: every process takes part.
+    host = sharding.to_host((state.params, state.frozen)) if cfg.train.export_hf else None
     if lead:
         (workdir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.train.export_hf:
-            model = nnx.merge(graphdef, host_params)
+            model = train.merge(graphdef, *host)
+            if lora.has_lora(model):
+                model = lora.merge_lora(model)  # a plain GPT2LMHeadModel
             hf.save_pretrained(model, workdir / "hf", tokenizer=tokenizer)
         from jaxdp import report
 

@@ -8,6 +8,8 @@ no padding rows and dropout off:
     nonprivate  dp=None: the plain mean gradient
     vmap        DP-SGD, per-example gradients materialised by jax.vmap, `--microbatch` at a time
     ghost       DP-SGD with the ghost-norm engine (jaxdp.ghost)
+    lora        DP-SGD (vmap) training only LoRA adapters, rank 8, on attn.c_attn/c_proj
+    frozen      DP-SGD (vmap) training only the last block and ln_f; the rest frozen
 
 Every mode runs in a fresh subprocess of this script, so that its peak memory is its own (GPU
 peak memory cannot be reset within a process), and all modes run in one invocation, one after
@@ -53,7 +55,7 @@ import sys
 import time
 from typing import Any
 
-MODES = ("nonprivate", "vmap", "ghost")
+MODES = ("nonprivate", "vmap", "ghost", "lora", "frozen")
 MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 RESULT_KEYS = (
     "step_s",
@@ -62,7 +64,7 @@ RESULT_KEYS = (
     "peak_bytes_source",
     "compile_s",
     "grad_step_temp_bytes",
-    "n_params",
+    "n_trainable_params",
     "device",
     "backend",
     "num_devices",
@@ -141,7 +143,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     import numpy as np
     import optax
 
-    from jaxdp import sharding, train
+    from jaxdp import lora, sharding, train
     from jaxdp.gpt2 import GPT2Config, init_model
 
     B, T = args.batch, args.seq
@@ -156,6 +158,12 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     # Model and state, exactly as the trainer builds them.
     config = GPT2Config.preset(args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = init_model(config, seed=0)
+    trainable: tuple[str, ...] = ()
+    if mode == "lora":
+        lora.apply_lora(model, rank=8, alpha=16.0)
+        trainable = (lora.LORA_PATTERN,)
+    elif mode == "frozen":
+        trainable = (rf"h\.{config.n_layer - 1}\..*", r"ln_f\..*")
     dp = None
     if mode != "nonprivate":
         dp = train.DPSGDConfig(
@@ -163,12 +171,12 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             noise_multiplier=1.0,
             expected_batch_size=B,
             microbatch_size=args.microbatch,
-            engine=mode,
+            engine=mode if mode in ("vmap", "ghost") else "vmap",
         )
     tx = train.make_optimizer(optax.adamw(1e-4), dp)
-    graphdef, state = train.init_state(model, tx)
+    graphdef, state = train.init_state(model, tx, trainable)
     del model
-    result["n_params"] = sum(x.size for x in jax.tree.leaves(state.params))
+    result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
     mesh = sharding.make_mesh()
     state, steps = train.shard_and_jit(graphdef, tx, dp, state, mesh)
 
@@ -193,7 +201,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
     t0 = time.perf_counter()
-    grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc).compile()
+    grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
     update_step = steps.update_step.lower(state, acc).compile()
     result["compile_s"] = compile_s + time.perf_counter() - t0
     del acc
@@ -206,7 +214,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     for i, key in enumerate(keys):
         t0 = time.perf_counter()
         acc = zero_accum(state.params)
-        acc = grad_step(state.params, batch, key, acc)
+        acc = grad_step(state.params, batch, key, acc, state.frozen)
         state, metrics = update_step(state, acc)
         jax.block_until_ready((state, metrics))
         if i >= args.warmup:

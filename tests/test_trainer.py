@@ -217,7 +217,7 @@ def test_typo_in_config_override_is_rejected(tmp_path):
 
 def test_every_shipped_config_loads():
     names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
-    assert {"dpsgd_gpt2", "sgd_gpt2", "tiny_offline"} <= set(names)
+    assert {"dpsgd_gpt2", "sgd_gpt2", "dplora_gpt2", "tiny_offline"} <= set(names)
     for name in names:
         cfg = _load_config(name)
         assert cfg.data.block_size >= 2 and cfg.train.num_steps >= 1

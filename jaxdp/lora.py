@@ -1,0 +1,121 @@
+"""LoRA adapters for the NNX GPT-2 and trainable-parameter selection.
+
+`apply_lora(model, rank, alpha, targets)` replaces each target `nnx.Linear` (by default the
+attention projections `attn.c_attn` and `attn.c_proj` of every block) with a `LoRALinear`:
+
+    y = x W + b + (x A) B * alpha / rank,   A: [in, rank] ~ N(0, 1/in), B: [rank, out] = 0
+
+so the adapted model starts equal to the base model. Parameter paths keep their HF names
+(`h.0.attn.c_attn.kernel`) and gain `h.0.attn.c_attn.lora_a` / `lora_b`. `merge_lora(model)`
+folds the adapters into the kernels (W + A B alpha / rank) and returns a plain GPT-2 that
+`jaxdp.hf.save_pretrained` exports as an ordinary `GPT2LMHeadModel`.
+
+With DP-SGD only the trainable parameters (`trainable_filter`) are clipped, noised and updated;
+frozen parameters get no weight gradients at all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdp.gpt2 import GPT2LMHeadModel
+
+DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj")
+LORA_PATTERN = r".*\.lora_[ab]"
+
+
+class LoRALinear(nnx.Module):
+    """A dense layer W, b (frozen or not) plus a low-rank update A B scaled by alpha / rank."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        d_in, d_out = base.kernel.get_value().shape
+        self.kernel = base.kernel
+        self.bias = base.bias
+        init = nnx.initializers.normal(1.0 / d_in**0.5)
+        self.lora_a = nnx.Param(init(rngs.params(), (d_in, rank), jnp.float32))
+        self.lora_b = nnx.Param(jnp.zeros((rank, d_out), jnp.float32))
+        self.scale = alpha / rank
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel.get_value() + self.bias.get_value()  # [..., out]
+        return y + (x @ self.lora_a.get_value()) @ self.lora_b.get_value() * self.scale
+
+    def merged_kernel(self) -> jax.Array:
+        return (
+            self.kernel.get_value() + self.lora_a.get_value() @ self.lora_b.get_value() * self.scale
+        )
+
+
+def _targets(model: GPT2LMHeadModel, targets: Sequence[str]):
+    for block in model.h:
+        for target in targets:
+            *parents, leaf = target.split(".")
+            parent = block
+            for p in parents:
+                parent = getattr(parent, p)
+            if not hasattr(parent, leaf):
+                raise ValueError(f"No layer {target!r} in a GPT-2 block (e.g. 'attn.c_attn').")
+            yield parent, leaf
+
+
+def apply_lora(
+    model: GPT2LMHeadModel,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    seed: int = 0,
+) -> GPT2LMHeadModel:
+    """Wraps the target layers of every block with LoRA adapters (in place; returns the model)."""
+    rngs = nnx.Rngs(params=seed)
+    for parent, leaf in _targets(model, targets):
+        layer = getattr(parent, leaf)
+        if isinstance(layer, LoRALinear):
+            raise ValueError(f"{leaf} already has a LoRA adapter.")
+        setattr(parent, leaf, LoRALinear(layer, rank, alpha, rngs=rngs))
+    return model
+
+
+def merge_lora(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """A copy of `model` with every LoRA adapter folded into its kernel (plain nnx.Linear)."""
+    model = nnx.clone(model)
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name in ("c_attn", "c_proj", "c_fc"):
+                layer = getattr(parent, name, None)
+                if isinstance(layer, LoRALinear):
+                    d_in, d_out = layer.kernel.get_value().shape
+                    plain = nnx.Linear(d_in, d_out, rngs=nnx.Rngs(0))
+                    plain.kernel.set_value(layer.merged_kernel())
+                    plain.bias.set_value(layer.bias.get_value())
+                    setattr(parent, name, plain)
+    return model
+
+
+def has_lora(model: GPT2LMHeadModel) -> bool:
+    return any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model))
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """('h', 0, 'attn', 'c_attn', 'kernel') -> 'h.0.attn.c_attn.kernel'."""
+    return ".".join(str(p) for p in path)
+
+
+def trainable_filter(patterns: Sequence[str]):
+    """An NNX filter selecting the parameters whose dotted path fully matches any pattern
+    (all parameters when `patterns` is empty)."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def is_trainable(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        return not compiled or any(c.fullmatch(path_name(path)) for c in compiled)
+
+    return is_trainable

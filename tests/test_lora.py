@@ -1,0 +1,141 @@
+"""Trainable subsets and LoRA: counts, frozen parameters untouched, merged export."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from test_trainer import _load_config, _small
+
+from jaxdp import hf, lora, train, trainer
+from jaxdp.gpt2 import init_model
+
+
+def _flat(state):
+    return {lora.path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def test_lora_parameter_count_and_identity_at_init(tiny_config):
+    model = init_model(tiny_config, seed=0)
+    ids = jnp.arange(14).reshape(2, 7) % 61
+    before = model(ids)
+    r, d, L = 4, tiny_config.n_embd, tiny_config.n_layer
+    lora.apply_lora(model, rank=r, alpha=8.0)
+    _, adapters, _ = nnx.split(model, lora.trainable_filter([lora.LORA_PATTERN]), ...)
+    # c_attn: d -> 3d, c_proj: d -> d; each adapter has r * (in + out) parameters.
+    assert sum(x.size for x in jax.tree.leaves(adapters)) == L * r * ((d + 3 * d) + (d + d))
+    np.testing.assert_array_equal(model(ids), before)  # B = 0: the adapted model starts as base
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lora.apply_lora(model, rank=r, alpha=8.0)
+
+
+def test_merged_export_equals_adapted_model(tmp_path, tiny_config):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = lora.apply_lora(
+        init_model(tiny_config, seed=1), rank=3, alpha=6.0, targets=("attn.c_attn", "mlp.c_fc")
+    )
+    rng = np.random.default_rng(0)
+    for block in model.h:  # non-zero adapters, as after training
+        for layer in (block.attn.c_attn, block.mlp.c_fc):
+            layer.lora_b.set_value(jnp.asarray(rng.normal(size=layer.lora_b.get_value().shape)))
+    ids = jnp.asarray(rng.integers(0, 61, size=(2, 9)))
+    adapted = np.asarray(model(ids))
+    merged = lora.merge_lora(model)
+    assert not lora.has_lora(merged) and lora.has_lora(model)
+    np.testing.assert_allclose(np.asarray(merged(ids)), adapted, atol=1e-5, rtol=0)
+    out = hf.save_pretrained(merged, tmp_path / "hf")
+    pt = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = pt(torch.from_numpy(np.asarray(ids))).logits.numpy()
+    np.testing.assert_allclose(logits, adapted, atol=1e-4, rtol=0)
+
+
+def test_trainable_filter_selects_by_full_path(tiny_config):
+    model = init_model(tiny_config)
+    _, params, frozen = nnx.split(model, lora.trainable_filter([r"h\.1\..*", r"ln_f\..*"]), ...)
+    names = set(_flat(params))
+    assert names and all(n.startswith(("h.1.", "ln_f.")) for n in names)
+    assert "h.0.ln_1.scale" in _flat(frozen) and "wte.embedding" in _flat(frozen)
+    with pytest.raises(ValueError, match="No parameter matches"):
+        train.init_state(model, optax.sgd(0.1), trainable=["nothing"])
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_frozen_parameters_are_bit_identical_after_dp_training(tmp_path, use_lora):
+    cfg = _small(_load_config("tiny_offline"), num_steps=2)
+    cfg.optim.learning_rate = 0.1
+    if use_lora:
+        cfg.model.lora_rank = 2
+    else:
+        cfg.model.trainable = (r"h\.1\..*",)
+    trainer.run(cfg, tmp_path)
+    from jaxdp import checkpoint
+
+    mngr = checkpoint.manager(tmp_path)
+    meta = checkpoint.read_meta(mngr, mngr.latest_step())
+    assert meta["trainable"] == ([lora.LORA_PATTERN] if use_lora else [r"h\.1\..*"])
+    # The initial model, rebuilt the way the run built it.
+    initial = trainer.build_model(cfg, 50257)
+    _, init_params, init_frozen = nnx.split(
+        initial, lora.trainable_filter(trainer.trainable_patterns(cfg)), ...
+    )
+    import orbax.checkpoint as ocp
+
+    restored = mngr.restore(
+        mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
+    )["state"]
+    final_frozen = jax.tree.map(np.asarray, restored["frozen"])
+    flat_final = {
+        ".".join(str(k.key if hasattr(k, "key") else k) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(final_frozen)[0]
+    }
+    flat_init = _flat(init_frozen)
+    assert len(flat_final) == len(flat_init) > 0
+    for name, value in flat_init.items():
+        match = [v for k, v in flat_final.items() if k.startswith(name)]
+        assert len(match) == 1, name
+        np.testing.assert_array_equal(match[0], value, err_msg=name)
+    # The trainable ones did move (the test can fail).
+    flat_params = jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+    moved = [
+        not np.array_equal(np.asarray(v), iv)
+        for (_, v), iv in zip(flat_params, _flat(init_params).values(), strict=True)
+    ]
+    assert any(moved)
+    model, _ = checkpoint.load_model_from_workdir(tmp_path)
+    assert not lora.has_lora(model)
+
+
+def test_ghost_engine_with_a_trainable_subset_equals_vmap(tiny_config):
+    model = init_model(tiny_config, seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, size=(4, 7)), jnp.int32)
+    batch = {"tokens": tokens, "is_padding": jnp.array([False, True, False, False])}
+    results = {}
+    for engine in ("vmap", "ghost"):
+        dp = train.DPSGDConfig(
+            l2_clip_norm=0.05, noise_multiplier=0.0, expected_batch_size=3, engine=engine
+        )
+        graphdef, state = train.init_state(model, optax.sgd(1.0), trainable=[r"h\.0\..*", "wte.*"])
+        acc = jax.jit(train.make_grad_step(graphdef, dp))(
+            state.params, batch, None, train.zero_accum(state.params), state.frozen
+        )
+        results[engine] = acc
+    for a, b in zip(
+        jax.tree.leaves(results["ghost"].grad_sum),
+        jax.tree.leaves(results["vmap"].grad_sum),
+        strict=True,
+    ):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    assert float(results["ghost"].stats.num_clipped) == float(results["vmap"].stats.num_clipped)
+    lora_model = lora.apply_lora(init_model(tiny_config), 2, 4.0)
+    graphdef, state = train.init_state(lora_model, optax.sgd(1.0), trainable=[lora.LORA_PATTERN])
+    dp = dataclasses.replace(dp, engine="ghost")
+    with pytest.raises(NotImplementedError, match="LoRA"):
+        jax.jit(train.make_grad_step(graphdef, dp))(
+            state.params, batch, None, train.zero_accum(state.params), state.frozen
+        )
