@@ -91,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_prompts = ("Robert went on a trip to Las Vegas,",)
     c.train.sample_max_new_tokens = 32
     c.train.sample_top_k = 0  # 0: greedy
-    c.train.export_hf = True  # write W/hf at the end
+    c.train.export_hf = True  # write W/hf at the end (LoRA adapters merged in)
+    c.train.export_peft = True  # with LoRA on a pretrained base: also W/peft (adapters only)
     c.train.progress = True  # tqdm progress bar
 
     return c

@@ -119,3 +119,59 @@ def trainable_filter(patterns: Sequence[str]):
         return not compiled or any(c.fullmatch(path_name(path)) for c in compiled)
 
     return is_trainable
+
+
+def save_peft_adapter(
+    model: GPT2LMHeadModel, out_dir, *, base_model_name_or_path: str | None = None
+):
+    """Writes the adapters as a PEFT LoRA directory (`peft.PeftModel.from_pretrained` loads it
+    on top of the base `GPT2LMHeadModel`). GPT-2's Conv1D layers store [in, out] weights, hence
+    `fan_in_fan_out=True`; PEFT's lora_A is [rank, in] = A^T and lora_B is [out, rank] = B^T."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors, names, ranks, scales = {}, set(), set(), set()
+    for i, block in enumerate(model.h):
+        for parent_name in ("attn", "mlp"):
+            parent = getattr(block, parent_name)
+            for name in ("c_attn", "c_proj", "c_fc"):
+                layer = getattr(parent, name, None)
+                if not isinstance(layer, LoRALinear):
+                    continue
+                prefix = f"base_model.model.transformer.h.{i}.{parent_name}.{name}"
+                a = np.asarray(jax.device_get(layer.lora_a.get_value()), np.float32)
+                b = np.asarray(jax.device_get(layer.lora_b.get_value()), np.float32)
+                tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)  # [r, in]
+                tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T)  # [out, r]
+                names.add(f"{parent_name}.{name}")
+                ranks.add(a.shape[1])
+                scales.add(layer.scale)
+    if not tensors:
+        raise ValueError("The model has no LoRA adapters to save.")
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError("PEFT export needs one rank and one alpha for all adapters.")
+    rank, scale = ranks.pop(), scales.pop()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": scale * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": True,
+        # A regex (full match on module names) so that attn.c_proj does not also catch mlp.c_proj.
+        "target_modules": r".*\.h\.\d+\.("
+        + "|".join(sorted(n.replace(".", r"\.") for n in names))
+        + ")",
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out

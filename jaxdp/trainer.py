@@ -535,6 +535,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         if cfg.train.export_hf:
             model = train.merge(graphdef, *host)
             if lora.has_lora(model):
+                if cfg.train.export_peft and cfg.model.init == "pretrained":
+                    base = str(cfg.model.name_or_path)
+                    lora.save_peft_adapter(model, workdir / "peft", base_model_name_or_path=base)
                 model = lora.merge_lora(model)  # a plain GPT2LMHeadModel
             hf.save_pretrained(model, workdir / "hf", tokenizer=tokenizer)
         from jaxdp import report

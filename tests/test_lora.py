@@ -139,3 +139,51 @@ def test_ghost_engine_with_a_trainable_subset_equals_vmap(tiny_config):
         jax.jit(train.make_grad_step(graphdef, dp))(
             state.params, batch, None, train.zero_accum(state.params), state.frozen
         )
+
+
+def test_peft_adapter_directory_loads_in_peft(tmp_path, tiny_config):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = init_model(tiny_config, seed=2)
+    hf.save_pretrained(base, tmp_path / "base")
+    model = lora.apply_lora(nnx.clone(base), rank=3, alpha=6.0)
+    rng = np.random.default_rng(1)
+    for block in model.h:
+        for layer in (block.attn.c_attn, block.attn.c_proj):
+            layer.lora_b.set_value(jnp.asarray(rng.normal(size=layer.lora_b.get_value().shape)))
+    lora.save_peft_adapter(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
+    pt_base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    pt = peft.PeftModel.from_pretrained(pt_base, tmp_path / "peft").eval()
+    ids = rng.integers(0, 61, size=(2, 9))
+    with torch.no_grad():
+        logits = pt(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, np.asarray(model(jnp.asarray(ids))), atol=1e-4, rtol=0)
+    # Only the attention layers were adapted (mlp.c_proj shares the name c_proj).
+    n_lora = sum(p.numel() for n, p in pt.named_parameters() if "lora_" in n)
+    d, L = tiny_config.n_embd, tiny_config.n_layer
+    assert n_lora == L * 3 * ((d + 3 * d) + (d + d))
+
+
+def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from jaxdp.gpt2 import GPT2Config
+
+    base_dir = hf.save_pretrained(init_model(GPT2Config.preset("tiny"), seed=4), tmp_path / "base")
+    cfg = _small(_load_config("tiny_offline"), num_steps=2)
+    cfg.model.init, cfg.model.name_or_path = "pretrained", str(base_dir)
+    cfg.model.lora_rank = 2
+    cfg.optim.learning_rate = 0.05
+    trainer.run(cfg, tmp_path / "run")
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "hf").eval()
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(base_dir), tmp_path / "run" / "peft"
+    ).eval()
+    base = transformers.GPT2LMHeadModel.from_pretrained(base_dir).eval()
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 50257, size=(1, 16)))
+    with torch.no_grad():
+        a, b, c = merged(ids).logits, adapted(ids).logits, base(ids).logits
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4, rtol=0)
+    assert not np.allclose(a.numpy(), c.numpy(), atol=1e-4)  # training moved the adapters
