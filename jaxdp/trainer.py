@@ -30,6 +30,15 @@ from jaxdp.gpt2 import GPT2Config, init_model
 log = logging.getLogger("jaxdp")
 
 NEIGHBOURING_RELATION = "add-or-remove-one example (one block of block_size tokens)"
+COVERED = (
+    "the trained parameters at every step (checkpoints, hf/, peft/) and anything computed from "
+    "them and public data alone: eval metrics on held-out data, generated samples"
+)
+NOT_COVERED = (
+    "training-set diagnostics in metrics.jsonl (train_loss, batch_size, examples_seen, "
+    "clip_fraction, grad_norm_mean, num_nonfinite): computed from the private data without noise; "
+    "for the data holder only, do not publish them"
+)
 
 
 class ConfigError(ValueError):
@@ -352,8 +361,16 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------- run ---
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final summary."""
+def run(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    extra_train_blocks: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final summary.
+
+    `extra_train_blocks` [n, block_size] are appended to the training examples (privacy audits
+    insert canaries this way)."""
     workdir = Path(workdir).expanduser().resolve()
 
     # Mesh (and multi-host start-up, if configured: before any other JAX call).
@@ -369,6 +386,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
     # Data.
     tokenizer, train_blocks, eval_blocks = load_data(cfg)
+    if extra_train_blocks is not None and len(extra_train_blocks):
+        train_blocks = np.concatenate([train_blocks, np.asarray(extra_train_blocks, np.int32)])
     N, T = train_blocks.shape
 
     # Privacy plan: the noise multiplier and the number of steps the budget allows.
@@ -565,6 +584,8 @@ def _privacy_record(plan: PrivacyPlan, steps: int, eps: float) -> dict[str, Any]
         "target_epsilon": plan.target_epsilon,
         "sampling_method": plan.sampling if plan.enabled else "shuffle (non-private)",
         "neighbouring_relation": NEIGHBOURING_RELATION,
+        "covers": COVERED,
+        "not_covered": NOT_COVERED,
     }
 
 
