@@ -106,15 +106,13 @@ def example_losses(model, blocks: np.ndarray, batch_size: int = 64) -> np.ndarra
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdp.loss import next_token_losses
+    from jaxdp.loss import example_loss
 
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def batch_losses(state, tokens):
-        logits = nnx.merge(graphdef, state)(tokens)
-        losses, weights = next_token_losses(logits, tokens)
-        return jnp.sum(losses * weights, -1) / jnp.sum(weights, -1)
+        return example_loss(nnx.merge(graphdef, state)(tokens), tokens)
 
     out = []
     for i in range(0, len(blocks), batch_size):

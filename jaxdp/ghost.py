@@ -37,16 +37,10 @@ from flax import nnx
 
 from jaxdp.clipping import ClipStats, chunk_stats, scan_microbatches
 from jaxdp.gpt2 import Tape
-from jaxdp.loss import next_token_losses
+from jaxdp.loss import example_loss
 from jaxdp.train import merge
 
 PyTree = Any
-
-
-def _example_losses(logits: jax.Array, tokens: jax.Array, token_mask: jax.Array | None):
-    """Per-example mean next-token loss [B] (the same quantity as `loss.example_loss`)."""
-    losses, weights = next_token_losses(logits, tokens, token_mask)
-    return jnp.sum(losses * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
 
 
 def _sq(x: jax.Array) -> jax.Array:
@@ -113,7 +107,7 @@ def ghost_sq_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None
 
     def forward(tape):
         logits = merge(graphdef, params, frozen)(tokens, dropout_key=key, tape=tape)
-        return _example_losses(logits, tokens, mask)
+        return example_loss(logits, tokens, mask)
 
     # The taps' shapes, recorded during an abstract trace (no computation).
     probe = Tape()
@@ -177,7 +171,7 @@ def ghost_clipped_grad(
 
         def weighted_loss(p):
             logits = merge(graphdef, p, frozen)(tokens, dropout_key=key)
-            return jnp.sum(weights * _example_losses(logits, tokens, chunk.get("token_mask")))
+            return jnp.sum(weights * example_loss(logits, tokens, chunk.get("token_mask")))
 
         summed = jax.grad(weighted_loss)(params)
         clipped = keep & (norms > l2_clip_norm)

@@ -30,10 +30,11 @@ def example_loss(
 ) -> jax.Array:
     """Mean next-token cross-entropy over one example's (unmasked) predictions.
 
-    logits [T, V], tokens [T] -> scalar. An example with no unmasked prediction has loss 0.
+    logits [..., T, V], tokens [..., T] -> [...] (a scalar for one example). An example with no
+    unmasked prediction has loss 0.
     """
     losses, weights = next_token_losses(logits, tokens, token_mask)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(losses * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
 
 
 def token_accuracy(

@@ -141,10 +141,7 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
             def summed_loss(p):
                 model = merge(graphdef, p, frozen)
                 logits = model(examples["tokens"], dropout_key=key)  # [P, T, V]
-                losses, weights = next_token_losses(
-                    logits, examples["tokens"], examples.get("token_mask")
-                )
-                per_example = jnp.sum(losses * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1)
+                per_example = example_loss(logits, examples["tokens"], examples.get("token_mask"))
                 return jnp.sum(per_example * real)
 
             loss_sum, grad_sum = jax.value_and_grad(summed_loss)(params)
