@@ -8,13 +8,11 @@ group of k examples, whose guarantee is the group-privacy bound (`group_privacy`
 - Exposure (Carlini et al. 2019, "The Secret Sharer"): the canary's rank by model loss among
   itself and m random candidates of the same format; exposure = log2(m + 1) - log2(rank).
 - One-run lower bound (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) Training
-  Run", Theorem/Algorithm for (eps, delta)-DP): every canary is included independently with
-  probability 1/2; the auditor guesses "in" for the k_pos lowest-loss canaries and "out" for the
-  k_neg highest, chosen before looking at the outcome. If the training run were (eps, delta)-DP,
-  the number of correct guesses would exceed v only with the probability `one_run_p_value`; the
-  largest eps rejected at the given confidence is a lower bound on the run's true epsilon.
-  Implemented here with SciPy's binomial distribution (dp-accounting and jax_privacy do not ship
-  this test).
+  Run"), computed by jax_privacy's `auditing.CanaryScoreAuditor.epsilon_one_run`: every canary is
+  included independently with probability 1/2 and scored by its loss; if the run were
+  (eps, delta)-DP, guessing membership from the scores could not beat the randomized-response
+  accuracy e^eps / (1 + e^eps) except with small probability, so the largest eps this rejects
+  at the given confidence is a lower bound on the run's true epsilon.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.stats
 
 TEMPLATE = "My secret code is {}."
 
@@ -48,51 +45,27 @@ def exposure(canary_loss: float, candidate_losses: Sequence[float]) -> tuple[int
     return rank, math.log2(len(candidate_losses) + 1) - math.log2(rank)
 
 
-def one_run_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
-    """P[at least v of r guesses correct] bound for an (eps, delta)-DP run with m canaries.
-
-    Steinke, Nasr & Jagielski (2023): beta + 2 m delta alpha, where beta = P[Bin(r, q) >= v] with
-    q = e^eps / (1 + e^eps), and alpha = max_{i=1..v} P[v > Bin(r, q) >= v - i] / i.
-    """
-    if not 0 <= v <= r <= m:
-        raise ValueError(f"Need 0 <= v <= r <= m, got v={v}, r={r}, m={m}.")
-    q = 1.0 / (1.0 + math.exp(-eps))
-    beta = scipy.stats.binom.sf(v - 1, r, q)
-    alpha, cumulative = 0.0, 0.0
-    for i in range(1, v + 1):
-        cumulative += scipy.stats.binom.pmf(v - i, r, q)
-        alpha = max(alpha, cumulative / i)
-    return min(1.0, beta + 2 * m * delta * alpha)
-
-
 def one_run_epsilon_lower_bound(
-    m: int, r: int, v: int, delta: float, confidence: float = 0.95
-) -> float:
-    """Largest eps such that an (eps, delta)-DP run would give >= v correct guesses with
-    probability < 1 - confidence (0 if none): with that confidence the run is not
-    (eps, delta)-DP for any smaller eps."""
-    p = 1.0 - confidence
-    if one_run_p_value(m, r, v, 0.0, delta) >= p:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while one_run_p_value(m, r, v, hi, delta) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if one_run_p_value(m, r, v, mid, delta) < p else (lo, mid)
-    return lo
+    in_losses: Sequence[float],
+    out_losses: Sequence[float],
+    delta: float,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """The one-run lower bound on epsilon from jax_privacy's `CanaryScoreAuditor`.
 
+    `in_losses` / `out_losses`: per-canary losses of canaries that were / were not trained on
+    (lower loss = more likely "in"; the auditor wants higher scores for "in", so losses are
+    negated). Steinke, Nasr & Jagielski (2023), one-sided, with jax_privacy's default Bonferroni
+    correction over the thresholds it tries. With probability >= `confidence` the run is not
+    (eps, delta)-DP for any eps below the returned "epsilon_lower_bound".
+    """
+    from jax_privacy.auditing import CanaryScoreAuditor
 
-def guesses(losses: np.ndarray, included: np.ndarray, k_pos: int, k_neg: int) -> tuple[int, int]:
-    """(r, v): guess "in" for the k_pos lowest losses and "out" for the k_neg highest."""
-    losses, included = np.asarray(losses), np.asarray(included, bool)
-    if k_pos + k_neg > len(losses):
-        raise ValueError("k_pos + k_neg exceeds the number of canaries.")
-    order = np.argsort(losses, kind="stable")
-    correct = int(np.sum(included[order[:k_pos]])) + int(
-        np.sum(~included[order[len(losses) - k_neg :]])
-    )
-    return k_pos + k_neg, correct
+    auditor = CanaryScoreAuditor(-np.asarray(in_losses), -np.asarray(out_losses))
+    return {
+        "epsilon_lower_bound": float(auditor.epsilon_one_run(1.0 - confidence, delta)),
+        "auroc": float(auditor.attack_auroc()),
+    }
 
 
 def group_privacy(eps: float, delta: float, k: int) -> tuple[float, float]:

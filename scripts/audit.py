@@ -8,9 +8,8 @@ dp.enabled=False — each canary ("My secret code is 482915.", random digits) in
 independently with probability 1/2, as its own training example, `--repeats` times. Then:
 
 - exposure of every canary (rank among `--candidates` random secrets of the same format);
-- the one-run membership-inference lower bound on epsilon (Steinke, Nasr & Jagielski 2023; see
-  jaxdp/audit.py) with its confidence, guessing "in"/"out" for the `--guess-fraction` lowest /
-  highest-loss canaries (fixed in advance);
+- the one-run membership-inference lower bound on epsilon (Steinke, Nasr & Jagielski 2023, as
+  implemented by jax_privacy's auditing module) with its confidence, scoring canaries by loss;
 - a check that the DP run's lower bound does not exceed its reported epsilon (for repeats > 1,
   the group-privacy epsilon). A violation is a bug: the script then exits with status 1.
 
@@ -39,12 +38,6 @@ def parse_args(argv=None):
     p.add_argument("--num-canaries", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1, help="copies of each included canary")
     p.add_argument("--candidates", type=int, default=100, help="random secrets per exposure")
-    p.add_argument(
-        "--guess-fraction",
-        type=float,
-        default=0.25,
-        help="guess 'in' for this fraction of lowest-loss canaries, 'out' for highest",
-    )
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -57,8 +50,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_canaries < 4 or args.candidates < 1 or args.repeats < 1:
         p.error("need --num-canaries >= 4, --candidates >= 1, --repeats >= 1")
-    if not 0 < args.guess_fraction <= 0.5:
-        p.error("--guess-fraction must be in (0, 0.5]")
     return args
 
 
@@ -77,26 +68,19 @@ def load_config(args):
     return cfg
 
 
-def audit_run(model, secret_blocks, included, candidate_blocks, k, delta, confidence, m_canaries):
+def audit_run(model, secret_blocks, included, candidate_blocks, delta, confidence):
     losses = audit.example_losses(model, secret_blocks)
     cand_losses = audit.example_losses(model, candidate_blocks)
     exposures = [audit.exposure(float(loss), cand_losses) for loss in losses]
     exp = np.array([e for _, e in exposures])
-    r, v = audit.guesses(losses, included, k, k)
     return {
         "canaries": [
-            {"loss": float(loss), "included": bool(inc), "rank": rank, "exposure": exp}
-            for loss, inc, (rank, exp) in zip(losses, included, exposures, strict=True)
+            {"loss": float(loss), "included": bool(inc), "rank": rank, "exposure": e}
+            for loss, inc, (rank, e) in zip(losses, included, exposures, strict=True)
         ],
         "mean_exposure_included": float(np.mean(exp[included])),
         "mean_exposure_excluded": float(np.mean(exp[~included])),
-        "guesses": r,
-        "correct_guesses": v,
-        "epsilon_lower_bound": audit.one_run_epsilon_lower_bound(
-            m_canaries, r, v, delta, confidence
-        )
-        if delta < 1
-        else 0.0,
+        **audit.one_run_epsilon_lower_bound(losses[included], losses[~included], delta, confidence),
     }
 
 
@@ -117,11 +101,11 @@ def main(argv=None) -> int:
             for s in audit.random_secrets(args.candidates, rng)
         ]
     )
-    k = max(1, int(args.guess_fraction * n))
 
     report = {
-        "method": "exposure (Carlini et al. 2019); one-run audit (Steinke, Nasr & "
-        "Jagielski 2023), guesses fixed before training",
+        "method": "exposure (Carlini et al. 2019); one-run audit (Steinke, Nasr & Jagielski "
+        "2023) by jax_privacy.auditing.CanaryScoreAuditor.epsilon_one_run (one-sided, "
+        "Bonferroni over thresholds), canaries scored by loss",
         "num_canaries": n,
         "num_included": int(included.sum()),
         "repeats": args.repeats,
@@ -139,16 +123,8 @@ def main(argv=None) -> int:
         group_eps, group_delta = (
             (None, None) if eps is None else audit.group_privacy(eps, delta, args.repeats)
         )
-        result = audit_run(
-            model,
-            blocks,
-            included,
-            candidates,
-            k,
-            group_delta if group_delta is not None else delta,
-            args.confidence,
-            n,
-        )
+        audit_delta = min(1.0, group_delta if group_delta is not None else delta)
+        result = audit_run(model, blocks, included, candidates, audit_delta, args.confidence)
         result.update(
             reported_epsilon=eps,
             delta=delta,
@@ -159,8 +135,8 @@ def main(argv=None) -> int:
         report["runs"][name] = result
         print(
             f"{name}: exposure in/out {result['mean_exposure_included']:.2f}/"
-            f"{result['mean_exposure_excluded']:.2f} bits, {result['correct_guesses']}/"
-            f"{result['guesses']} correct guesses, epsilon >= "
+            f"{result['mean_exposure_excluded']:.2f} bits, AUROC {result['auroc']:.2f}, "
+            f"epsilon >= "
             f"{result['epsilon_lower_bound']:.3f} ({args.confidence:.0%} confidence), "
             f"reported {eps}",
             file=sys.stderr,
