@@ -479,6 +479,7 @@ def run(
 
     # Loop.
     base_key = jax.random.key(cfg.train.seed)
+    group_size = plan.group_size if plan.enabled else 1
     eps = plan.epsilon(start)
     progress = _progress(cfg.train.progress and lead, start, plan.num_steps)
     t_last, tokens_since = time.perf_counter(), 0
@@ -486,7 +487,6 @@ def run(
         idx = sampler.sample(step)
         step_key = jax.random.fold_in(base_key, step)
         acc = steps.zero_accum(state.params)
-        group_size = plan.group_size if plan.enabled else 1
         batches = _physical_batches(idx, train_blocks, P, mesh, group_size)
         for j, batch in enumerate(batches):
             key = jax.random.fold_in(step_key, j)
@@ -502,10 +502,10 @@ def run(
                 int(metrics["num_nonfinite"]),
             )
         if not plan.enabled and not math.isfinite(float(metrics["train_loss"])):
-            save(step, eps)
+            # The state now holds the bad update: keep it out of the checkpoints.
             raise FloatingPointError(
-                f"Non-finite training loss at step {done}; "
-                f"lower the learning rate. Last good state saved."
+                f"Non-finite training loss at step {done}; lower the learning rate. The latest "
+                f"checkpoint (step {mngr.latest_step()}) is unaffected."
             )
         is_eval = done % cfg.train.eval_every == 0 or done == plan.num_steps
         if done % cfg.train.log_every == 0 or is_eval or done == start + 1:

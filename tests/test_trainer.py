@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO
@@ -290,3 +291,18 @@ def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").open()]
     assert all(r["epsilon_is_approximate"] is True for r in records)
     assert all(r["batch_size"] == cfg.dp.expected_batch_size for r in records)
+
+
+def test_nonfinite_nonprivate_loss_stops_without_checkpointing_the_bad_state(tmp_path):
+    import orbax.checkpoint as ocp
+
+    cfg = _small(_load_config("tiny_offline", "nodp"), num_steps=4, checkpoint_every=1)
+    cfg.optim.name, cfg.optim.learning_rate = "sgd", 1e30  # step 1 overflows the weights
+    with pytest.raises(FloatingPointError, match="Non-finite training loss"):
+        trainer.run(cfg, tmp_path)
+    mngr = checkpoint.manager(tmp_path)
+    latest = mngr.latest_step()
+    assert latest is not None
+    state = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    assert int(state["step"]) == latest
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
