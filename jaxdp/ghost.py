@@ -37,6 +37,7 @@ from flax import nnx
 
 from jaxdp.clipping import ClipStats, chunk_stats, scan_microbatches
 from jaxdp.gpt2 import Tape
+from jaxdp.lora import path_name
 from jaxdp.loss import example_loss
 from jaxdp.train import merge
 
@@ -134,7 +135,7 @@ def ghost_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, f
     sq, losses = ghost_sq_norms(graphdef, params, batch, key, frozen)
     groups = []
     for path, _ in nnx.to_flat_state(params):
-        name = ".".join(str(p) for p in path)
+        name = path_name(path)
         group = _GROUP_OF_PATH.get(name, name)
         if group not in sq:
             raise NotImplementedError(
