@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dp.physical_batch_size = _optional(int)  # None: fits the drawn batch w.h.p.
     c.dp.clipping = "flat"  # "flat" | "per_layer"
     c.dp.engine = "vmap"  # "vmap" | "ghost" (exact norms without per-example gradients)
+    c.dp.ghost_strategy = "auto"  # ghost engine, per dense layer: "auto" | "ghost" | "instantiate"
     c.dp.group_size = 1  # > 1: micro-batch clipping of fixed groups; costs 2x in accounting
     c.dp.accountant = "pld"  # "pld" | "rdp"
     c.dp.sampling = "poisson"  # "poisson" | "shuffle" (APPROXIMATE epsilon, labelled as such)

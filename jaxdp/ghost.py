@@ -1,15 +1,21 @@
-"""Ghost clipping: exact per-example gradient norms without materialising per-example gradients.
+"""Ghost clipping with book-keeping: DP-SGD's clipped gradient sum in ONE backward pass, without
+materialising per-example gradients of the large layers.
 
 Same result as `jaxdp.clipping.clipped_grad` with flat clipping (the sum over real examples of
-g_i * min(1, C / ||g_i||)), computed in two passes over each microbatch:
+g_i * min(1, C / ||g_i||)). Per microbatch:
 
-1. A backward pass to the layers' outputs only (`gpt2.Tape` adds zero perturbations whose
-   gradients are the output gradients G and records the inputs A). Because examples do not
-   interact in the batched forward pass, row i of G is example i's own output gradient, and the
-   per-example squared norm of every parameter's gradient follows from A and G:
+1. One forward pass and one backward pass to the layers' outputs only (`gpt2.Tape` adds zero
+   perturbations whose gradients are the output gradients G, and records the inputs A; no weight
+   gradient is formed). Examples do not interact in the batched forward pass, so row i of G is
+   example i's own output gradient.
 
-   - dense kernel W (y = A W): ||A_i^T G_i||_F^2 = <A_i A_i^T, G_i G_i^T> ("ghost norm",
-     O(T^2 (d+p))) or, when cheaper, the instantiated A_i^T G_i (O(T d p)); bias: ||sum_t G_it||^2
+2. Per-example squared gradient norms of every trainable parameter, from A and G:
+
+   - dense kernel W (y = A W): ||A_i^T G_i||_F^2, either as the ghost norm <A_i A_i^T, G_i G_i^T>
+     (T x T Gram matrices) or by instantiating A_i^T G_i (d x p), whichever needs less memory
+     per example (2 T^2 vs d p, `dense_strategy`); bias: ||sum_t G_it||^2
+   - LoRA adapters (y = x W + (x A) B s): dense layers with input (x A) s and output gradient G
+     (for B), and input x and output gradient (G B^T) s (for A)
    - layer norm (y = xhat * scale + bias): scale: ||sum_t G_it * xhat_it||^2, bias as above
    - position embedding wpe: ||sum_t e_t G0_it^T||^2 = sum_t ||G0_it||^2 (positions are distinct)
    - token embedding wte, which is also the output layer (tied): its gradient is
@@ -19,11 +25,14 @@ g_i * min(1, C / ||g_i||)), computed in two passes over each microbatch:
      ||E_i||^2 = sum_{t,s} [id_it = id_is] G0_it . G0_is,  ||L_i||^2 = <H_i H_i^T, GL_i GL_i^T>,
      <E_i, L_i> = sum_{t,s} GL_i[s, id_it] (H_is . G0_it)   (the cross term; nothing is untied).
 
-2. A second, ordinary backward pass of sum_i c_i * loss_i with c_i = min(1, C / ||g_i||) held
-   constant, which is exactly sum_i c_i g_i.
+3. Book-keeping: with c_i = min(1, C / ||g_i||), the clipped sum of every parameter is formed
+   directly from the same A and G, e.g. sum_i c_i A_i^T G_i = (c A)^T G for a dense kernel
+   (one matmul, as in a non-private backward pass) or sum_i c_i (A_i^T G_i) from the
+   instantiated per-example gradients. No second backward pass is needed.
 
-Examples with non-finite norms get c_i = 0 and their tokens are replaced in the second pass, so
-they contribute exactly zero, as in the vmap engine.
+Examples with non-finite norms get c_i = 0 and their A and G are zeroed before the
+sums (a branch taken only when such an example occurs), so they contribute exactly zero, as in
+the vmap engine.
 """
 
 from __future__ import annotations
@@ -37,11 +46,19 @@ from flax import nnx
 
 from jaxdp.clipping import ClipStats, chunk_stats, scan_microbatches
 from jaxdp.gpt2 import Tape
-from jaxdp.lora import path_name
+from jaxdp.lora import LoRALinear, path_name
 from jaxdp.loss import example_loss
 from jaxdp.train import merge
 
 PyTree = Any
+STRATEGIES = ("auto", "ghost", "instantiate")
+
+_LN_SUFFIXES = ("ln_1", "ln_2", "ln_f")
+_GROUP_OF_PATH = {"wte.embedding": "wte", "wpe.embedding": "wpe"}
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
 
 
 def _sq(x: jax.Array) -> jax.Array:
@@ -54,96 +71,198 @@ def _gram_inner(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(jnp.einsum("btd,bsd->bts", a, a) * jnp.einsum("btp,bsp->bts", b, b), (1, 2))
 
 
-def dense_sq_norms(a: jax.Array, g: jax.Array) -> jax.Array:
-    """||a_i^T g_i||_F^2 per example, by ghost norm or instantiation, whichever costs less."""
-    T, d, p = a.shape[1], a.shape[2], g.shape[2]
-    if T * (d + p) < d * p:  # 2 T^2 (d + p) vs 2 T d p flops
-        return _gram_inner(a, g)
-    return _sq(jnp.einsum("btd,btp->bdp", a, g))
+def dense_strategy(T: int, d: int, p: int, strategy: str = "auto") -> str:
+    """'ghost' or 'instantiate' for a [T, d] -> [T, p] dense layer.
+
+    "auto" picks the one with the smaller per-example memory: two T x T Gram matrices (ghost)
+    or one d x p gradient (instantiated, kept until the clipping weights are known)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown dense strategy {strategy!r}; choose one of {STRATEGIES}.")
+    if strategy != "auto":
+        return strategy
+    return "ghost" if 2 * T * T < d * p else "instantiate"
 
 
-def per_example_sq_norms(
-    config, inputs: dict[str, jax.Array], grads: dict[str, jax.Array], tokens: jax.Array
-) -> dict[str, jax.Array]:
-    """Squared gradient norm [B] of every parameter group, from recorded inputs/output grads."""
-    f32 = lambda x: x.astype(jnp.float32)
-    out: dict[str, jax.Array] = {}
-    for name, g in grads.items():
-        g = f32(g)
-        if name in ("embed", "lm_head"):
-            continue
-        x = f32(inputs[name])
-        if name.endswith(("ln_1", "ln_2", "ln_f")):
-            mean = jnp.mean(x, -1, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-            xhat = (x - mean) * jax.lax.rsqrt(var + config.layer_norm_epsilon)
-            out[f"{name}.scale"] = _sq(jnp.sum(g * xhat, 1))
-        else:
-            out[f"{name}.kernel"] = dense_sq_norms(x, g)
-        out[f"{name}.bias"] = _sq(jnp.sum(g, 1))
-    g0 = f32(grads["embed"])  # [B, T, D] gradient at wte(ids) + wpe(positions)
-    gl = f32(grads["lm_head"])  # [B, T, V] gradient of the logits
-    h = f32(inputs["lm_head"])  # [B, T, D] final hidden states
-    T = tokens.shape[1]
-    out["wpe"] = _sq(g0)
-    same = (tokens[:, :, None] == tokens[:, None, :]).astype(jnp.float32)  # [B, T, T]
-    emb_in = jnp.sum(same * jnp.einsum("btd,bsd->bts", g0, g0), (1, 2))
-    emb_out = _gram_inner(h, gl)
-    gl_at_ids = jnp.take_along_axis(
-        gl, jnp.broadcast_to(tokens[:, None, :], (*tokens.shape[:1], T, T)), 2
-    )
-    cross = jnp.sum(gl_at_ids * jnp.einsum("bsd,btd->bst", h, g0), (1, 2))  # [B]
-    out["wte"] = emb_in + emb_out + 2.0 * cross
-    out["_wte_cross"] = 2.0 * cross  # part of "wte", reported for inspection only
+def dense_sq_norms(a: jax.Array, g: jax.Array, strategy: str = "auto") -> jax.Array:
+    """||a_i^T g_i||_F^2 per example for a [B, T, d], g [B, T, p]."""
+    return _dense(a, g, strategy)[0]
+
+
+def _dense(a: jax.Array, g: jax.Array, strategy: str) -> tuple[jax.Array, jax.Array | None]:
+    """(squared norms [B], instantiated per-example gradients [B, d, p] or None)."""
+    if dense_strategy(a.shape[1], a.shape[2], g.shape[2], strategy) == "ghost":
+        return _gram_inner(a, g), None
+    per_example = jnp.einsum("btd,btp->bdp", a, g)  # [B, d, p]
+    return _sq(per_example), per_example
+
+
+def _weighted_dense(a, g, w, per_example):
+    """sum_i w_i a_i^T g_i, weighting the narrower of a and g (or the instantiated gradients)."""
+    if per_example is not None:
+        return jnp.einsum("bdp,b->dp", per_example, w)
+    if a.shape[-1] <= g.shape[-1]:
+        return jnp.einsum("btd,btp->dp", a * w[:, None, None], g)
+    return jnp.einsum("btd,btp->dp", a, g * w[:, None, None])
+
+
+def _layer(model, name: str):
+    """The submodule at a dotted path such as 'h.0.attn.c_attn'."""
+    for part in name.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def _xhat(x: jax.Array, eps: float) -> jax.Array:
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class _Pass:
+    """One forward/backward pass to the layer outputs: losses, layer inputs and output grads."""
+
+    def __init__(self, graphdef, params, batch, key, frozen, strategy="auto"):
+        self.tokens = batch["tokens"]
+        mask = batch.get("token_mask")
+        self.model = merge(graphdef, params, frozen)
+        self.config = self.model.config
+        self.strategy = strategy
+
+        def forward(tape):
+            logits = merge(graphdef, params, frozen)(self.tokens, dropout_key=key, tape=tape)
+            return example_loss(logits, self.tokens, mask)
+
+        # The taps' shapes, recorded during an abstract trace (no computation).
+        probe = Tape()
+        jax.eval_shape(lambda: forward(probe))
+        zeros = {name: jnp.zeros(shape, jnp.float32) for name, shape in probe.output_shapes.items()}
+
+        def total_loss(perturbations):
+            tape = Tape(perturbations)
+            losses = forward(tape)
+            return jnp.sum(losses), (losses, tape.inputs)
+
+        grads, (self.losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
+        self.inputs = {k: _f32(v) for k, v in inputs.items()}
+        self.grads = {k: _f32(v) for k, v in grads.items()}
+
+    def sanitized(self, keep: jax.Array) -> _Pass:
+        """A copy whose dropped examples (keep=False) have all-zero inputs and output grads."""
+        zero = lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+        new = object.__new__(_Pass)
+        new.__dict__.update(self.__dict__)
+        new.inputs = jax.tree.map(zero, self.inputs)
+        new.grads = jax.tree.map(zero, self.grads)
+        return new
+
+    # Per-example squared norms ------------------------------------------------------------------
+
+    def sq_norms(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """({parameter group: squared norm [B]}, {group: instantiated per-example gradient}).
+
+        Every group is computed; under jit, those not used are pruned."""
+        sq: dict[str, jax.Array] = {}
+        kept: dict[str, jax.Array] = {}
+        for name, g in self.grads.items():
+            if name in ("embed", "lm_head"):
+                continue
+            x = self.inputs[name]
+            if name.endswith(_LN_SUFFIXES):
+                xhat = _xhat(x, self.config.layer_norm_epsilon)
+                sq[f"{name}.scale"] = _sq(jnp.sum(g * xhat, 1))
+            else:
+                for group, (a, out) in self._dense_factors(name).items():
+                    sq[group], per_example = _dense(a, out, self.strategy)
+                    if per_example is not None:
+                        kept[group] = per_example
+            sq[f"{name}.bias"] = _sq(jnp.sum(g, 1))
+        g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
+        tokens, T = self.tokens, self.tokens.shape[1]
+        sq["wpe"] = _sq(g0)
+        same = (tokens[:, :, None] == tokens[:, None, :]).astype(jnp.float32)  # [B, T, T]
+        emb_in = jnp.sum(same * jnp.einsum("btd,bsd->bts", g0, g0), (1, 2))
+        emb_out = _gram_inner(h, gl)
+        gl_at_ids = jnp.take_along_axis(
+            gl, jnp.broadcast_to(tokens[:, None, :], (tokens.shape[0], T, T)), 2
+        )  # [B, T, T]: gl_at_ids[b, s, t] = GL[b, s, id_bt]
+        cross = jnp.sum(gl_at_ids * jnp.einsum("bsd,btd->bst", h, g0), (1, 2))  # [B]
+        sq["wte"] = emb_in + emb_out + 2.0 * cross
+        sq["_wte_cross"] = 2.0 * cross  # part of "wte", reported for inspection only
+        return sq, kept
+
+    def _dense_factors(self, name: str) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{kernel-like group: (input [B, T, d], output gradient [B, T, p])} of a dense layer."""
+        x, g = self.inputs[name], self.grads[name]
+        factors = {f"{name}.kernel": (x, g)}
+        layer = _layer(self.model, name)
+        if isinstance(layer, LoRALinear):
+            a, b = _f32(layer.lora_a.get_value()), _f32(layer.lora_b.get_value())
+            factors[f"{name}.lora_b"] = (x @ a * layer.scale, g)  # [B, T, r], [B, T, p]
+            factors[f"{name}.lora_a"] = (x, g @ b.T * layer.scale)  # [B, T, d], [B, T, r]
+        return factors
+
+    # Book-keeping: weighted sums -----------------------------------------------------------------
+
+    def weighted_sum(self, group: str, w: jax.Array, kept: dict[str, jax.Array]) -> jax.Array:
+        """sum_i w_i g_i for one parameter group, g_i its per-example gradient."""
+        if group == "wte":
+            g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
+            out_side = jnp.einsum("btv,btd->vd", gl, h * w[:, None, None])  # [V, D]
+            return out_side.at[self.tokens].add(g0 * w[:, None, None])  # + input side
+        if group == "wpe":
+            g0 = self.grads["embed"]
+            summed = jnp.einsum("btd,b->td", g0, w)  # [T, D]
+            return jnp.zeros((self.config.n_positions, g0.shape[-1])).at[: g0.shape[1]].set(summed)
+        name, leaf = group.rsplit(".", 1)
+        g = self.grads[name]
+        if leaf == "bias":
+            return jnp.einsum("btp,b->p", g, w)
+        if leaf == "scale":
+            xhat = _xhat(self.inputs[name], self.config.layer_norm_epsilon)
+            return jnp.einsum("btd,b->d", g * xhat, w)
+        a, out = self._dense_factors(name)[group]
+        return _weighted_dense(a, out, w, kept.get(group))
+
+
+def _groups(params: PyTree) -> list[tuple[tuple, str]]:
+    """(path, ghost group name) of every parameter in `params`."""
+    out = []
+    for path, _ in nnx.to_flat_state(params):
+        name = path_name(path)
+        out.append((path, _GROUP_OF_PATH.get(name, name)))
     return out
 
 
-def ghost_sq_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, frozen=None):
+def _check_groups(groups, sq) -> None:
+    for _, group in groups:
+        if group not in sq:
+            raise NotImplementedError(
+                f"The ghost engine has no per-example norm for parameter {group!r}; "
+                f"use dp.engine='vmap'."
+            )
+
+
+def ghost_sq_norms(
+    graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, frozen=None, strategy="auto"
+):
     """({parameter group: per-example squared gradient norm [B]}, per-example losses [B]).
 
     Groups are named by parameter path (`h.0.attn.c_attn.kernel`, `ln_f.scale`, `wte`, `wpe`);
     all are computed, whether trainable or not."""
-    tokens = batch["tokens"]
-    mask = batch.get("token_mask")
-
-    def forward(tape):
-        logits = merge(graphdef, params, frozen)(tokens, dropout_key=key, tape=tape)
-        return example_loss(logits, tokens, mask)
-
-    # The taps' shapes, recorded during an abstract trace (no computation).
-    probe = Tape()
-    jax.eval_shape(lambda: forward(probe))
-    zeros = {name: jnp.zeros(shape, jnp.float32) for name, shape in probe.output_shapes.items()}
-
-    def total_loss(perturbations):
-        tape = Tape(perturbations)
-        losses = forward(tape)
-        return jnp.sum(losses), (losses, tape.inputs)
-
-    grads, (losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
-    config = merge(graphdef, params, frozen).config
-    return per_example_sq_norms(config, inputs, grads, tokens), losses
+    tape = _Pass(graphdef, params, batch, key, frozen, strategy)
+    return tape.sq_norms()[0], tape.losses
 
 
-_GROUP_OF_PATH = {"wte.embedding": "wte", "wpe.embedding": "wpe"}
-
-
-def ghost_norms(graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, frozen=None):
+def ghost_norms(
+    graphdef: nnx.GraphDef, params: PyTree, batch: dict, key=None, frozen=None, strategy="auto"
+):
     """(per-example norms [B] of the gradient w.r.t. `params`, per-example losses [B]).
 
     Only the groups of the trainable `params` count; frozen parameters are left out."""
-    sq, losses = ghost_sq_norms(graphdef, params, batch, key, frozen)
-    groups = []
-    for path, _ in nnx.to_flat_state(params):
-        name = path_name(path)
-        group = _GROUP_OF_PATH.get(name, name)
-        if group not in sq:
-            raise NotImplementedError(
-                f"The ghost engine has no per-example norm for parameter {name!r} (LoRA adapters "
-                f"are not supported by it yet); use dp.engine='vmap'."
-            )
-        groups.append(sq[group])
-    return jnp.sqrt(jnp.maximum(sum(groups), 0.0)), losses
+    sq, losses = ghost_sq_norms(graphdef, params, batch, key, frozen, strategy)
+    groups = _groups(params)
+    _check_groups(groups, sq)
+    return jnp.sqrt(jnp.maximum(sum(sq[g] for _, g in groups), 0.0)), losses
 
 
 def ghost_clipped_grad(
@@ -152,31 +271,50 @@ def ghost_clipped_grad(
     *,
     microbatch_size: int | None = None,
     frozen: PyTree = None,
+    strategy: str = "auto",
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """The ghost-clipping counterpart of `clipping.clipped_grad` for `jaxdp.gpt2` models.
 
-    fn(params, batch {"tokens": [B, T]}, is_padding [B], key=None) -> (clipped_sum, ClipStats).
-    Dropout, if any, uses one key per microbatch in both passes (identical masks).
+    fn(params, batch {"tokens": [B, T]}, is_padding [B], key=None) -> (clipped_sum, ClipStats),
+    the gradient taken w.r.t. `params` (the trainable parameters; `frozen` holds the rest).
+    `strategy` chooses how dense layers' norms are computed ("auto", "ghost", "instantiate").
+    Dropout, if any, uses one key per microbatch.
     """
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
+    dense_strategy(1, 1, 1, strategy)  # validates the name
 
     def chunk_fn(params, chunk, pad, keys):
         key = None if keys is None else keys[0]
-        norms, losses = ghost_norms(graphdef, params, chunk, key, frozen)
+        tape = _Pass(graphdef, params, chunk, key, frozen, strategy)
+        groups = _groups(params)
+        sq, kept = tape.sq_norms()
+        _check_groups(groups, sq)
+        norms = jnp.sqrt(jnp.maximum(sum(sq[g] for _, g in groups), 0.0))
         real, finite = ~pad, jnp.isfinite(norms)
         keep = real & finite
         weights = jnp.where(keep, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
-        weights = jax.lax.stop_gradient(weights)
-        tokens = jnp.where(keep[:, None], chunk["tokens"], 0)  # keep NaNs out of the sum
 
-        def weighted_loss(p):
-            logits = merge(graphdef, p, frozen)(tokens, dropout_key=key)
-            return jnp.sum(weights * example_loss(logits, tokens, chunk.get("token_mask")))
+        def sums(t: _Pass, kept):
+            return [t.weighted_sum(g, weights, kept) for _, g in groups]
 
-        summed = jax.grad(weighted_loss)(params)
+        def sanitized_sums(t: _Pass, kept):
+            kept = jax.tree.map(lambda x: jnp.where(keep[:, None, None], x, 0), kept)
+            return sums(t.sanitized(keep), kept)
+
+        # Zeroing dropped examples costs a pass over every saved activation: do it only when a
+        # non-finite example occurs (0 * NaN would otherwise poison the sums).
+        leaves = jax.lax.cond(
+            jnp.all(finite), lambda: sums(tape, kept), lambda: sanitized_sums(tape, kept)
+        )
+        summed = nnx.from_flat_state(
+            [
+                (path, var.replace(leaf.astype(var.get_value().dtype)))
+                for (path, var), leaf in zip(nnx.to_flat_state(params), leaves, strict=True)
+            ]
+        )
         clipped = keep & (norms > l2_clip_norm)
-        return summed, chunk_stats(losses, norms, real, finite, clipped)
+        return summed, chunk_stats(tape.losses, norms, real, finite, clipped)
 
     def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
         return scan_microbatches(chunk_fn, params, batch, is_padding, key, microbatch_size)

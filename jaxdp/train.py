@@ -45,6 +45,7 @@ class DPSGDConfig:
     group_size: int = 1  # > 1: micro-batch (group) clipping; accounting uses sigma / 2
     noise_seed: int = 0
     engine: str = "vmap"  # "vmap": materialise per-example grads | "ghost": ghost norms
+    ghost_strategy: str = "auto"  # ghost engine, dense layers: "auto" | "ghost" | "instantiate"
 
 
 class TrainState(struct.PyTreeNode):
@@ -123,7 +124,11 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
             from jaxdp import ghost
 
             clipped = ghost.ghost_clipped_grad(
-                graphdef, dp.l2_clip_norm, microbatch_size=dp.microbatch_size, frozen=frozen
+                graphdef,
+                dp.l2_clip_norm,
+                microbatch_size=dp.microbatch_size,
+                frozen=frozen,
+                strategy=dp.ghost_strategy,
             )
             grad_sum, stats = clipped(params, examples, is_padding, key)
         elif dp is not None:

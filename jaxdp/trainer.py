@@ -180,6 +180,15 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
         )
     if dp.group_size > 1 and dp.sampling != "poisson":
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
+    if dp.engine not in ("vmap", "ghost"):
+        raise ConfigError(f"Unknown dp.engine {dp.engine!r}; use 'vmap' or 'ghost'.")
+    if dp.ghost_strategy not in ("auto", "ghost", "instantiate"):
+        raise ConfigError(
+            f"Unknown dp.ghost_strategy {dp.ghost_strategy!r}; use 'auto', 'ghost' or "
+            f"'instantiate'."
+        )
+    if dp.engine == "ghost" and (dp.clipping != "flat" or dp.group_size != 1):
+        raise ConfigError("dp.engine='ghost' supports flat per-example clipping only.")
     factor = sensitivity_factor(dp.group_size)
     if not dp.enabled:
         return PrivacyPlan(
@@ -247,8 +256,6 @@ def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
             f"The tokenizer has {vocab_size} tokens but the model only {model.config.vocab_size}."
         )
     if m.lora_rank:
-        if cfg.dp.engine == "ghost":
-            raise ConfigError("dp.engine='ghost' does not support LoRA yet; use 'vmap'.")
         lora.apply_lora(model, m.lora_rank, m.lora_alpha, m.lora_targets, seed=cfg.train.seed)
     return model
 
@@ -418,6 +425,7 @@ def run(
             group_size=cfg.dp.group_size,
             noise_seed=cfg.train.seed,
             engine=cfg.dp.engine,
+            ghost_strategy=cfg.dp.ghost_strategy,
         )
     tx = train.make_optimizer(build_optimizer(cfg, plan.num_steps), dp_cfg)
     try:

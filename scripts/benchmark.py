@@ -21,8 +21,14 @@ appended to --out), with a table on stderr:
     compile_s            lowering + compiling zero_accum, grad_step and update_step
     peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
                          (includes the Python/XLA runtime; see peak_bytes_source)
+    grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
+    grad_step_flops      XLA's cost-analysis FLOPs of one grad_step (a microbatch loop's body
+                         times its trip count): a hardware-independent cost, so
+                         flops_ratio_vs_nonprivate (nonprivate FLOPs / these) predicts the
+                         compute-bound speed ratio on any accelerator
     ratio_vs_nonprivate  nonprivate step_s / this step_s: the throughput relative to non-private
                          training (0.25 = four times slower); null without a nonprivate result
+    flops_ratio_vs_nonprivate   nonprivate grad_step_flops / this one's
     error                null, or why the mode failed (engine missing, out of memory, ...); the
                          other modes still run
 
@@ -64,6 +70,7 @@ RESULT_KEYS = (
     "peak_bytes_source",
     "compile_s",
     "grad_step_temp_bytes",
+    "grad_step_flops",
     "n_trainable_params",
     "device",
     "backend",
@@ -81,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--microbatch", type=int, default=None, help="M for vmap/ghost (default: B, one vmap)"
+    )
+    parser.add_argument(
+        "--ghost-strategy",
+        default="auto",
+        choices=("auto", "ghost", "instantiate"),
+        help="ghost mode: how dense layers' norms are computed (jaxdp.ghost.dense_strategy)",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -137,6 +150,18 @@ def _peak_bytes() -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "host_peak_rss"
 
 
+def _flops(compiled, loop_trips: int) -> float | None:
+    """XLA's FLOP estimate; a while loop's body is counted once, so scale it by its trips."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = None if not cost else cost.get("flops")
+    return None if flops is None else float(flops) * loop_trips
+
+
 def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Builds, compiles and times `mode`'s train step in this process."""
     import jax
@@ -172,6 +197,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             expected_batch_size=B,
             microbatch_size=args.microbatch,
             engine=mode if mode in ("vmap", "ghost") else "vmap",
+            ghost_strategy=args.ghost_strategy,
         )
     tx = train.make_optimizer(optax.adamw(1e-4), dp)
     graphdef, state = train.init_state(model, tx, trainable)
@@ -208,6 +234,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     analysis = grad_step.memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     result["grad_step_temp_bytes"] = None if temp is None else int(temp)
+    result["grad_step_flops"] = _flops(grad_step, 1 if dp is None else B // args.microbatch)
     _log(mode, f"compiled in {result['compile_s']:.1f}s; running")
 
     times = []
@@ -259,6 +286,7 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
         f"--steps={args.steps}",
         f"--warmup={args.warmup}",
         f"--dtype={args.dtype}",
+        f"--ghost-strategy={args.ghost_strategy}",
         f"--single-mode={mode}",
     ]
 
@@ -293,6 +321,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     }
     row.update({k: None for k in RESULT_KEYS})
     row["ratio_vs_nonprivate"] = None
+    row["flops_ratio_vs_nonprivate"] = None
     row["error"] = None
     row.update(result)
     return row
@@ -303,16 +332,20 @@ def _table(rows: list[dict[str, Any]]) -> str:
         return f"{'-' if value is None else format(value, spec):>{width}}"
 
     out = [
-        f"{'mode':<11} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'peak MiB':>9} "
-        f"{'compile s':>9}  error"
+        f"{'mode':<11} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'GFLOP':>9} "
+        f"{'flops vs':>9} {'peak MiB':>9} {'temp MiB':>9} {'compile s':>9}  error"
     ]
     for r in rows:
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+        temp = r["grad_step_temp_bytes"]
+        temp = None if temp is None else temp / 2**20
         step_ms = None if r["step_s"] is None else 1e3 * r["step_s"]
+        gflop = None if r["grad_step_flops"] is None else r["grad_step_flops"] / 1e9
         line = (
             f"{r['mode']:<11} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
-            f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(peak, 9, '.0f')} "
-            f"{fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
+            f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(gflop, 9, '.1f')} "
+            f"{fmt(r['flops_ratio_vs_nonprivate'], 9, '.3f')} {fmt(peak, 9, '.0f')} "
+            f"{fmt(temp, 9, '.0f')} {fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
         )
         out.append(line.rstrip())
     return "\n".join(out)
@@ -343,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if base_s is not None and r["error"] is None and r["step_s"]:
             r["ratio_vs_nonprivate"] = base_s / r["step_s"]
+        if base_s is not None and r["error"] is None and r["grad_step_flops"]:
+            if base["grad_step_flops"]:
+                r["flops_ratio_vs_nonprivate"] = base["grad_step_flops"] / r["grad_step_flops"]
 
     device = next((r["device"] for r in rows if r["device"]), "?")
     print(f"\n{args.model} B={args.batch} T={args.seq} on {device}", file=sys.stderr)

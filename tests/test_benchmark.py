@@ -42,7 +42,7 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     for r in rows:
         assert r["error"] is None, r["error"]
         assert (r["model"], r["batch"], r["seq"], r["dtype"]) == ("tiny", 4, 16, "float32")
-        for key in ("step_s", "tokens_per_s", "compile_s", "peak_bytes"):
+        for key in ("step_s", "tokens_per_s", "compile_s", "peak_bytes", "grad_step_flops"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
         assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_s"])
         assert r["peak_bytes_source"] in ("gpu_peak_bytes_in_use", "host_peak_rss")
@@ -51,6 +51,10 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert nonprivate["ratio_vs_nonprivate"] == 1.0
     assert nonprivate["microbatch"] is None and vmap["microbatch"] == 4
     assert vmap["ratio_vs_nonprivate"] == pytest.approx(nonprivate["step_s"] / vmap["step_s"])
+    flops = nonprivate["grad_step_flops"] / vmap["grad_step_flops"]
+    assert vmap["flops_ratio_vs_nonprivate"] == pytest.approx(flops)
+    # Per-example gradients cost at least the forward and backward passes of the batch.
+    assert vmap["grad_step_flops"] >= 0.9 * nonprivate["grad_step_flops"]
 
 
 def test_benchmark_rejects_unknown_mode():

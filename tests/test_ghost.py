@@ -72,16 +72,23 @@ def test_every_parameter_groups_norm_and_the_tied_cross_term(tiny_config):
 
 def test_dense_norms_both_strategies_match_brute_force():
     rng = np.random.default_rng(0)
-    for T, d, p in [(3, 40, 50), (50, 4, 5)]:  # first instantiates? no: T(d+p) < dp -> ghost
+    for T, d, p in [(3, 40, 50), (50, 4, 5)]:  # auto: ghost, then instantiate
         a = jnp.asarray(rng.normal(size=(2, T, d)), jnp.float32)
         g = jnp.asarray(rng.normal(size=(2, T, p)), jnp.float32)
         brute = [np.sum((np.asarray(a[i]).T @ np.asarray(g[i])) ** 2) for i in range(2)]
-        np.testing.assert_allclose(ghost.dense_sq_norms(a, g), brute, rtol=RTOL)
-        np.testing.assert_allclose(ghost._gram_inner(a, g), brute, rtol=RTOL)
+        for strategy in ghost.STRATEGIES:
+            got = ghost.dense_sq_norms(a, g, strategy)
+            np.testing.assert_allclose(got, brute, rtol=RTOL, err_msg=strategy)
+    assert ghost.dense_strategy(3, 40, 50) == "ghost"  # 2 T^2 = 18 < d p = 2000
+    assert ghost.dense_strategy(50, 4, 5) == "instantiate"  # 5000 >= 20
+    with pytest.raises(ValueError, match="Unknown dense strategy"):
+        ghost.dense_strategy(3, 4, 5, "fast")
 
 
-@pytest.mark.parametrize("microbatch_size", [2, 6])
-def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size):
+@pytest.mark.parametrize(
+    "microbatch_size,strategy", [(2, "auto"), (6, "auto"), (3, "ghost"), (3, "instantiate")]
+)
+def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size, strategy):
     graphdef, params, tokens = _setup(tiny_config)
     is_padding = jnp.array([False, False, True, False, False, False])
     norms = _vmap_norms(graphdef, params, tokens)
@@ -90,9 +97,8 @@ def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size):
     ref, ref_stats = jax.jit(clipping.clipped_grad(loss, C, microbatch_size=microbatch_size))(
         params, {"tokens": tokens}, is_padding
     )
-    got, stats = jax.jit(ghost.ghost_clipped_grad(graphdef, C, microbatch_size=microbatch_size))(
-        params, {"tokens": tokens}, is_padding
-    )
+    fn = ghost.ghost_clipped_grad(graphdef, C, microbatch_size=microbatch_size, strategy=strategy)
+    got, stats = jax.jit(fn)(params, {"tokens": tokens}, is_padding)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         assert _rel(a, b) <= RTOL
     for field in ("num_examples", "num_clipped", "num_nonfinite"):
@@ -131,3 +137,31 @@ def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
         assert _rel(np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)) <= RTOL
     with pytest.raises(ValueError, match="flat per-example clipping only"):
         train.make_grad_step(graphdef, dataclasses.replace(dp, clipping="per_layer"))
+
+
+def test_nonfinite_examples_contribute_exactly_zero(tiny_config):
+    """A NaN/inf example is dropped and counted, and does not poison the book-kept sums."""
+    graphdef, params, tokens = _setup(tiny_config)
+    mask = np.ones(tokens.shape, np.float32)
+    mask[1, 3] = np.nan
+    mask[4, 2] = np.inf
+    batch = {"tokens": tokens, "token_mask": jnp.asarray(mask)}
+    is_padding = jnp.zeros(6, bool)
+    loss = train.make_example_loss(graphdef)
+    ref, ref_stats = jax.jit(clipping.clipped_grad(loss, 0.1, microbatch_size=3))(
+        params, batch, is_padding
+    )
+    for strategy in ("ghost", "instantiate"):
+        fn = ghost.ghost_clipped_grad(graphdef, 0.1, microbatch_size=3, strategy=strategy)
+        got, stats = jax.jit(fn)(params, batch, is_padding)
+        assert float(stats.num_nonfinite) == float(ref_stats.num_nonfinite) == 2
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            assert np.all(np.isfinite(a))
+            assert _rel(a, b) <= RTOL
+    # The same sum as simply leaving the two examples out.
+    keep = jnp.array([True, False, True, True, False, True])
+    clean = {"tokens": tokens[keep], "token_mask": jnp.ones((4, tokens.shape[1]))}
+    fn = ghost.ghost_clipped_grad(graphdef, 0.1, microbatch_size=2)
+    without, _ = jax.jit(fn)(params, clean, jnp.zeros(4, bool))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(without), strict=True):
+        assert _rel(a, b) <= RTOL

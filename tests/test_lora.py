@@ -1,7 +1,5 @@
 """Trainable subsets and LoRA: counts, frozen parameters untouched, merged export."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,13 +130,36 @@ def test_ghost_engine_with_a_trainable_subset_equals_vmap(tiny_config):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
     assert float(results["ghost"].stats.num_clipped) == float(results["vmap"].stats.num_clipped)
-    lora_model = lora.apply_lora(init_model(tiny_config), 2, 4.0)
-    graphdef, state = train.init_state(lora_model, optax.sgd(1.0), trainable=[lora.LORA_PATTERN])
-    dp = dataclasses.replace(dp, engine="ghost")
-    with pytest.raises(NotImplementedError, match="LoRA"):
-        jax.jit(train.make_grad_step(graphdef, dp))(
-            state.params, batch, None, train.zero_accum(state.params), state.frozen
-        )
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_ghost_engine_with_lora_equals_vmap(tiny_config, strategy):
+    """LoRA adapters (and a fully trained layer beside them) in the ghost engine."""
+    from jaxdp import clipping, ghost
+
+    model = lora.apply_lora(init_model(tiny_config, seed=1), 2, 4.0)
+    rng = np.random.default_rng(3)
+    for block in model.h:  # lora_b starts at zero, which would make lora_a's gradient zero
+        for layer in (block.attn.c_attn, block.attn.c_proj):
+            layer.lora_b.set_value(jnp.asarray(rng.normal(size=layer.lora_b.get_value().shape)))
+    trainable = [lora.LORA_PATTERN, r"h\.1\.attn\.c_proj\.kernel", r"ln_f\..*"]
+    graphdef, state = train.init_state(model, optax.sgd(1.0), trainable=trainable)
+    assert any("lora_a" in lora.path_name(p) for p, _ in nnx.to_flat_state(state.params))
+    tokens = jnp.asarray(rng.integers(0, 61, size=(4, 7)), jnp.int32)
+    is_padding = jnp.array([False, True, False, False])
+    loss = train.make_example_loss(graphdef, state.frozen)
+    ref, ref_stats = jax.jit(clipping.clipped_grad(loss, 0.05))(
+        state.params, {"tokens": tokens}, is_padding
+    )
+    fn = ghost.ghost_clipped_grad(graphdef, 0.05, frozen=state.frozen, strategy=strategy)
+    got, stats = jax.jit(fn)(state.params, {"tokens": tokens}, is_padding)
+    assert float(ref_stats.num_clipped) > 0
+    assert float(stats.num_clipped) == float(ref_stats.num_clipped)
+    np.testing.assert_allclose(float(stats.norm_sum), float(ref_stats.norm_sum), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(b) > 0
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
 
 
 def test_peft_adapter_directory_loads_in_peft(tmp_path, tiny_config):
@@ -175,6 +196,7 @@ def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
     cfg = _small(_load_config("tiny_offline"), num_steps=2)
     cfg.model.init, cfg.model.name_or_path = "pretrained", str(base_dir)
     cfg.model.lora_rank = 2
+    cfg.dp.engine = "ghost"  # LoRA through the ghost engine (vmap: the frozen-parameter test)
     cfg.optim.learning_rate = 0.05
     trainer.run(cfg, tmp_path / "run")
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "hf").eval()

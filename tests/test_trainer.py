@@ -251,6 +251,22 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
         trainer.plan_privacy(cfg, 1000)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"engine": "gohst"}, "Unknown dp.engine 'gohst'"),
+        ({"engine": "ghost", "ghost_strategy": "fast"}, "Unknown dp.ghost_strategy 'fast'"),
+        ({"engine": "ghost", "clipping": "per_layer"}, "flat per-example clipping only"),
+        ({"engine": "ghost", "group_size": 2}, "flat per-example clipping only"),
+    ],
+)
+def test_engine_settings_are_checked_before_training(overrides, message):
+    cfg = _load_config("tiny_offline")
+    cfg.dp.update(overrides)
+    with pytest.raises(trainer.ConfigError, match=message):
+        trainer.plan_privacy(cfg, 1000)
+
+
 def test_group_clipping_run(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.group_size = 3
