@@ -18,7 +18,8 @@ g_i * min(1, C / ||g_i||)). Per microbatch:
      (for B), and input x and output gradient (G B^T) s (for A)
    - layer norm (y = xhat * scale + bias): scale: ||sum_t G_it * xhat_it||^2, bias as above
    - position embedding wpe: ||sum_t e_t G0_it^T||^2 = sum_t ||G0_it||^2 (positions are distinct)
-   - token embedding wte, which is also the output layer (tied): its gradient is
+   - token embedding wte, which is also the output layer (tied; ghost unless 2 T^2 >= V D or
+     instantiation is forced): its gradient is
      E_i + L_i with E_i = sum_t onehot(id_it) G0_it^T (input side) and L_i = GL_i^T H_i (output
      side; GL = dloss/dlogits, H = final hidden states), so
      ||E_i + L_i||^2 = ||E_i||^2 + ||L_i||^2 + 2 <E_i, L_i>, with
@@ -177,13 +178,19 @@ class _Pass:
                         kept[group] = per_example
             sq[f"{name}.bias"] = _sq(jnp.sum(g, 1))
         g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
-        tokens, T = self.tokens, self.tokens.shape[1]
+        tokens, (B, T) = self.tokens, self.tokens.shape
         sq["wpe"] = _sq(g0)
+        if dense_strategy(T, h.shape[-1], gl.shape[-1], self.strategy) == "instantiate":
+            # E_i + L_i as one [V, D] matrix per example (memory B V D; no cross term needed).
+            per_example = jnp.einsum("btv,btd->bvd", gl, h)  # [B, V, D]: L_i
+            per_example = per_example.at[jnp.arange(B)[:, None], tokens].add(g0)  # + E_i
+            sq["wte"], kept["wte"] = _sq(per_example), per_example
+            return sq, kept
         same = (tokens[:, :, None] == tokens[:, None, :]).astype(jnp.float32)  # [B, T, T]
         emb_in = jnp.sum(same * jnp.einsum("btd,bsd->bts", g0, g0), (1, 2))
         emb_out = _gram_inner(h, gl)
         gl_at_ids = jnp.take_along_axis(
-            gl, jnp.broadcast_to(tokens[:, None, :], (tokens.shape[0], T, T)), 2
+            gl, jnp.broadcast_to(tokens[:, None, :], (B, T, T)), 2
         )  # [B, T, T]: gl_at_ids[b, s, t] = GL[b, s, id_bt]
         cross = jnp.sum(gl_at_ids * jnp.einsum("bsd,btd->bst", h, g0), (1, 2))  # [B]
         sq["wte"] = emb_in + emb_out + 2.0 * cross
@@ -205,6 +212,8 @@ class _Pass:
 
     def weighted_sum(self, group: str, w: jax.Array, kept: dict[str, jax.Array]) -> jax.Array:
         """sum_i w_i g_i for one parameter group, g_i its per-example gradient."""
+        if group == "wte" and "wte" in kept:
+            return jnp.einsum("bvd,b->vd", kept["wte"], w)
         if group == "wte":
             g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
             out_side = jnp.einsum("btv,btd->vd", gl, h * w[:, None, None])  # [V, D]

@@ -36,6 +36,10 @@ CPU (a quick check; the tiny model still has GPT-2's 50257-token vocabulary):
 
     python scripts/benchmark.py --model tiny --batch 8 --seq 64 --modes nonprivate,vmap
 
+`--compile-only` skips the timed steps and reports only what the compiler knows (compile_s,
+grad_step_flops, grad_step_temp_bytes): a quick, hardware-independent look at an engine's cost
+on any machine, e.g. `--model gpt2 --batch 32 --seq 256 --compile-only` on a laptop CPU.
+
 GPU (if vmap runs out of memory its line says so; retry it with a smaller --microbatch):
 
     python scripts/benchmark.py --model gpt2 --batch 32 --seq 256 \
@@ -94,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=("auto", "ghost", "instantiate"),
         help="ghost mode: how dense layers' norms are computed (jaxdp.ghost.dense_strategy)",
+    )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile and report FLOPs and XLA's memory estimate without running steps",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -235,6 +244,9 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     result["grad_step_temp_bytes"] = None if temp is None else int(temp)
     result["grad_step_flops"] = _flops(grad_step, 1 if dp is None else B // args.microbatch)
+    if args.compile_only:
+        _log(mode, f"compiled in {result['compile_s']:.1f}s")
+        return result
     _log(mode, f"compiled in {result['compile_s']:.1f}s; running")
 
     times = []
@@ -288,7 +300,7 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
         f"--dtype={args.dtype}",
         f"--ghost-strategy={args.ghost_strategy}",
         f"--single-mode={mode}",
-    ]
+    ] + (["--compile-only"] if args.compile_only else [])
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -376,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if base_s is not None and r["error"] is None and r["step_s"]:
             r["ratio_vs_nonprivate"] = base_s / r["step_s"]
-        if base_s is not None and r["error"] is None and r["grad_step_flops"]:
-            if base["grad_step_flops"]:
+        if base is not None and base["error"] is None and r["error"] is None:
+            if base["grad_step_flops"] and r["grad_step_flops"]:
                 r["flops_ratio_vs_nonprivate"] = base["grad_step_flops"] / r["grad_step_flops"]
 
     device = next((r["device"] for r in rows if r["device"]), "?")
