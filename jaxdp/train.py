@@ -230,7 +230,10 @@ def shard_and_jit(
     """Places `state` on `mesh` (replicated, or FSDP-sharded with an `fsdp` axis) and jits the
     steps with matching shardings. Batches go in sharded by example (`sharding.global_batch`);
     the clipped sums are reduced across devices by XLA and the noise, drawn from one shared key
-    with JAX's sharding-invariant PRNG, is the same as on one device."""
+    with JAX's sharding-invariant PRNG, is the same as on one device.
+
+    An abstract `state` (`jax.ShapeDtypeStruct` leaves, e.g. from `jax.eval_shape`) comes back
+    abstract with its shardings attached, for ahead-of-time lowering without allocating it."""
     from jaxdp import sharding
 
     min_size = sharding.MIN_SHARDED_SIZE if min_sharded_size is None else min_sharded_size
@@ -245,4 +248,8 @@ def shard_and_jit(
         ),
         eval_step=jax.jit(make_eval_step(graphdef), out_shardings=rep),
     )
+    leaves = jax.tree.leaves(state)
+    if leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.tree.map(with_sharding, state, state_sh), steps
     return jax.device_put(state, state_sh), steps

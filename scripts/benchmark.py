@@ -22,6 +22,10 @@ appended to --out), with a table on stderr:
     peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
                          (includes the Python/XLA runtime; see peak_bytes_source)
     grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
+    state_bytes          the train state: trainable and frozen parameters, optimizer state
+    estimated_peak_bytes state_bytes + the gradient accumulator + grad_step_temp_bytes: the
+                         compiler's view of the peak, for checking a fit without the device
+                         (the target backend's compiler may schedule differently)
     grad_step_flops      XLA's cost-analysis FLOPs of one grad_step (a microbatch loop's body
                          times its trip count): a hardware-independent cost, so
                          flops_ratio_vs_nonprivate (nonprivate FLOPs / these) predicts the
@@ -75,6 +79,8 @@ RESULT_KEYS = (
     "compile_s",
     "grad_step_temp_bytes",
     "grad_step_flops",
+    "state_bytes",
+    "estimated_peak_bytes",
     "n_trainable_params",
     "device",
     "backend",
@@ -191,10 +197,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     # Model and state, exactly as the trainer builds them.
     config = GPT2Config.preset(args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = init_model(config, seed=0)
     trainable: tuple[str, ...] = ()
     if mode == "lora":
-        lora.apply_lora(model, rank=8, alpha=16.0)
         trainable = (lora.LORA_PATTERN,)
     elif mode == "frozen":
         trainable = (rf"h\.{config.n_layer - 1}\..*", r"ln_f\..*")
@@ -209,8 +213,24 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             ghost_strategy=args.ghost_strategy,
         )
     tx = train.make_optimizer(optax.adamw(1e-4), dp)
-    graphdef, state = train.init_state(model, tx, trainable)
-    del model
+
+    def init():
+        model = init_model(config, seed=0)
+        if mode == "lora":
+            lora.apply_lora(model, rank=8, alpha=16.0)
+        return train.init_state(model, tx, trainable)
+
+    if args.compile_only:  # shapes only: even GPT-2 XL's state is never allocated
+        static = {}
+
+        def abstract_init():
+            static["graphdef"], state = init()
+            return state
+
+        state = jax.eval_shape(abstract_init)
+        graphdef = static["graphdef"]
+    else:
+        graphdef, state = init()
     result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
     mesh = sharding.make_mesh()
     state, steps = train.shard_and_jit(graphdef, tx, dp, state, mesh)
@@ -234,20 +254,27 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     zero_accum = steps.zero_accum.lower(state.params).compile()
     compile_s = time.perf_counter() - t0
-    acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
+    if args.compile_only:
+        acc = jax.eval_shape(steps.zero_accum, state.params)
+    else:
+        acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
     t0 = time.perf_counter()
     grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
     update_step = steps.update_step.lower(state, acc).compile()
     result["compile_s"] = compile_s + time.perf_counter() - t0
-    del acc
     analysis = grad_step.memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     result["grad_step_temp_bytes"] = None if temp is None else int(temp)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    result["state_bytes"] = int(nbytes(state))
+    if temp is not None:
+        result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + temp)
     result["grad_step_flops"] = _flops(grad_step, 1 if dp is None else B // args.microbatch)
     if args.compile_only:
         _log(mode, f"compiled in {result['compile_s']:.1f}s")
         return result
     _log(mode, f"compiled in {result['compile_s']:.1f}s; running")
+    del acc
 
     times = []
     for i, key in enumerate(keys):
@@ -345,19 +372,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
     out = [
         f"{'mode':<11} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'GFLOP':>9} "
-        f"{'flops vs':>9} {'peak MiB':>9} {'temp MiB':>9} {'compile s':>9}  error"
+        f"{'flops vs':>9} {'peak MiB':>9} {'est. MiB':>9} {'compile s':>9}  error"
     ]
     for r in rows:
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-        temp = r["grad_step_temp_bytes"]
-        temp = None if temp is None else temp / 2**20
+        est = r["estimated_peak_bytes"]
+        est = None if est is None else est / 2**20
         step_ms = None if r["step_s"] is None else 1e3 * r["step_s"]
         gflop = None if r["grad_step_flops"] is None else r["grad_step_flops"] / 1e9
         line = (
             f"{r['mode']:<11} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
             f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(gflop, 9, '.1f')} "
             f"{fmt(r['flops_ratio_vs_nonprivate'], 9, '.3f')} {fmt(peak, 9, '.0f')} "
-            f"{fmt(temp, 9, '.0f')} {fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
+            f"{fmt(est, 9, '.0f')} {fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
         )
         out.append(line.rstrip())
     return "\n".join(out)
