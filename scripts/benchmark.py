@@ -7,7 +7,9 @@ no padding rows and dropout off:
 
     nonprivate  dp=None: the plain mean gradient
     vmap        DP-SGD, per-example gradients materialised by jax.vmap, `--microbatch` at a time
-    ghost       DP-SGD with the ghost-norm engine (jaxdp.ghost)
+    ghost       DP-SGD with the ghost-norm book-keeping engine (jaxdp.ghost), strategy "auto"
+    ghost_gram  the same, every layer's norm from Gram matrices (dp.ghost_strategy="ghost")
+    ghost_inst  the same, every per-example gradient instantiated ("instantiate")
     lora        DP-SGD (vmap) training only LoRA adapters, rank 8, on attn.c_attn/c_proj
     frozen      DP-SGD (vmap) training only the last block and ln_f; the rest frozen
 
@@ -44,13 +46,16 @@ CPU (a quick check; the tiny model still has GPT-2's 50257-token vocabulary):
 grad_step_flops, grad_step_temp_bytes): a quick, hardware-independent look at an engine's cost
 on any machine, e.g. `--model gpt2 --batch 32 --seq 256 --compile-only` on a laptop CPU.
 
-GPU (if vmap runs out of memory its line says so; retry it with a smaller --microbatch):
+GPU (if a mode runs out of memory its line says so; retry it with a smaller --microbatch).
+Issue 6's table, one invocation per row group:
 
     python scripts/benchmark.py --model gpt2 --batch 32 --seq 256 \
-        --modes nonprivate,vmap,ghost --out results.jsonl
+        --modes nonprivate,vmap,ghost,ghost_inst --out results.jsonl
     python scripts/benchmark.py --model gpt2 --batch 16 --seq 1024 \
-        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+        --modes nonprivate,vmap,ghost,ghost_inst --microbatch 4 --out results.jsonl
     python scripts/benchmark.py --model gpt2-large --batch 16 --seq 256 \
+        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+    python scripts/benchmark.py --model gpt2-xl --batch 16 --seq 256 \
         --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
 
 Invalid arguments exit with status 2.
@@ -69,7 +74,9 @@ import sys
 import time
 from typing import Any
 
-MODES = ("nonprivate", "vmap", "ghost", "lora", "frozen")
+MODES = ("nonprivate", "vmap", "ghost", "ghost_gram", "ghost_inst", "lora", "frozen")
+# The ghost modes' dp.ghost_strategy (how dense layers' per-example norms are computed).
+GHOST_STRATEGY = {"ghost": "auto", "ghost_gram": "ghost", "ghost_inst": "instantiate"}
 MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 RESULT_KEYS = (
     "step_s",
@@ -98,12 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--microbatch", type=int, default=None, help="M for vmap/ghost (default: B, one vmap)"
-    )
-    parser.add_argument(
-        "--ghost-strategy",
-        default="auto",
-        choices=("auto", "ghost", "instantiate"),
-        help="ghost mode: how dense layers' norms are computed (jaxdp.ghost.dense_strategy)",
     )
     parser.add_argument(
         "--compile-only",
@@ -209,8 +210,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             noise_multiplier=1.0,
             expected_batch_size=B,
             microbatch_size=args.microbatch,
-            engine=mode if mode in ("vmap", "ghost") else "vmap",
-            ghost_strategy=args.ghost_strategy,
+            engine="ghost" if mode in GHOST_STRATEGY else "vmap",
+            ghost_strategy=GHOST_STRATEGY.get(mode, "auto"),
         )
     tx = train.make_optimizer(optax.adamw(1e-4), dp)
 
@@ -325,7 +326,6 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
         f"--steps={args.steps}",
         f"--warmup={args.warmup}",
         f"--dtype={args.dtype}",
-        f"--ghost-strategy={args.ghost_strategy}",
         f"--single-mode={mode}",
     ] + (["--compile-only"] if args.compile_only else [])
 
@@ -357,6 +357,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         "seq": None,
         "microbatch": None,
         "dtype": None,
+        "ghost_strategy": None,
     }
     row.update({k: None for k in RESULT_KEYS})
     row["ratio_vs_nonprivate"] = None
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             seq=args.seq,
             microbatch=None if mode == "nonprivate" else args.microbatch,
             dtype=args.dtype,
+            ghost_strategy=GHOST_STRATEGY.get(mode),
         )
         rows.append(row)
 

@@ -58,17 +58,21 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
 
 
 def test_benchmark_compile_only_reports_costs_without_running():
-    args = ("--model=tiny", "--batch=4", "--seq=16", "--modes=nonprivate,ghost")
+    args = ("--model=tiny", "--batch=4", "--seq=16", "--modes=nonprivate,ghost,ghost_inst")
     proc = _run(*args, "--compile-only")
     assert proc.returncode == 0, proc.stderr
-    nonprivate, ghost = [json.loads(line) for line in proc.stdout.splitlines() if line[:1] == "{"]
-    for r in (nonprivate, ghost):
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line[:1] == "{"]
+    nonprivate, ghost, inst = rows
+    for r in rows:
         assert r["error"] is None, r["error"]
         assert r["step_s"] is None and r["ratio_vs_nonprivate"] is None
         assert r["grad_step_flops"] > 0 and r["grad_step_temp_bytes"] > 0
         # fp32 params + AdamW's two moments, at least
         assert r["state_bytes"] >= 3 * 4 * r["n_trainable_params"]
         assert r["estimated_peak_bytes"] > r["state_bytes"] + r["grad_step_temp_bytes"]
+    assert [r["ghost_strategy"] for r in rows] == [None, "auto", "instantiate"]
+    # At T = 16 < d, Gram matrices cost more FLOPs than instantiated gradients (reused in the sum).
+    assert inst["grad_step_flops"] < ghost["grad_step_flops"]
     ratio = nonprivate["grad_step_flops"] / ghost["grad_step_flops"]
     assert ghost["flops_ratio_vs_nonprivate"] == pytest.approx(ratio)
 
