@@ -38,6 +38,7 @@ the vmap engine.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -150,8 +151,7 @@ class _Pass:
     def sanitized(self, keep: jax.Array) -> _Pass:
         """A copy whose dropped examples (keep=False) have all-zero inputs and output grads."""
         zero = lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-        new = object.__new__(_Pass)
-        new.__dict__.update(self.__dict__)
+        new = copy.copy(self)
         new.inputs = jax.tree.map(zero, self.inputs)
         new.grads = jax.tree.map(zero, self.grads)
         return new
@@ -242,13 +242,15 @@ def _groups(params: PyTree) -> list[tuple[tuple, str]]:
     return out
 
 
-def _check_groups(groups, sq) -> None:
+def _total_norms(sq: dict[str, jax.Array], groups) -> jax.Array:
+    """Per-example norm [B] of the gradient w.r.t. the parameter `groups` together."""
     for _, group in groups:
         if group not in sq:
             raise NotImplementedError(
                 f"The ghost engine has no per-example norm for parameter {group!r}; "
                 f"use dp.engine='vmap'."
             )
+    return jnp.sqrt(jnp.maximum(sum(sq[g] for _, g in groups), 0.0))
 
 
 def ghost_sq_norms(
@@ -258,8 +260,8 @@ def ghost_sq_norms(
 
     Groups are named by parameter path (`h.0.attn.c_attn.kernel`, `ln_f.scale`, `wte`, `wpe`);
     all are computed, whether trainable or not."""
-    tape = _Pass(graphdef, params, batch, key, frozen, strategy)
-    return tape.sq_norms()[0], tape.losses
+    recorded = _Pass(graphdef, params, batch, key, frozen, strategy)
+    return recorded.sq_norms()[0], recorded.losses
 
 
 def ghost_norms(
@@ -269,9 +271,7 @@ def ghost_norms(
 
     Only the groups of the trainable `params` count; frozen parameters are left out."""
     sq, losses = ghost_sq_norms(graphdef, params, batch, key, frozen, strategy)
-    groups = _groups(params)
-    _check_groups(groups, sq)
-    return jnp.sqrt(jnp.maximum(sum(sq[g] for _, g in groups), 0.0)), losses
+    return _total_norms(sq, _groups(params)), losses
 
 
 def ghost_clipped_grad(
@@ -295,11 +295,10 @@ def ghost_clipped_grad(
 
     def chunk_fn(params, chunk, pad, keys):
         key = None if keys is None else keys[0]
-        tape = _Pass(graphdef, params, chunk, key, frozen, strategy)
+        recorded = _Pass(graphdef, params, chunk, key, frozen, strategy)
         groups = _groups(params)
-        sq, kept = tape.sq_norms()
-        _check_groups(groups, sq)
-        norms = jnp.sqrt(jnp.maximum(sum(sq[g] for _, g in groups), 0.0))
+        sq, kept = recorded.sq_norms()
+        norms = _total_norms(sq, groups)
         real, finite = ~pad, jnp.isfinite(norms)
         keep = real & finite
         weights = jnp.where(keep, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
@@ -314,7 +313,7 @@ def ghost_clipped_grad(
         # Zeroing dropped examples costs a pass over every saved activation: do it only when a
         # non-finite example occurs (0 * NaN would otherwise poison the sums).
         leaves = jax.lax.cond(
-            jnp.all(finite), lambda: sums(tape, kept), lambda: sanitized_sums(tape, kept)
+            jnp.all(finite), lambda: sums(recorded, kept), lambda: sanitized_sums(recorded, kept)
         )
         summed = nnx.from_flat_state(
             [
@@ -323,7 +322,7 @@ def ghost_clipped_grad(
             ]
         )
         clipped = keep & (norms > l2_clip_norm)
-        return summed, chunk_stats(tape.losses, norms, real, finite, clipped)
+        return summed, chunk_stats(recorded.losses, norms, real, finite, clipped)
 
     def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
         return scan_microbatches(chunk_fn, params, batch, is_padding, key, microbatch_size)

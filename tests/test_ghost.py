@@ -79,15 +79,15 @@ def test_dense_norms_both_strategies_match_brute_force():
         for strategy in ghost.STRATEGIES:
             got = ghost.dense_sq_norms(a, g, strategy)
             np.testing.assert_allclose(got, brute, rtol=RTOL, err_msg=strategy)
+    assert ghost.dense_strategy(7, 30, 90) == "ghost"  # the tiny test config's c_attn
     assert ghost.dense_strategy(3, 40, 50) == "ghost"  # 2 T^2 = 18 < d p = 2000
     assert ghost.dense_strategy(50, 4, 5) == "instantiate"  # 5000 >= 20
     with pytest.raises(ValueError, match="Unknown dense strategy"):
         ghost.dense_strategy(3, 4, 5, "fast")
 
 
-@pytest.mark.parametrize(
-    "microbatch_size,strategy", [(2, "auto"), (6, "auto"), (3, "ghost"), (3, "instantiate")]
-)
+# In the tiny config "auto" takes Gram matrices for every layer (2 T^2 < d p): both paths run.
+@pytest.mark.parametrize("microbatch_size,strategy", [(2, "auto"), (6, "instantiate")])
 def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size, strategy):
     graphdef, params, tokens = _setup(tiny_config)
     is_padding = jnp.array([False, False, True, False, False, False])
