@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices.
 
-One DP-SGD step (two physical batches, padding, dropout, noise) on several meshes; prints the
-max relative difference of the parameters and metrics from the single-device result as JSON.
+Two DP-SGD steps (two physical batches, padding, dropout, noise; vmap and ghost engines) and two
+non-private ones on several meshes; prints the max relative difference of the parameters and
+metrics from the single-device result as JSON.
 """
 
 import json
@@ -58,6 +59,16 @@ def main():
                 noise_multiplier=1.0,
                 expected_batch_size=20.0,
                 microbatch_size=None,
+            ),
+        ),
+        (
+            "ghost",
+            train.DPSGDConfig(
+                l2_clip_norm=0.1,
+                noise_multiplier=1.0,
+                expected_batch_size=20.0,
+                microbatch_size=8,
+                engine="ghost",
             ),
         ),
         ("nodp", None),
