@@ -476,7 +476,13 @@ def _calibrate(
 
 
 def _make_rdp() -> dp_accounting.PrivacyAccountant:
-    return make_accountant("rdp")
+    """The RDP accountant for PLD calibration's initial guess: integer orders only, whose
+    subsampled-Gaussian bounds are closed-form (fractional orders near 1 can fail to converge
+    and fill the log with warnings; a guess does not need them)."""
+    return rdp.RdpAccountant(
+        orders=[float(a) for a in range(2, 257)],
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
 
 
 def _compose(
