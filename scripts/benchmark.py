@@ -26,10 +26,11 @@ appended to --out), with a table on stderr:
     grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
     state_bytes          the train state: trainable and frozen parameters, optimizer state
     estimated_peak_bytes state_bytes + the gradient accumulator + grad_step_temp_bytes: the
-                         compiler's view of the peak, for checking a fit without the device
-                         (the target backend's compiler may schedule differently)
-    grad_step_flops      XLA's cost-analysis FLOPs of one grad_step (a microbatch loop's body
-                         times its trip count): a hardware-independent cost, so
+                         compiler's view of one device's peak (the state is replicated over
+                         the data-parallel mesh), for checking a fit without the device (the
+                         target backend's compiler may schedule differently)
+    grad_step_flops      XLA's cost-analysis FLOPs of one grad_step on one device (a microbatch
+                         loop's body times its trip count): a hardware-independent cost, so
                          flops_ratio_vs_nonprivate (nonprivate FLOPs / these) predicts the
                          compute-bound speed ratio on any accelerator
     ratio_vs_nonprivate  nonprivate step_s / this step_s: the throughput relative to non-private
@@ -256,7 +257,11 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     zero_accum = steps.zero_accum.lower(state.params).compile()
     compile_s = time.perf_counter() - t0
     if args.compile_only:
-        acc = jax.eval_shape(steps.zero_accum, state.params)
+        acc = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(steps.zero_accum, state.params),
+            zero_accum.output_shardings,
+        )
     else:
         acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
     t0 = time.perf_counter()
