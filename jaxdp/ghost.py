@@ -2,7 +2,7 @@
 materialising per-example gradients of the large layers.
 
 Same result as `jaxdp.clipping.clipped_grad` with flat clipping (the sum over real examples of
-g_i * min(1, C / ||g_i||)). Per microbatch:
+g_i * min(1, C / ||g_i||)) or per-layer clipping. Per microbatch:
 
 1. One forward pass and one backward pass to the layers' outputs only (`gpt2.Tape` adds zero
    perturbations whose gradients are the output gradients G, and records the inputs A; no weight
@@ -281,17 +281,22 @@ def ghost_clipped_grad(
     microbatch_size: int | None = None,
     frozen: PyTree = None,
     strategy: str = "auto",
+    clipping: str = "flat",
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """The ghost-clipping counterpart of `clipping.clipped_grad` for `jaxdp.gpt2` models.
 
     fn(params, batch {"tokens": [B, T]}, is_padding [B], key=None) -> (clipped_sum, ClipStats),
     the gradient taken w.r.t. `params` (the trainable parameters; `frozen` holds the rest).
     `strategy` chooses how dense layers' norms are computed ("auto", "ghost", "instantiate").
+    `clipping` is "flat" (one norm per example) or "per_layer" (each parameter tensor clipped
+    to C / sqrt(K) of K, as in `clipping.clip_and_sum`); sensitivity C either way.
     Dropout, if any, uses one key per microbatch.
     """
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
     dense_strategy(1, 1, 1, strategy)  # validates the name
+    if clipping not in ("flat", "per_layer"):
+        raise ValueError(f"Unknown clipping {clipping!r}; use 'flat' or 'per_layer'.")
 
     def chunk_fn(params, chunk, pad, keys):
         key = None if keys is None else keys[0]
@@ -301,10 +306,18 @@ def ghost_clipped_grad(
         norms = _total_norms(sq, groups)
         real, finite = ~pad, jnp.isfinite(norms)
         keep = real & finite
-        weights = jnp.where(keep, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
+        if clipping == "flat":  # min(1, C / ||g_i||) for every tensor
+            weights = [jnp.where(keep, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)]
+            weights *= len(groups)
+            clipped = keep & (norms > l2_clip_norm)
+        else:  # min(1, C_k / ||g_ik||) per tensor k, C_k = C / sqrt(K)
+            c_k = l2_clip_norm / len(groups) ** 0.5
+            tensor_norms = [jnp.sqrt(jnp.maximum(sq[g], 0.0)) for _, g in groups]
+            weights = [jnp.where(keep, c_k / jnp.maximum(n, c_k), 0.0) for n in tensor_norms]
+            clipped = keep & jnp.any(jnp.stack([n > c_k for n in tensor_norms]), axis=0)
 
         def sums(t: _Pass, kept):
-            return [t.weighted_sum(g, weights, kept) for _, g in groups]
+            return [t.weighted_sum(g, w, kept) for (_, g), w in zip(groups, weights, strict=True)]
 
         def sanitized_sums(t: _Pass, kept):
             kept = jax.tree.map(lambda x: jnp.where(keep[:, None, None], x, 0), kept)
@@ -321,7 +334,6 @@ def ghost_clipped_grad(
                 for (path, var), leaf in zip(nnx.to_flat_state(params), leaves, strict=True)
             ]
         )
-        clipped = keep & (norms > l2_clip_norm)
         return summed, chunk_stats(recorded.losses, norms, real, finite, clipped)
 
     def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):

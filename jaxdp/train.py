@@ -114,8 +114,8 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
     Gradients are taken with respect to `params` (the trainable parameters) only."""
     if dp is not None and dp.engine not in ("vmap", "ghost"):
         raise ValueError(f"Unknown clipping engine {dp.engine!r}; use 'vmap' or 'ghost'.")
-    if dp is not None and dp.engine == "ghost" and (dp.clipping != "flat" or dp.group_size != 1):
-        raise ValueError("The ghost engine supports flat per-example clipping only.")
+    if dp is not None and dp.engine == "ghost" and dp.group_size != 1:
+        raise ValueError("The ghost engine supports per-example clipping only (group_size=1).")
 
     def grad_step(params, batch: Batch, key, acc: GradAccum, frozen=None) -> GradAccum:
         is_padding = batch["is_padding"]
@@ -129,6 +129,7 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
                 microbatch_size=dp.microbatch_size,
                 frozen=frozen,
                 strategy=dp.ghost_strategy,
+                clipping=dp.clipping,
             )
             grad_sum, stats = clipped(params, examples, is_padding, key)
         elif dp is not None:

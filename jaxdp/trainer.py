@@ -187,8 +187,8 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
             f"Unknown dp.ghost_strategy {dp.ghost_strategy!r}; use 'auto', 'ghost' or "
             f"'instantiate'."
         )
-    if dp.engine == "ghost" and (dp.clipping != "flat" or dp.group_size != 1):
-        raise ConfigError("dp.engine='ghost' supports flat per-example clipping only.")
+    if dp.engine == "ghost" and dp.group_size != 1:
+        raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
     factor = sensitivity_factor(dp.group_size)
     if not dp.enabled:
         return PrivacyPlan(

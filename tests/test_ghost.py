@@ -29,10 +29,13 @@ def _setup(config, batch=6, seq=7, seed=0):
     return graphdef, state.params, jnp.asarray(tokens, jnp.int32)
 
 
-def _vmap_norms(graphdef, params, tokens):
+def _per_example_grads(graphdef, params, tokens):
     loss = train.make_example_loss(graphdef)
-    grads = jax.vmap(jax.grad(lambda p, e: loss(p, e, None)), (None, 0))(params, {"tokens": tokens})
-    return np.asarray(clipping.per_example_norms(grads))
+    return jax.vmap(jax.grad(lambda p, e: loss(p, e, None)), (None, 0))(params, {"tokens": tokens})
+
+
+def _vmap_norms(graphdef, params, tokens):
+    return np.asarray(clipping.per_example_norms(_per_example_grads(graphdef, params, tokens)))
 
 
 @pytest.mark.parametrize("vocab_size", [61, 50257])
@@ -87,17 +90,25 @@ def test_dense_norms_both_strategies_match_brute_force():
 
 
 # In the tiny config "auto" takes Gram matrices for every layer (2 T^2 < d p): both paths run.
-@pytest.mark.parametrize("microbatch_size,strategy", [(2, "auto"), (6, "instantiate")])
-def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size, strategy):
+@pytest.mark.parametrize(
+    "microbatch_size,strategy,mode",
+    [(2, "auto", "flat"), (6, "instantiate", "flat"), (3, "auto", "per_layer")],
+)
+def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size, strategy, mode):
     graphdef, params, tokens = _setup(tiny_config)
     is_padding = jnp.array([False, False, True, False, False, False])
-    norms = _vmap_norms(graphdef, params, tokens)
-    C = float(np.median(norms))  # some examples clipped, some not
+    leaves = jax.tree.leaves(_per_example_grads(graphdef, params, tokens))
+    if mode == "flat":
+        C = float(np.median(_vmap_norms(graphdef, params, tokens)))  # some clipped, some not
+    else:  # C_k = C / sqrt(K) at the median norm of a (tensor, example): half are clipped
+        tensor_norms = [np.linalg.norm(np.asarray(g).reshape(len(g), -1), axis=1) for g in leaves]
+        C = float(np.median(np.concatenate(tensor_norms))) * np.sqrt(len(leaves))
     loss = train.make_example_loss(graphdef)
-    ref, ref_stats = jax.jit(clipping.clipped_grad(loss, C, microbatch_size=microbatch_size))(
-        params, {"tokens": tokens}, is_padding
+    reference = clipping.clipped_grad(loss, C, microbatch_size=microbatch_size, clipping=mode)
+    ref, ref_stats = jax.jit(reference)(params, {"tokens": tokens}, is_padding)
+    fn = ghost.ghost_clipped_grad(
+        graphdef, C, microbatch_size=microbatch_size, strategy=strategy, clipping=mode
     )
-    fn = ghost.ghost_clipped_grad(graphdef, C, microbatch_size=microbatch_size, strategy=strategy)
     got, stats = jax.jit(fn)(params, {"tokens": tokens}, is_padding)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         assert _rel(a, b) <= RTOL
@@ -135,8 +146,8 @@ def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
         strict=True,
     ):
         assert _rel(np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)) <= RTOL
-    with pytest.raises(ValueError, match="flat per-example clipping only"):
-        train.make_grad_step(graphdef, dataclasses.replace(dp, clipping="per_layer"))
+    with pytest.raises(ValueError, match="per-example clipping only"):
+        train.make_grad_step(graphdef, dataclasses.replace(dp, group_size=2))
 
 
 def test_nonfinite_examples_contribute_exactly_zero(tiny_config):

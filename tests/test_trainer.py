@@ -256,8 +256,7 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     [
         ({"engine": "gohst"}, "Unknown dp.engine 'gohst'"),
         ({"engine": "ghost", "ghost_strategy": "fast"}, "Unknown dp.ghost_strategy 'fast'"),
-        ({"engine": "ghost", "clipping": "per_layer"}, "flat per-example clipping only"),
-        ({"engine": "ghost", "group_size": 2}, "flat per-example clipping only"),
+        ({"engine": "ghost", "group_size": 2}, "per-example clipping only"),
     ],
 )
 def test_engine_settings_are_checked_before_training(overrides, message):
