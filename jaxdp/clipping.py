@@ -59,6 +59,25 @@ def per_example_norms(grads: PyTree) -> jax.Array:
     return jnp.sqrt(sum(_sq_norms(jax.tree.leaves(grads))))
 
 
+def clip_factors(
+    sq_norms: list[jax.Array], l2_clip_norm: float, clipping: str = "flat"
+) -> tuple[list[jax.Array], jax.Array]:
+    """Per-tensor clipping factors from per-unit squared norms (K tensors x [units]).
+
+    flat: min(1, C / ||g||) for every tensor, ||g|| over all K; per_layer: min(1, C_k / ||g_k||)
+    with C_k = C / sqrt(K), so the clipped gradient's norm is <= C either way. Returns (K factor
+    arrays [units], [units] bool: the unit was scaled down)."""
+    _check_mode(clipping)
+    if clipping == "flat":
+        norms = jnp.sqrt(jnp.maximum(sum(sq_norms), 0.0))
+        factor = l2_clip_norm / jnp.maximum(norms, l2_clip_norm)
+        return [factor] * len(sq_norms), norms > l2_clip_norm
+    c_k = l2_clip_norm / math.sqrt(len(sq_norms))
+    norms = [jnp.sqrt(jnp.maximum(s, 0.0)) for s in sq_norms]
+    factors = [c_k / jnp.maximum(n, c_k) for n in norms]
+    return factors, jnp.any(jnp.stack([n > c_k for n in norms]), axis=0)
+
+
 def clip_and_sum(
     grads: PyTree,
     l2_clip_norm: float,
@@ -96,17 +115,7 @@ def clip_and_sum(
         unit_keep = keep.reshape(n_groups, group_size).any(1)  # [G]
     else:
         unit_keep = keep
-    leaf_sq = _sq_norms(leaves)  # K x [units]
-    if clipping == "flat":
-        unit_norms = jnp.sqrt(sum(leaf_sq))
-        factor = l2_clip_norm / jnp.maximum(unit_norms, l2_clip_norm)  # min(1, C / ||g||)
-        factors = [factor] * len(leaves)
-        unit_clipped = unit_norms > l2_clip_norm
-    else:
-        c_k = l2_clip_norm / math.sqrt(len(leaves))
-        leaf_norms = [jnp.sqrt(s) for s in leaf_sq]
-        factors = [c_k / jnp.maximum(n, c_k) for n in leaf_norms]
-        unit_clipped = jnp.any(jnp.stack([n > c_k for n in leaf_norms]), axis=0)
+    factors, unit_clipped = clip_factors(_sq_norms(leaves), l2_clip_norm, clipping)
     summed = [
         jnp.einsum("u...,u->...", g, jnp.where(unit_keep, f, 0.0)).astype(dtype)
         for g, f, dtype in zip(leaves, factors, dtypes, strict=True)

@@ -46,7 +46,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdp.clipping import ClipStats, chunk_stats, scan_microbatches
+from jaxdp.clipping import (
+    CLIPPING_MODES,
+    ClipStats,
+    chunk_stats,
+    clip_factors,
+    scan_microbatches,
+)
 from jaxdp.gpt2 import Tape
 from jaxdp.lora import LoRALinear, path_name
 from jaxdp.loss import example_loss
@@ -295,8 +301,8 @@ def ghost_clipped_grad(
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
     dense_strategy(1, 1, 1, strategy)  # validates the name
-    if clipping not in ("flat", "per_layer"):
-        raise ValueError(f"Unknown clipping {clipping!r}; use 'flat' or 'per_layer'.")
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
 
     def chunk_fn(params, chunk, pad, keys):
         key = None if keys is None else keys[0]
@@ -306,15 +312,9 @@ def ghost_clipped_grad(
         norms = _total_norms(sq, groups)
         real, finite = ~pad, jnp.isfinite(norms)
         keep = real & finite
-        if clipping == "flat":  # min(1, C / ||g_i||) for every tensor
-            weights = [jnp.where(keep, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)]
-            weights *= len(groups)
-            clipped = keep & (norms > l2_clip_norm)
-        else:  # min(1, C_k / ||g_ik||) per tensor k, C_k = C / sqrt(K)
-            c_k = l2_clip_norm / len(groups) ** 0.5
-            tensor_norms = [jnp.sqrt(jnp.maximum(sq[g], 0.0)) for _, g in groups]
-            weights = [jnp.where(keep, c_k / jnp.maximum(n, c_k), 0.0) for n in tensor_norms]
-            clipped = keep & jnp.any(jnp.stack([n > c_k for n in tensor_norms]), axis=0)
+        factors, scaled = clip_factors([sq[g] for _, g in groups], l2_clip_norm, clipping)
+        weights = [jnp.where(keep, f, 0.0) for f in factors]
+        clipped = keep & scaled
 
         def sums(t: _Pass, kept):
             return [t.weighted_sum(g, w, kept) for (_, g), w in zip(groups, weights, strict=True)]

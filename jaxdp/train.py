@@ -30,6 +30,7 @@ from jaxdp.loss import example_loss, next_token_losses, token_accuracy
 from jaxdp.noise import add_gaussian_noise
 
 PyTree = Any
+ENGINES = ("vmap", "ghost")  # per-example clipping engines (jaxdp.clipping, jaxdp.ghost)
 Batch = dict[str, jax.Array]  # {"tokens": [P, T] int32, "is_padding": [P] bool}
 
 
@@ -112,8 +113,8 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
     """grad_step(params, batch, key, acc, frozen=None) -> acc + this physical batch's gradient sum.
 
     Gradients are taken with respect to `params` (the trainable parameters) only."""
-    if dp is not None and dp.engine not in ("vmap", "ghost"):
-        raise ValueError(f"Unknown clipping engine {dp.engine!r}; use 'vmap' or 'ghost'.")
+    if dp is not None and dp.engine not in ENGINES:
+        raise ValueError(f"Unknown clipping engine {dp.engine!r}; use one of {ENGINES}.")
     if dp is not None and dp.engine == "ghost" and dp.group_size != 1:
         raise ValueError("The ghost engine supports per-example clipping only (group_size=1).")
 

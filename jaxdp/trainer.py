@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdp import accounting, checkpoint, data, hf, lora, sampling, sharding, train
+from jaxdp import accounting, checkpoint, data, ghost, hf, lora, sampling, sharding, train
 from jaxdp.generate import generate
 from jaxdp.gpt2 import GPT2Config, init_model
 
@@ -180,12 +180,11 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
         )
     if dp.group_size > 1 and dp.sampling != "poisson":
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
-    if dp.engine not in ("vmap", "ghost"):
-        raise ConfigError(f"Unknown dp.engine {dp.engine!r}; use 'vmap' or 'ghost'.")
-    if dp.ghost_strategy not in ("auto", "ghost", "instantiate"):
+    if dp.engine not in train.ENGINES:
+        raise ConfigError(f"Unknown dp.engine {dp.engine!r}; use one of {train.ENGINES}.")
+    if dp.ghost_strategy not in ghost.STRATEGIES:
         raise ConfigError(
-            f"Unknown dp.ghost_strategy {dp.ghost_strategy!r}; use 'auto', 'ghost' or "
-            f"'instantiate'."
+            f"Unknown dp.ghost_strategy {dp.ghost_strategy!r}; use one of {ghost.STRATEGIES}."
         )
     if dp.engine == "ghost" and dp.group_size != 1:
         raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
