@@ -44,8 +44,9 @@ CPU (a quick check; the tiny model still has GPT-2's 50257-token vocabulary):
     python scripts/benchmark.py --model tiny --batch 8 --seq 64 --modes nonprivate,vmap
 
 `--compile-only` skips the timed steps and reports only what the compiler knows (compile_s,
-grad_step_flops, grad_step_temp_bytes): a quick, hardware-independent look at an engine's cost
-on any machine, e.g. `--model gpt2 --batch 32 --seq 256 --compile-only` on a laptop CPU.
+grad_step_flops, grad_step_temp_bytes, state_bytes, estimated_peak_bytes): a quick,
+hardware-independent look at an engine's cost on any machine, e.g.
+`--model gpt2 --batch 32 --seq 256 --compile-only` on a laptop CPU.
 
 GPU (if a mode runs out of memory its line says so; retry it with a smaller --microbatch).
 Issue 6's table, one invocation per row group:
