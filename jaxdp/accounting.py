@@ -20,6 +20,16 @@ The guarantee accounted for is the one DP-SGD gives when it is run as specified:
   for the given ``target_delta``. The PLD accountant's epsilon is a numerically pessimistic
   upper bound (its discretization rounds privacy loss up); the RDP accountant's is a looser,
   also valid, upper bound.
+* Public parameters: ``sampling_prob = expected_batch_size / num_examples`` and the default
+  ``target_delta = 1 / (10 num_examples)`` are computed from the dataset size, which is treated
+  as public, as in the DP-SGD literature: the guarantee is for neighbouring datasets under these
+  fixed parameters.
+
+Cost: PLD accounting at small noise multipliers needs fine grids over a wide range of privacy
+losses (a noise multiplier of 0.05 would need millions of points at the default discretization:
+a minute and a gigabyte for two steps). ``pld_interval`` coarsens the grid by powers of two
+so that one step's distribution has at most ``PLD_MAX_GRID_POINTS`` values; the result stays a
+valid (pessimistic) upper bound, and at such noise multipliers epsilon is large anyway.
 
 Sampling modes (``sampling=``):
 
@@ -35,12 +45,18 @@ Sampling modes (``sampling=``):
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
+import time
 from collections.abc import Callable
 
 import dp_accounting
+import numpy as np
+import scipy.optimize
 from dp_accounting import pld, rdp
+
+log = logging.getLogger("jaxdp")
 
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 SAMPLINGS: tuple[str, ...] = ("poisson", "truncated_poisson", "shuffle", "fixed")
@@ -49,6 +65,28 @@ APPROXIMATE_SAMPLINGS: tuple[str, ...] = ("shuffle", "fixed")
 # Bounds of the noise-multiplier search in `calibrate_noise_multiplier`.
 MAX_NOISE_MULTIPLIER: float = 1e4
 MIN_NOISE_MULTIPLIER: float = 1e-3
+# Largest grid of one step's privacy loss distribution (see `pld_interval`).
+PLD_MAX_GRID_POINTS: int = 2**19
+# dp_accounting keeps the Gaussian's mass within about this many standard deviations
+# (log_mass_truncation_bound = -50).
+_PLD_TAIL_STDS: float = 10.0
+
+
+def pld_interval(noise_multiplier: float, requested: float = 1e-4) -> float:
+    """The PLD value discretization interval used for a Gaussian of this noise multiplier.
+
+    The privacy loss of the Gaussian mechanism (sensitivity 1, std sigma) spans about
+    (1 + 2 t sigma) / sigma^2 over the t = 10 standard deviations that dp_accounting keeps; the
+    `requested` interval is multiplied by the smallest power of two that keeps that span within
+    `PLD_MAX_GRID_POINTS` points. Unchanged for noise multipliers >= 0.5; 2x at 0.3, 16x at 0.05.
+    """
+    if not requested > 0:
+        raise ValueError(f"pld_discretization must be > 0, got {requested}.")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        return requested
+    span = (1.0 + 2.0 * _PLD_TAIL_STDS * noise_multiplier) / noise_multiplier**2
+    doublings = max(0, math.ceil(math.log2(span / (requested * PLD_MAX_GRID_POINTS))))
+    return requested * 2.0**doublings
 
 
 def make_accountant(
@@ -59,8 +97,10 @@ def make_accountant(
     Args:
       accountant: ``"pld"`` (privacy loss distributions; tight, ~0.3 s per DP-SGD evaluation at
         the default discretization) or ``"rdp"`` (Renyi DP; looser, ~20 ms).
-      pld_discretization: value discretization interval of the PLD accountant. Larger is faster
-        and still a valid (more pessimistic) upper bound. Ignored for ``"rdp"``.
+      pld_discretization: value discretization interval of the PLD accountant (used as given;
+        `compute_epsilon` and friends first coarsen it at small noise multipliers, see
+        `pld_interval`). Larger is faster and still a valid upper bound. Ignored for
+        ``"rdp"``.
     """
     relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     if accountant == "pld":
@@ -227,7 +267,8 @@ def _composed_accountant(
         num_examples=num_examples,
         truncated_batch_size=truncated_batch_size,
     )
-    return _compose(make_accountant(accountant, pld_discretization=pld_discretization), event)
+    interval = pld_interval(float(noise_multiplier), pld_discretization)
+    return _compose(make_accountant(accountant, pld_discretization=interval), event)
 
 
 def calibrate_noise_multiplier(
@@ -248,15 +289,16 @@ def calibrate_noise_multiplier(
     ``(target_epsilon, target_delta)``-DP.
 
     The result ``sigma`` satisfies ``compute_epsilon(sigma, ...) <= target_epsilon`` with the same
-    accountant and arguments (guaranteed by ``dp_accounting.calibrate_dp_mechanism``), and
+    accountant and arguments (it is the upper end of a bisection on exactly that function), and
     ``sigma - tol`` does not (up to the accountant's numerics). Search: an RDP calibration (cheap)
-    supplies a guess, which is bracketed with the chosen accountant and refined with
-    ``calibrate_dp_mechanism`` (Brent's method).
+    supplies a guess, which is bracketed with the chosen accountant and bisected. Progress is
+    logged to the "jaxdp" logger.
 
     Raises:
       ValueError: if the target is invalid (``target_epsilon <= 0``, ``target_delta`` outside
         ``(0, 1)``, ``steps == 0``) or unreachable with ``noise_multiplier <=
-        max_noise_multiplier``, with a message saying what to change.
+        max_noise_multiplier`` (the message names the smallest attainable epsilon), with a
+        message saying what to change.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(
@@ -270,51 +312,73 @@ def calibrate_noise_multiplier(
         raise ValueError("steps must be >= 1 to calibrate: zero steps is private at any noise.")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}.")
+    kwargs = dict(
+        accountant=accountant,
+        sampling=sampling,
+        num_examples=num_examples,
+        truncated_batch_size=truncated_batch_size,
+        pld_discretization=pld_discretization,
+    )
+    event = dpsgd_event(1.0, sampling_prob, steps, **_event_kwargs(kwargs))
+    _check_supported(make_accountant(accountant), event)  # Fail early, before any search.
+    cache: dict[float, float] = {}
 
-    def make_event(sigma: float) -> dp_accounting.DpEvent:
-        return dpsgd_event(
-            sigma,
-            sampling_prob,
-            steps,
-            sampling=sampling,
-            num_examples=num_examples,
-            truncated_batch_size=truncated_batch_size,
+    def eps(sigma: float) -> float:  # exactly what compute_epsilon reports
+        if sigma not in cache:
+            cache[sigma] = compute_epsilon(sigma, sampling_prob, steps, target_delta, **kwargs)
+            log.debug("calibration: sigma=%.6g -> epsilon=%.6g", sigma, cache[sigma])
+        return cache[sigma]
+
+    started = time.perf_counter()
+    log.info(
+        "Calibrating the noise multiplier: epsilon=%g at delta=%.3g, q=%.4g, %d steps (%s).",
+        target_epsilon,
+        target_delta,
+        sampling_prob,
+        steps,
+        accountant,
+    )
+    guess, factor = 1.0, 2.0
+    if accountant != "rdp":
+        # PLD evaluations are slow (up to seconds), so bracket around a cheap RDP guess of the
+        # Poisson event (RDP does not support truncated Poisson; a guess is all that is needed).
+        rdp_eps = lambda sigma: (
+            _make_rdp().compose(dpsgd_event(sigma, sampling_prob, steps)).get_epsilon(target_delta)
         )
-
-    def make_fresh() -> dp_accounting.PrivacyAccountant:
-        return make_accountant(accountant, pld_discretization=pld_discretization)
-
-    def poisson_event(sigma: float) -> dp_accounting.DpEvent:
-        return dpsgd_event(sigma, sampling_prob, steps)
-
-    _check_supported(make_fresh(), make_event(1.0))  # Fail early, before any search.
-    unreachable = (
-        f"target_epsilon={target_epsilon} at target_delta={target_delta} needs a noise multiplier "
-        f"above {max_noise_multiplier} for {steps} steps at sampling_prob={sampling_prob}; use "
-        "fewer steps, a smaller sampling_prob (larger dataset or smaller expected batch size), "
-        "or a larger target_epsilon / target_delta."
-    )
-    too_loose = (
-        f"target_epsilon={target_epsilon} is so large that a noise multiplier below "
-        f"{MIN_NOISE_MULTIPLIER} already meets it; choose a smaller target_epsilon."
-    )
-
-    def search(fresh, event_fn, guess: float, factor: float, tol_: float) -> float:
-        eps = lambda sigma: fresh().compose(event_fn(sigma)).get_epsilon(target_delta)
-        lo, hi = _bracket(eps, target_epsilon, guess, factor, max_noise_multiplier, unreachable)
-        if lo is None:
-            raise ValueError(too_loose)
-        return _calibrate(fresh, event_fn, target_epsilon, target_delta, lo, hi, tol_)
-
-    if accountant == "rdp":
-        return search(make_fresh, make_event, 1.0, 2.0, tol)
-    # PLD evaluations are slow (seconds for small sigma), so bracket around a cheap RDP guess of
-    # the Poisson event (RDP does not support truncated Poisson; a guess is all that is needed).
+        try:
+            lo, hi = _bracket(rdp_eps, target_epsilon, 1.0, 2.0, max_noise_multiplier)
+            guess = hi if lo is None else _bisect(rdp_eps, target_epsilon, lo, hi, 1e-3)
+            factor = 1.1  # the real answer is near
+        except _UnreachableError:
+            guess = 1.0  # RDP is looser; let the real accountant search from scratch.
     try:
-        guess = search(_make_rdp, poisson_event, 1.0, 2.0, 1e-3)
+        lo, hi = _bracket(eps, target_epsilon, guess, factor, max_noise_multiplier)
     except _UnreachableError:
-        guess = max_noise_multiplier  # RDP is looser; let the real accountant decide.
-    return search(make_fresh, make_event, guess, 1.1, tol)
+        raise ValueError(
+            f"target_epsilon={target_epsilon} at target_delta={target_delta:.3g} is not "
+            f"attainable for {steps} steps at sampling_prob={sampling_prob:.4g}: even a noise "
+            f"multiplier of {max_noise_multiplier:g} gives epsilon={eps(max_noise_multiplier):.4g}."
+            f" Use fewer steps, a smaller sampling_prob (larger dataset or smaller expected batch "
+            f"size), or a larger target_epsilon / target_delta."
+        ) from None
+    if lo is None:
+        raise ValueError(
+            f"target_epsilon={target_epsilon} is so large that a noise multiplier below "
+            f"{MIN_NOISE_MULTIPLIER} already meets it; choose a smaller target_epsilon."
+        )
+    sigma = _bisect(eps, target_epsilon, lo, hi, tol)
+    log.info(
+        "Noise multiplier %.4g gives epsilon=%.4g (%d accountant evaluations, %.1f s).",
+        sigma,
+        eps(sigma),
+        len(cache),
+        time.perf_counter() - started,
+    )
+    return sigma
+
+
+def _event_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("sampling", "num_examples", "truncated_batch_size")}
 
 
 def max_steps_within_budget(
@@ -409,11 +473,13 @@ def _bracket(
     guess: float,
     factor: float,
     max_sigma: float,
-    unreachable: str,
 ) -> tuple[float | None, float]:
-    """Finds lo < hi with finite eps(lo) > target >= eps(hi), growing/shrinking by ``factor``.
+    """Finds lo < hi with finite eps(lo) > target >= eps(hi), stepping from ``guess`` by
+    ``factor``, squared after every step that does not reach the target (up to 16x): a near guess
+    gives a narrow bracket, a far one costs only a few more evaluations.
 
-    Returns ``(None, hi)`` if even ``MIN_NOISE_MULTIPLIER`` meets the target.
+    Returns ``(None, hi)`` if even ``MIN_NOISE_MULTIPLIER`` meets the target; raises
+    ``_UnreachableError`` if ``max_sigma`` does not.
     """
     cache: dict[float, float] = {}
 
@@ -431,16 +497,16 @@ def _bracket(
             lo = max(hi / factor, MIN_NOISE_MULTIPLIER)
             if eps(lo) > target:
                 break
-            hi = lo
+            hi, factor = lo, min(factor**2, 16.0)
     else:
         lo = guess
         while True:
             if lo >= max_sigma:
-                raise _UnreachableError(unreachable)
+                raise _UnreachableError()
             hi = min(lo * factor, max_sigma)
             if eps(hi) <= target:
                 break
-            lo = hi
+            lo, factor = hi, min(factor**2, 16.0)
     # Brent's method needs a finite value at the lower end: bisect (geometrically) while inf.
     while not math.isfinite(eps(lo)):
         mid = math.sqrt(lo * hi)
@@ -451,28 +517,23 @@ def _bracket(
     return lo, hi
 
 
-def _calibrate(
-    make_fresh: Callable[[], dp_accounting.PrivacyAccountant],
-    make_event: Callable[[float], dp_accounting.DpEvent],
-    target_epsilon: float,
-    target_delta: float,
-    lo: float,
-    hi: float,
-    tol: float,
+def _bisect(
+    eps_fn: Callable[[float], float], target: float, lo: float, hi: float, tol: float
 ) -> float:
-    try:
-        return float(
-            dp_accounting.calibrate_dp_mechanism(
-                make_fresh,
-                make_event,
-                target_epsilon,
-                target_delta,
-                bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
-                tol=tol,
-            )
-        )
-    except (ValueError, dp_accounting.mechanism_calibration.NoBracketIntervalFoundError) as e:
-        raise ValueError(f"Noise calibration failed: {e}") from e
+    """The smallest evaluated sigma in [lo, hi] with eps(sigma) <= target, once the bracket
+    (eps(lo) > target >= eps(hi)) is narrower than ``tol`` (relative above 1): a value that meets
+    the target by construction. Brent's method on log(epsilon) finds the crossing."""
+    feasible = [hi]
+
+    def gap(sigma: float) -> float:
+        value = eps_fn(sigma)
+        if value <= target:
+            feasible.append(sigma)
+        return math.log(max(value, 1e-300)) - math.log(target)
+
+    xtol = tol * max(1.0, lo) / 2
+    scipy.optimize.brentq(gap, lo, hi, xtol=xtol, rtol=4 * np.finfo(float).eps)
+    return min(feasible)
 
 
 def _make_rdp() -> dp_accounting.PrivacyAccountant:
@@ -600,7 +661,9 @@ class EpsilonCurve:
             # Exactly what PLDAccountant composes for a PoissonSampledDpEvent(GaussianDpEvent).
             self._one_step = pld_lib.from_gaussian_mechanism(
                 standard_deviation=self.noise_multiplier,
-                value_discretization_interval=self.pld_discretization,
+                value_discretization_interval=pld_interval(
+                    self.noise_multiplier, self.pld_discretization
+                ),
                 sampling_prob=self.sampling_prob,
                 neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
             )

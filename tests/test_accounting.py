@@ -219,3 +219,28 @@ def test_max_steps_edge_cases():
     assert accounting.max_steps_within_budget(0.0, 0.01, 10.0, DELTA, **kw) == 0
     assert accounting.max_steps_within_budget(0.5, 1.0, 0.1, DELTA, **kw) == 0  # One step > eps.
     assert accounting.max_steps_within_budget(50.0, 0.001, 10.0, DELTA, upper=1000, **kw) == 1000
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.05, 0.3, 0.5, 1.0])
+def test_pld_grid_stays_bounded_at_small_noise(sigma):
+    """Small noise multipliers get a coarser grid (PLD accounting used to take minutes and
+    gigabytes at sigma = 0.05), never a finer one than asked for, and the same at sigma >= 0.5."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    interval = accounting.pld_interval(sigma)
+    assert interval >= 1e-4 and (interval == 1e-4) == (sigma >= 0.5)
+    one_step = pld_lib.from_gaussian_mechanism(
+        sigma, value_discretization_interval=interval, sampling_prob=0.01
+    )
+    # The one-step PLD's support (its "remove" pmf; dp_accounting has no public accessor).
+    assert one_step._pmf_remove.size <= accounting.PLD_MAX_GRID_POINTS
+    got = accounting.compute_epsilon(sigma, 0.01, 2, DELTA)
+    expected = direct_epsilon(sigma, 0.01, 2, DELTA, "pld", discretization=interval)
+    assert got == pytest.approx(expected, rel=1e-12)
+    if sigma >= 0.3:  # the fine grid is affordable here: the coarse one is as tight
+        assert got == pytest.approx(direct_epsilon(sigma, 0.01, 2, DELTA, "pld"), rel=1e-3)
+
+
+def test_unreachable_target_fails_fast_naming_the_attainable_epsilon():
+    with pytest.raises(ValueError, match=r"not attainable.*gives epsilon=0\.0\d+"):
+        accounting.calibrate_noise_multiplier(1e-4, 1e-6, 1.0, 1000)

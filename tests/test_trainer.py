@@ -67,7 +67,10 @@ def test_offline_config_two_step_smoke_run(tmp_path, arg):
             ),
             2,
         )
-        acc = dp_accounting.pld.PLDAccountant().compose(event)
+        # At the grid jaxdp documents for this noise multiplier (accounting.pld_interval).
+        interval = accounting.pld_interval(privacy["noise_multiplier"])
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
+        acc = acc.compose(event)
         assert privacy["epsilon"] == pytest.approx(acc.get_epsilon(privacy["delta"]), rel=1e-9)
         assert privacy["epsilon"] <= cfg.dp.target_epsilon
         assert privacy["sampling_prob"] == 6 / privacy["num_examples"]
