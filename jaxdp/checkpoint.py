@@ -1,24 +1,26 @@
-"""Orbax checkpoints of a run, with the privacy ledger beside the arrays.
+"""Orbax checkpoints of a run (in W/private/checkpoints), with the privacy ledger beside the arrays.
 
-A checkpoint at step t holds the `TrainState` (params, optimizer state, including the noise
-transform's counter that keys the noise) and a JSON `meta` record: the privacy ledger (steps
-taken, sampling probability, noise multiplier, clip norm, accountant, epsilon spent so far), the
-run fingerprint, and the model/tokenizer needed to rebuild the model. The Poisson sampler and the
-dropout keys are stateless functions of (seed, step), so restoring step t resumes exactly.
+A checkpoint at step t holds the `TrainState` (params and optimizer state, including the noise
+transform's secret key and counter) and a JSON `meta` record: the privacy ledger (steps taken,
+sampling probability, noise multiplier, clip norm, accountant, epsilon spent so far), the number
+of examples seen, and the model/tokenizer needed to rebuild the model. The Poisson sampler and
+the dropout keys are stateless functions of (secret seed, step), so restoring step t resumes
+exactly. Checkpoints are PRIVATE: they hold the noise key and noise-free statistics.
 
-A checkpoint that cannot be read, or whose fingerprint differs from the current run's, raises
-`CheckpointError`: silently restarting from scratch would spend the privacy budget twice.
+A checkpoint that cannot be read raises `CheckpointError`: silently restarting from scratch
+would spend the privacy budget twice. (Whether it belongs to the same run is checked against
+W/private/run.json, see `jaxdp.workdir`.)
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxdp.workdir import Workdir
 
 META_VERSION = 1
 
@@ -28,7 +30,7 @@ class CheckpointError(RuntimeError):
 
 
 def manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    directory = Path(workdir).expanduser().resolve() / "checkpoints"
+    directory = Workdir(workdir).checkpoints
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(directory, options=options)
 
@@ -55,23 +57,10 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def restore(
-    mngr: ocp.CheckpointManager, step: int, abstract_state: Any, fingerprint: dict[str, Any]
+    mngr: ocp.CheckpointManager, step: int, abstract_state: Any
 ) -> tuple[Any, dict[str, Any]]:
-    """(state, meta) of checkpoint `step`; raises CheckpointError on corruption or mismatch."""
+    """(state, meta) of checkpoint `step`; raises CheckpointError if it cannot be read."""
     meta = read_meta(mngr, step)
-    saved = meta.get("fingerprint", {})
-    diffs = {
-        k: (saved.get(k), fingerprint.get(k))
-        for k in sorted(set(saved) | set(fingerprint))
-        if _norm(saved.get(k)) != _norm(fingerprint.get(k))
-    }
-    if diffs:
-        lines = "; ".join(f"{k}: checkpoint={a!r}, now={b!r}" for k, (a, b) in diffs.items())
-        raise CheckpointError(
-            f"The checkpoint in {mngr.directory} belongs to a different run ({lines}). Resuming "
-            f"it would mix two runs' privacy accounting. Use a new --workdir, or restore the "
-            f"original settings."
-        )
     try:
         restored = mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -82,10 +71,6 @@ def restore(
             f"It may be corrupt or from another model; it was NOT silently replaced."
         ) from e
     return restored["state"], meta
-
-
-def _norm(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples vs lists, numpy scalars
 
 
 def abstract(tree: Any) -> Any:
@@ -104,7 +89,7 @@ def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None)
     mngr = manager(workdir, max_to_keep=None)
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"No checkpoint in {Path(workdir) / 'checkpoints'}.")
+        raise CheckpointError(f"No checkpoint in {Workdir(workdir).checkpoints}.")
     meta = read_meta(mngr, step)
     config, lora_cfg = GPT2Config(**meta["model_config"]), meta.get("lora")
 

@@ -84,24 +84,23 @@ def clip_and_sum(
     is_padding: jax.Array | None = None,
     *,
     clipping: str = "flat",
-    group_size: int = 1,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
-    """Sum over examples of clipped per-example gradients (leaves with a leading batch axis).
+    """Sum over clipping units of clipped gradients (leaves with a leading batch axis B).
 
-    With `group_size` k > 1 (micro-batch clipping), rows [j*k, (j+1)*k) form one group: their
-    gradients are summed first and the group sum is clipped (see `jaxdp.sampling.group_layout`
-    for the layout that keeps the sensitivity at 2C, and the README for its accounting).
+    Without `segment_ids` every row is its own unit (per-example clipping). With `segment_ids`
+    [B] (integers in [0, B)), the rows with equal ids form one unit: their gradients are summed
+    first and the unit's sum is clipped, so each unit contributes at most C however many rows it
+    has (micro-batch clipping of `jaxdp.sampling.content_cells`; later, records and users).
 
     Returns (clipped sum, {"norms" [B], "clipped" [B] bool, "finite" [B] bool, "real" [B] bool}),
-    all per example ("clipped": the example's clipping unit was scaled down).
+    all per row ("norms": the row's own gradient norm; "clipped": its unit was scaled down).
     """
     _check_mode(clipping)
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
     leaves, treedef = jax.tree.flatten(grads)
     batch = leaves[0].shape[0]
-    if batch % group_size:
-        raise ValueError(f"Batch size {batch} is not divisible by group_size {group_size}.")
     real = jnp.ones((batch,), bool) if is_padding is None else ~is_padding
     norms = jnp.sqrt(sum(_sq_norms(leaves)))  # [B]
     finite = jnp.isfinite(norms)
@@ -109,10 +108,10 @@ def clip_and_sum(
     dtypes = [g.dtype for g in leaves]
     # where() rather than multiplying by 0: NaN * 0 would still be NaN.
     leaves = [jnp.where(_bcast(keep, g), g, 0).astype(jnp.float32) for g in leaves]
-    if group_size > 1:
-        n_groups = batch // group_size
-        leaves = [g.reshape((n_groups, group_size) + g.shape[1:]).sum(1) for g in leaves]
-        unit_keep = keep.reshape(n_groups, group_size).any(1)  # [G]
+    if segment_ids is not None:
+        unit_sum = lambda x: jax.ops.segment_sum(x, segment_ids, num_segments=batch)
+        leaves = [unit_sum(g) for g in leaves]  # [U = B, ...]: row u holds unit u's sum
+        unit_keep = unit_sum(keep.astype(jnp.int32)) > 0
     else:
         unit_keep = keep
     factors, unit_clipped = clip_factors(_sq_norms(leaves), l2_clip_norm, clipping)
@@ -120,8 +119,10 @@ def clip_and_sum(
         jnp.einsum("u...,u->...", g, jnp.where(unit_keep, f, 0.0)).astype(dtype)
         for g, f, dtype in zip(leaves, factors, dtypes, strict=True)
     ]
-    clipped = jnp.repeat(unit_clipped & unit_keep, group_size) & keep
-    info = {"norms": norms, "clipped": clipped, "finite": finite, "real": real}
+    clipped = unit_clipped & unit_keep
+    if segment_ids is not None:
+        clipped = clipped[segment_ids]
+    info = {"norms": norms, "clipped": clipped & keep, "finite": finite, "real": real}
     return jax.tree.unflatten(treedef, summed), info
 
 
@@ -143,37 +144,38 @@ def scan_microbatches(
     is_padding: jax.Array,
     key: jax.Array | None,
     microbatch_size: int | None,
-    group_size: int = 1,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[PyTree, ClipStats]:
-    """Sums `chunk_fn(params, chunk, chunk_is_padding, chunk_keys)` over microbatches.
+    """Sums `chunk_fn(params, chunk, chunk_is_padding, chunk_keys, chunk_segment_ids)` over
+    microbatches.
 
     `chunk_keys` holds one independent dropout key per example (None without `key`). Chunk j
-    holds the groups a*n + j (n = B / microbatch_size), each group's k rows kept together: the
-    stride keeps every chunk spread evenly over the devices when B is sharded (the vmap axis stays
-    sharded; the scan axis needs no communication).
+    holds the rows a*n + j (n = B / microbatch_size): the stride keeps every chunk spread evenly
+    over the devices when B is sharded (the vmap axis stays sharded; the scan axis needs no
+    communication). `jaxdp.sampling.pack_units` writes clipping units in this order, so the rows
+    of one unit (equal `segment_ids`) fall in one chunk.
     """
     size = is_padding.shape[0]
     m = microbatch_size or size
-    if size % m or m % group_size:
-        raise ValueError(
-            f"Batch size {size} must be divisible by microbatch_size {m}, and that by "
-            f"group_size {group_size}."
-        )
-    n, k = size // m, group_size
+    if size % m:
+        raise ValueError(f"Batch size {size} must be divisible by microbatch_size {m}.")
+    n = size // m
     use_key = key is not None
     keys = jax.random.split(key, size) if use_key else jnp.zeros((size,), jnp.uint32)
+    segments = jnp.zeros((size,), jnp.int32) if segment_ids is None else segment_ids
 
-    def to_chunks(x):  # [B, ...] -> [n, m, ...]
-        x = x.reshape((m // k, n, k) + x.shape[1:])  # [m/k, n, k, ...]
-        return jnp.swapaxes(x, 0, 1).reshape((n, m) + x.shape[3:])
+    def to_chunks(x):  # [B, ...] -> [n, m, ...]; chunk j holds rows a * n + j
+        return jnp.swapaxes(x.reshape((m, n) + x.shape[1:]), 0, 1)
 
     def body(carry, xs):
         acc, stats = carry
-        chunk, pad, ks = xs
-        summed, chunk_stats = chunk_fn(params, chunk, pad, ks if use_key else None)
+        chunk, pad, ks, seg = xs
+        summed, chunk_stats = chunk_fn(
+            params, chunk, pad, ks if use_key else None, None if segment_ids is None else seg
+        )
         return (jax.tree.map(jnp.add, acc, summed), stats + chunk_stats), None
 
-    xs = (jax.tree.map(to_chunks, batch), to_chunks(is_padding), to_chunks(keys))
+    xs = tuple(jax.tree.map(to_chunks, x) for x in (batch, is_padding, keys, segments))
     init = (jax.tree.map(jnp.zeros_like, params), ClipStats.zeros())
     (total, stats), _ = jax.lax.scan(body, init, xs)
     return total, stats
@@ -200,23 +202,23 @@ def clipped_grad(
     *,
     microbatch_size: int | None = None,
     clipping: str = "flat",
-    group_size: int = 1,
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """Like `jax.grad`, but returns the sum of clipped per-example gradients.
 
     `loss_fn(params, example, key)` is the loss of ONE example (no batch axis; `key` is a PRNG key
     for dropout, or None). The returned function is
 
-        fn(params, batch, is_padding, key=None) -> (clipped_sum, ClipStats)
+        fn(params, batch, is_padding, key=None, segment_ids=None) -> (clipped_sum, ClipStats)
 
     where `batch` is a pytree with a leading axis B, `is_padding` a [B] bool mask, and `key` (if
     given) is split into one independent key per example. B must be divisible by
-    `microbatch_size` (default: B, i.e. one vmap over the whole batch), itself divisible by
-    `group_size` (micro-batch clipping, see `clip_and_sum`).
+    `microbatch_size` (default: B, i.e. one vmap over the whole batch). `segment_ids` [B] make
+    clipping units of several rows (see `clip_and_sum`); the rows of a unit must fall in one
+    microbatch (`jaxdp.sampling.pack_units` lays them out so).
     """
     _check_mode(clipping)
 
-    def chunk_fn(params, chunk, pad, keys):
+    def chunk_fn(params, chunk, pad, keys, segment_ids):
         if keys is None:
             per_example = lambda p, e: loss_fn(p, e, None)
             losses, grads = jax.vmap(jax.value_and_grad(per_example), (None, 0))(params, chunk)
@@ -224,14 +226,20 @@ def clipped_grad(
             vg = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
             losses, grads = vg(params, chunk, keys)  # [m], [m, ...]
         summed, info = clip_and_sum(
-            grads, l2_clip_norm, pad, clipping=clipping, group_size=group_size
+            grads, l2_clip_norm, pad, clipping=clipping, segment_ids=segment_ids
         )
         stats = chunk_stats(losses, info["norms"], info["real"], info["finite"], info["clipped"])
         return summed, stats
 
-    def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
+    def fn(
+        params: PyTree,
+        batch: PyTree,
+        is_padding: jax.Array,
+        key: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ):
         return scan_microbatches(
-            chunk_fn, params, batch, is_padding, key, microbatch_size, group_size
+            chunk_fn, params, batch, is_padding, key, microbatch_size, segment_ids
         )
 
     return fn

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ml_collections
 
 
-def _optional(kind: type):
-    """A typed field that defaults to None (a fresh reference each time: never share one)."""
-    return ml_collections.config_dict.placeholder(kind)
+def _optional(kind: type, default=None):
+    """A typed field that may be None (a fresh reference each time: never share one)."""
+    return ml_collections.FieldReference(default, field_type=kind)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_files = ()  # text_files: read whole, tokenized, concatenated, cut into blocks
     c.data.eval_files = ()
     c.data.hf_dataset = "wikitext"  # hf/tfds: dataset name (hf: also a local dataset dir)
-    c.data.hf_config = "wikitext-2-raw-v1"
+    c.data.hf_config = _optional(str, "wikitext-2-raw-v1")  # None: the dataset has no configs
     c.data.hf_train_split = "train"
     c.data.hf_eval_split = "validation"  # "" for no evaluation
     c.data.hf_text_field = "text"
@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dp.enabled = True
     c.dp.l2_clip_norm = 1.0
     c.dp.noise_multiplier = _optional(float)  # None: calibrate to target_epsilon
-    c.dp.target_epsilon = 8.0  # None with a noise_multiplier: report epsilon, no budget stop
+    c.dp.target_epsilon = _optional(float, 8.0)  # None (with a noise_multiplier): no budget stop
     c.dp.target_delta = _optional(float)  # None: 1 / (10 * num_examples)
     c.dp.expected_batch_size = 64  # B = q * N; also the batch size without DP
     c.dp.microbatch_size = 8  # examples per device per vmap chunk (bounds memory)
@@ -58,6 +58,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.dp.group_size = 1  # > 1: micro-batch clipping of fixed groups; costs 2x in accounting
     c.dp.accountant = "pld"  # "pld" | "rdp"
     c.dp.sampling = "poisson"  # "poisson" | "shuffle" (APPROXIMATE epsilon, labelled as such)
+    # Noise, Poisson draws and dropout are keyed by secrets drawn from the OS's cryptographic
+    # randomness at the first start of a workdir (kept in W/private/). Setting a seed here fixes
+    # them for tests and reproductions; every epsilon is then labelled as not private against
+    # anyone who knows the seed.
+    c.dp.noise_seed = _optional(int)
+    c.dp.secure_noise = False  # each noise value a sum of 4 normals / 2 (see jaxdp/noise.py)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # "sgd" | "adam" | "adamw"
@@ -83,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000  # logical (noisy) steps
     c.train.num_epochs = _optional(float)  # if set: num_steps = ceil(epochs / q)
-    c.train.seed = 0  # sampling, dropout and noise are all derived from it
+    c.train.seed = 0  # public: model init, LoRA init, generated samples (not noise or sampling)
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_batch_size = 16
@@ -97,6 +103,50 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.progress = True  # tqdm progress bar
 
     return c
+
+
+def optional_fields(config: ml_collections.ConfigDict | None = None, prefix: str = "") -> set[str]:
+    """Dotted paths of the fields that may be None (those of `default_config()` by default)."""
+    config = default_config() if config is None else config
+    out = set()
+    for key, value in config.items(preserve_field_references=True):
+        if isinstance(value, ml_collections.ConfigDict):
+            out |= optional_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, ml_collections.FieldReference):
+            out.add(prefix + key)
+    return out
+
+
+NONE_WORDS = ("None", "none", "null")
+
+
+def split_none_overrides(argv: list[str], flag: str = "config") -> tuple[list[str], list[str]]:
+    """(argv without `--config.a.b=None` overrides, the paths `a.b` they set to None).
+
+    absl parses a float field's override as a float, so `--config.dp.target_epsilon=None` would
+    be an error; the caller sets these fields to None itself (`set_none`)."""
+    keep, paths = [], []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        prefix = f"--{flag}."
+        if eq and name.startswith(prefix) and value in NONE_WORDS:
+            paths.append(name[len(prefix) :])
+        else:
+            keep.append(arg)
+    return keep, paths
+
+
+def set_none(config: ml_collections.ConfigDict, path: str) -> None:
+    """Sets an optional field to None; a field that needs a value is a ValueError."""
+    if path not in optional_fields():
+        raise ValueError(
+            f"{path} cannot be None; fields that can: {', '.join(sorted(optional_fields()))}."
+        )
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = None
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

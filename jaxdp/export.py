@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdp import hf
+from jaxdp.workdir import Workdir
 
 
 def _tokenizer_for(src: Path | None, tokenizer: str | os.PathLike | None) -> Any | None:
@@ -29,7 +30,7 @@ def export_to_hf(
 ) -> Path:
     """Writes `out_dir` (config.json, tied model.safetensors, tokenizer files when known)."""
     path = Path(src).expanduser()
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if path.is_dir() and Workdir(path).checkpoints.is_dir():
         from jaxdp import checkpoint
 
         model, run_tokenizer = checkpoint.load_model_from_workdir(path)

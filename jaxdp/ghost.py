@@ -304,7 +304,8 @@ def ghost_clipped_grad(
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
 
-    def chunk_fn(params, chunk, pad, keys):
+    def chunk_fn(params, chunk, pad, keys, segment_ids):
+        del segment_ids  # always None: `fn` refuses them
         key = None if keys is None else keys[0]
         recorded = _Pass(graphdef, params, chunk, key, frozen, strategy)
         groups = _groups(params)
@@ -336,7 +337,18 @@ def ghost_clipped_grad(
         )
         return summed, chunk_stats(recorded.losses, norms, real, finite, clipped)
 
-    def fn(params: PyTree, batch: PyTree, is_padding: jax.Array, key: jax.Array | None = None):
+    def fn(
+        params: PyTree,
+        batch: PyTree,
+        is_padding: jax.Array,
+        key: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ):
+        if segment_ids is not None:
+            raise NotImplementedError(
+                "The ghost engine clips single examples only; clipping units of several rows "
+                "(micro-batch clipping) need dp.engine='vmap'."
+            )
         return scan_microbatches(chunk_fn, params, batch, is_padding, key, microbatch_size)
 
     return fn

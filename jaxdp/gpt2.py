@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdp.randomness import Stream, stream_key
+
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
@@ -279,5 +281,9 @@ class GPT2LMHeadModel(nnx.Module):
 
 
 def init_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
-    """A randomly initialised model with GPT-2's initialisation scheme."""
-    return GPT2LMHeadModel(config, rngs=nnx.Rngs(seed))
+    """A randomly initialised model with GPT-2's initialisation scheme.
+
+    The weights come from the `INIT` stream of `seed` (`jaxdp.randomness`): public randomness,
+    separate from every other purpose's."""
+    key = stream_key(seed, Stream.INIT)
+    return GPT2LMHeadModel(config, rngs=nnx.Rngs(params=key))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdp.gpt2 import GPT2LMHeadModel
+from jaxdp.randomness import Stream, stream_key
 
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj")
 LORA_PATTERN = r".*\.lora_[ab]"
@@ -73,8 +74,10 @@ def apply_lora(
     targets: Sequence[str] = DEFAULT_TARGETS,
     seed: int = 0,
 ) -> GPT2LMHeadModel:
-    """Wraps the target layers of every block with LoRA adapters (in place; returns the model)."""
-    rngs = nnx.Rngs(params=seed)
+    """Wraps the target layers of every block with LoRA adapters (in place; returns the model).
+
+    The A matrices come from the `LORA_INIT` stream of `seed` (`jaxdp.randomness`)."""
+    rngs = nnx.Rngs(params=stream_key(seed, Stream.LORA_INIT))
     for parent, leaf in _targets(model, targets):
         layer = getattr(parent, leaf)
         if isinstance(layer, LoRALinear):

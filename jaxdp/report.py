@@ -1,26 +1,66 @@
-"""`report.png`: training/eval loss and epsilon against steps, from `metrics.jsonl`."""
+"""The run's plots: `report.png` (publishable) and `private/report.png` (noise-free diagnostics).
+
+Figures are built as `matplotlib.figure.Figure` objects, without pyplot and without touching
+matplotlib's global backend, so that a notebook's inline plots keep working.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot(metrics_path: str | Path, out_path: str | Path, *, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_public(
+    metrics_path: str | Path,
+    out_path: str | Path,
+    *,
+    title: str = "",
+    target_epsilon: float | None = None,
+) -> Path:
+    """Eval loss (held-out data) and epsilon against steps: both covered by the run's epsilon."""
     records = read_metrics(metrics_path)
-    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in records]
-    ax_loss.plot(steps, [r["train_loss"] for r in records], label="train loss")
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_eps = fig.subplots(1, 2)
     evals = [r for r in records if r.get("eval_loss") is not None]
+    if evals:
+        steps = [r["step"] for r in evals]
+        ax_loss.plot(steps, [r["eval_loss"] for r in evals], "o-", label="eval loss (held out)")
+        ax_loss.legend()
+    else:
+        ax_loss.text(0.5, 0.5, "no evaluation data", ha="center", va="center")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.grid(alpha=0.3)
+    _plot_epsilon(ax_eps, records, target_epsilon)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def plot_private(
+    metrics_path: str | Path,
+    public_metrics_path: str | Path,
+    out_path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Noise-free training diagnostics (NOT covered by epsilon) beside the eval loss."""
+    records = read_metrics(metrics_path)
+    public = read_metrics(public_metrics_path)
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_clip = fig.subplots(1, 2)
+    steps = [r["step"] for r in records]
+    ax_loss.plot(steps, [r["train_loss"] for r in records], label="train loss (noise-free)")
+    evals = [r for r in public if r.get("eval_loss") is not None]
     if evals:
         ax_loss.plot(
             [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss"
@@ -29,19 +69,37 @@ def plot(metrics_path: str | Path, out_path: str | Path, *, title: str = "") -> 
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    eps = [(r["step"], r["epsilon"]) for r in records if r.get("epsilon") is not None]
-    if eps:
-        approx = any(r.get("epsilon_is_approximate") for r in records)
-        ax_eps.plot(*zip(*eps, strict=True), color="tab:red")
-        ax_eps.set_ylabel("epsilon (APPROXIMATE)" if approx else "epsilon")
-        ax_eps.set_title(f"delta = {records[-1]['delta']:.3g}")
-    else:
-        ax_eps.text(0.5, 0.5, "non-private run: no epsilon", ha="center", va="center")
-    ax_eps.set_xlabel("step")
-    ax_eps.grid(alpha=0.3)
-    fig.suptitle(title)
+    if any(r.get("clip_fraction") is not None for r in records):
+        ax_clip.plot(steps, [r.get("clip_fraction") for r in records], color="tab:purple")
+        ax_clip.set_ylim(-0.02, 1.02)
+    ax_clip.set_xlabel("step")
+    ax_clip.set_ylabel("fraction of examples clipped")
+    ax_clip.grid(alpha=0.3)
+    fig.suptitle(
+        f"{title}\nPRIVATE: computed from the training data without noise, NOT covered by "
+        f"epsilon. Do not publish."
+    )
     fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _plot_epsilon(ax, records: list[dict], target_epsilon: float | None) -> None:
+    eps = [(r["step"], r["epsilon"]) for r in records if r.get("epsilon") is not None]
+    if not eps:
+        ax.text(0.5, 0.5, "no privacy guarantee: no epsilon", ha="center", va="center")
+    else:
+        approx = any(r.get("epsilon_is_approximate") for r in records)
+        ax.plot(*zip(*eps, strict=True), color="tab:red", label="epsilon spent")
+        if target_epsilon is not None:
+            ax.axhline(target_epsilon, color="gray", ls="--", label="target epsilon")
+        ax.set_ylabel("epsilon (APPROXIMATE)" if approx else "epsilon")
+        ax.set_title(f"delta = {records[-1]['delta']:.3g}")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Figure, out_path: str | Path) -> Path:
     out = Path(out_path)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

@@ -10,10 +10,17 @@ example is ever dropped (dropping would change the sampling distribution and voi
 guarantee); a large draw just takes more chunks.
 
 Draws are stateless: the batch of step ``t`` depends only on ``(seed, t)``, so a run resumed from a
-checkpoint at step ``t`` draws exactly the batches the uninterrupted run would have drawn.
+checkpoint at step ``t`` draws exactly the batches the uninterrupted run would have drawn. The
+seed must be SECRET (``jaxdp.randomness.Secrets.sampling``): amplification by subsampling assumes
+that nobody knows which examples a step used.
 
 ``ShuffleSampler`` is the ordinary shuffled fixed-size-batch alternative. It is NOT Poisson
 sampling; any epsilon reported for it is approximate (see ``accounting.describe_guarantee``).
+
+Micro-batch (group) clipping sums the drawn members of a cell before clipping. ``content_cells``
+assigns each example to a cell by a hash of its CONTENT, so adding or removing one example moves
+no other example to another cell; ``pack_units`` lays out the drawn examples so that the members
+of a cell share one microbatch, with ``segment_ids`` saying which rows form one clipping unit.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ import math
 
 import numpy as np
 
+from jaxdp.randomness import Stream, seed_sequence
+
 
 def _rng(seed: int, counter: int) -> np.random.Generator:
     """A generator keyed by (seed, counter) only: no state carried between draws."""
-    return np.random.default_rng([seed, counter])
+    return np.random.default_rng(seed_sequence(seed, Stream.SAMPLING, counter))
 
 
 def _check_non_negative(name: str, value: int) -> None:
@@ -118,7 +127,7 @@ class ShuffleSampler:
 
 
 def pad_batches(
-    indices: np.ndarray, physical_batch_size: int, is_padding: np.ndarray | None = None
+    indices: np.ndarray, physical_batch_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Splits drawn indices into fixed-shape chunks of ``physical_batch_size`` rows.
 
@@ -126,7 +135,6 @@ def pad_batches(
     ``(indices [P] int64, is_padding [P] bool)``. Padding rows hold index 0 (a valid example, so
     gathers stay in bounds) and are flagged ``True``; the caller must mask them out of the
     gradient sum. Every input index appears exactly once, in order, across the chunks.
-    ``is_padding`` marks rows of ``indices`` that are padding already (``group_layout``).
     """
     if not (isinstance(physical_batch_size, (int, np.integer)) and physical_batch_size >= 1):
         raise ValueError(
@@ -141,9 +149,8 @@ def pad_batches(
     num_chunks = max(1, math.ceil(n / physical_batch_size))
     padded = np.zeros(num_chunks * physical_batch_size, np.int64)
     padded[:n] = indices
-    padding = np.ones(num_chunks * physical_batch_size, bool)
-    padding[:n] = False if is_padding is None else np.asarray(is_padding, bool)
-    is_padding = padding
+    is_padding = np.ones(num_chunks * physical_batch_size, bool)
+    is_padding[:n] = False
     return [
         (padded[i : i + physical_batch_size], is_padding[i : i + physical_batch_size])
         for i in range(0, num_chunks * physical_batch_size, physical_batch_size)
@@ -176,27 +183,101 @@ def default_physical_batch_size(
     return max(1, math.ceil(size / microbatch_size)) * microbatch_size
 
 
-def group_layout(indices: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lays drawn examples out in groups of ``group_size`` slots for micro-batch (group) clipping.
+def content_cells(blocks: np.ndarray, num_cells: int) -> np.ndarray:
+    """Cell of each example [N] in ``[0, num_cells)``: a hash of the example's own tokens.
 
-    Groups are fixed cells of the dataset: example ``i`` belongs to cell ``i // group_size``,
-    whatever else was drawn. Each cell with at least one drawn example gets ``group_size``
-    consecutive slots holding its drawn members followed by padding. Because membership does not
-    depend on the other drawn examples, adding or removing one example changes exactly one
-    group's clipped contribution (by at most 2 C), never shifts others into new groups.
-
-    Returns (slot indices [G * group_size] int64, is_padding [G * group_size] bool).
+    The cell of an example depends on nothing but its content (and the number of cells, a public
+    parameter computed from the public dataset size), so adding or removing one example leaves
+    every other example in its cell: the property micro-batch clipping's 2C sensitivity needs.
+    Identical examples share a cell. (A cell defined by POSITION, ``i // k``, would not do:
+    removing one example would shift every later one into another cell.)
     """
-    if not (isinstance(group_size, (int, np.integer)) and group_size >= 1):
-        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}.")
-    indices = np.sort(np.asarray(indices, np.int64))
-    cells, first = np.unique(indices // group_size, return_index=True)
-    slots = np.zeros(len(cells) * group_size, np.int64)
-    is_padding = np.ones(len(cells) * group_size, bool)
-    offset_in_cell = np.arange(len(indices)) - np.repeat(
-        first, np.diff(np.append(first, len(indices)))
-    )
-    positions = np.searchsorted(cells, indices // group_size) * group_size + offset_in_cell
-    slots[positions] = indices
-    is_padding[positions] = False
-    return slots, is_padding
+    if not (isinstance(num_cells, (int, np.integer)) and num_cells >= 1):
+        raise ValueError(f"num_cells must be an integer >= 1, got {num_cells!r}.")
+    blocks = np.ascontiguousarray(np.asarray(blocks, np.int64))
+    if blocks.ndim != 2:
+        raise ValueError(f"blocks must be [N, T], got shape {blocks.shape}.")
+    # A 64-bit polynomial hash of the tokens, then splitmix64's finaliser to mix the bits.
+    with np.errstate(over="ignore"):
+        h = np.full(len(blocks), 0x9E3779B97F4A7C15, np.uint64)
+        for t in range(blocks.shape[1]):
+            h = h * np.uint64(0x100000001B3) + blocks[:, t].astype(np.uint64)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h % np.uint64(num_cells)).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """One physical batch of clipping units (see ``pack_units``); all arrays are [P]."""
+
+    rows: np.ndarray  # int64 example index of each row (0 for padding rows)
+    is_padding: np.ndarray  # bool
+    segment_ids: np.ndarray  # int32: rows of one microbatch with equal ids form one unit
+
+
+def pack_units(
+    indices: np.ndarray, units: np.ndarray, physical_batch_size: int, microbatch_size: int
+) -> tuple[list[PackedBatch], int]:
+    """Lays drawn examples out so that the members of each clipping unit share a microbatch.
+
+    ``indices`` [n] are the drawn examples and ``units`` [n] the unit (e.g. cell) of each.
+    The units are packed into microbatches of ``microbatch_size`` rows (largest first, then
+    first fit), ``physical_batch_size // microbatch_size`` microbatches per physical batch.
+    Within a microbatch, ``segment_ids`` number its units; padding rows get ids of their own.
+    Microbatch j of a physical batch holds the rows ``a * n + j`` (``n`` microbatches per
+    physical batch), the strided order in which ``jaxdp.clipping.scan_microbatches`` reads them.
+
+    A unit with more drawn members than ``microbatch_size`` keeps its first ``microbatch_size``
+    (by example index) and the rest are dropped: the change stays within that unit, so the
+    sensitivity bound still holds. Returns (physical batches, number of dropped examples).
+    """
+    P, m = physical_batch_size, microbatch_size
+    if not (isinstance(m, (int, np.integer)) and m >= 1 and P % m == 0 and P >= m):
+        raise ValueError(
+            f"physical_batch_size ({P}) must be a positive multiple of microbatch_size ({m})."
+        )
+    indices, units = np.asarray(indices, np.int64), np.asarray(units, np.int64)
+    if indices.shape != units.shape or indices.ndim != 1:
+        raise ValueError("indices and units must be 1-D arrays of the same length.")
+    order = np.lexsort((indices, units))  # by unit, then by example index
+    indices, units = indices[order], units[order]
+    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]]) if len(units) else []
+    members = np.split(indices, starts[1:]) if len(units) else []
+    dropped = sum(max(0, len(u) - m) for u in members)
+    members = sorted((u[:m] for u in members), key=lambda u: (-len(u), int(u[0])))
+    chunks: list[list[np.ndarray]] = []  # units per microbatch
+    fill: list[int] = []
+    first_open = 0  # every microbatch before this one is full
+    for unit in members:
+        j = first_open
+        while j < len(chunks) and fill[j] + len(unit) > m:
+            j += 1
+        if j == len(chunks):
+            chunks.append([])
+            fill.append(0)
+        chunks[j].append(unit)
+        fill[j] += len(unit)
+        while first_open < len(chunks) and fill[first_open] == m:
+            first_open += 1
+    n = P // m
+    num_chunks = max(1, math.ceil(len(chunks) / n)) * n
+    rows = np.zeros((num_chunks, m), np.int64)
+    is_padding = np.ones((num_chunks, m), bool)
+    segment_ids = np.tile(np.arange(m, dtype=np.int32), (num_chunks, 1))
+    for j, units_j in enumerate(chunks):
+        pos = 0
+        for u in units_j:
+            rows[j, pos : pos + len(u)] = u
+            is_padding[j, pos : pos + len(u)] = False
+            segment_ids[j, pos : pos + len(u)] = pos  # the unit's first row names it
+            pos += len(u)
+    batches = []
+    for b in range(0, num_chunks, n):
+        # Physical row a * n + j holds position a of microbatch j.
+        strided = lambda x, b=b: np.ascontiguousarray(x[b : b + n].T).reshape(-1)
+        batches.append(PackedBatch(strided(rows), strided(is_padding), strided(segment_ids)))
+    return batches, dropped

@@ -166,3 +166,11 @@ def to_host(tree: PyTree) -> PyTree:
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(get, tree)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-host run (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

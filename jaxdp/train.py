@@ -4,7 +4,7 @@ One logical DP-SGD step t is:
 
     acc = zeros
     for each physical batch j of the examples Poisson-drawn at step t:   # fixed shape [P, T]
-        acc = grad_step(params, batch_j, fold_in(dropout_key_t, j), acc)  # += sum_i clip(g_i, C)
+        acc = grad_step(params, batch_j, fold_in(dropout_key_t, j), acc)  # += sum_u clip(g_u, C)
     state, metrics = update_step(state, acc)                             # + noise once, / B, optax
 
 so the noise is added once per logical step however many physical batches the drawn batch
@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -27,11 +28,12 @@ from jaxdp import clipping as clipping_lib
 from jaxdp.clipping import ClipStats
 from jaxdp.gpt2 import GPT2LMHeadModel
 from jaxdp.loss import example_loss, next_token_losses, token_accuracy
-from jaxdp.noise import add_gaussian_noise
+from jaxdp.noise import GaussianNoiseState, add_gaussian_noise
 
 PyTree = Any
 ENGINES = ("vmap", "ghost")  # per-example clipping engines (jaxdp.clipping, jaxdp.ghost)
-Batch = dict[str, jax.Array]  # {"tokens": [P, T] int32, "is_padding": [P] bool}
+# {"tokens": [P, T] int32, "is_padding": [P] bool, optional "segment_ids": [P] int32}
+Batch = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +45,9 @@ class DPSGDConfig:
     expected_batch_size: float
     microbatch_size: int | None = None
     clipping: str = "flat"
-    group_size: int = 1  # > 1: micro-batch (group) clipping; accounting uses sigma / 2
-    noise_seed: int = 0
     engine: str = "vmap"  # "vmap": materialise per-example grads | "ghost": ghost norms
     ghost_strategy: str = "auto"  # ghost engine, dense layers: "auto" | "ghost" | "instantiate"
+    secure_noise: bool = False  # noise as a sum of four normals (see jaxdp.noise)
 
 
 class TrainState(struct.PyTreeNode):
@@ -62,15 +63,37 @@ class GradAccum(struct.PyTreeNode):
 
 
 def make_optimizer(
-    base: optax.GradientTransformation, dp: DPSGDConfig | None
+    base: optax.GradientTransformation,
+    dp: DPSGDConfig | None,
+    noise_key: jax.Array | None = None,
 ) -> optax.GradientTransformation:
-    """`base` preceded, under DP, by the Gaussian noise transform (which also divides by B)."""
+    """`base` preceded, under DP, by the Gaussian noise transform (which also divides by B).
+
+    `noise_key` (required with DP) must be secret: `jaxdp.randomness.Secrets.noise_key()`."""
     if dp is None:
         return base
+    if noise_key is None:
+        raise ValueError("DP-SGD needs a noise_key (jaxdp.randomness.Secrets.noise_key()).")
     noise = add_gaussian_noise(
-        dp.l2_clip_norm, dp.noise_multiplier, dp.expected_batch_size, dp.noise_seed
+        dp.l2_clip_norm,
+        dp.noise_multiplier,
+        dp.expected_batch_size,
+        noise_key,
+        secure=dp.secure_noise,
     )
     return optax.chain(noise, base)
+
+
+def noise_key_matches(state: TrainState, key: jax.Array) -> bool:
+    """Whether the noise transform's state in `state.opt_state` holds `key` (collective under
+    multi-host sharding: call it on every process)."""
+    from jaxdp.sharding import to_host
+
+    is_noise = lambda x: isinstance(x, GaussianNoiseState)
+    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_noise) if is_noise(x)]
+    if len(found) != 1:
+        return False
+    return bool(np.array_equal(to_host(found[0].key), np.asarray(jax.random.key_data(key))))
 
 
 def init_state(
@@ -115,12 +138,10 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
     Gradients are taken with respect to `params` (the trainable parameters) only."""
     if dp is not None and dp.engine not in ENGINES:
         raise ValueError(f"Unknown clipping engine {dp.engine!r}; use one of {ENGINES}.")
-    if dp is not None and dp.engine == "ghost" and dp.group_size != 1:
-        raise ValueError("The ghost engine supports per-example clipping only (group_size=1).")
 
     def grad_step(params, batch: Batch, key, acc: GradAccum, frozen=None) -> GradAccum:
-        is_padding = batch["is_padding"]
-        examples = {k: v for k, v in batch.items() if k != "is_padding"}
+        is_padding, segment_ids = batch["is_padding"], batch.get("segment_ids")
+        examples = {k: v for k, v in batch.items() if k not in ("is_padding", "segment_ids")}
         if dp is not None and dp.engine == "ghost":
             from jaxdp import ghost
 
@@ -132,16 +153,15 @@ def make_grad_step(graphdef: nnx.GraphDef, dp: DPSGDConfig | None) -> Callable[.
                 strategy=dp.ghost_strategy,
                 clipping=dp.clipping,
             )
-            grad_sum, stats = clipped(params, examples, is_padding, key)
+            grad_sum, stats = clipped(params, examples, is_padding, key, segment_ids)
         elif dp is not None:
             clipped = clipping_lib.clipped_grad(
                 make_example_loss(graphdef, frozen),
                 dp.l2_clip_norm,
                 microbatch_size=dp.microbatch_size,
                 clipping=dp.clipping,
-                group_size=dp.group_size,
             )
-            grad_sum, stats = clipped(params, examples, is_padding, key)
+            grad_sum, stats = clipped(params, examples, is_padding, key, segment_ids)
         else:
             real = (~is_padding).astype(jnp.float32)
 

@@ -1,9 +1,12 @@
 """The training run behind `scripts/train.py`: data, privacy plan, model, optimizer, restore, loop.
 
 `run(config, workdir)` reads the ConfigDict of `jaxdp.config.default_config()` and writes into
-`workdir`: `metrics.jsonl`, `checkpoints/`, `privacy.json`, `samples.jsonl`, `hf/` and
-`report.png`. Running it again on the same workdir resumes from the last checkpoint; a
-resumed run ends with the same parameters and epsilon as an uninterrupted one.
+`workdir` (layout: `jaxdp.workdir`): publishable `config.json`, `privacy.json`, `metrics.jsonl`,
+`samples.jsonl`, `report.png`, `hf/` (and `peft/`), and the PRIVATE `private/` (secret
+randomness, checkpoints, noise-free training diagnostics). Running it again on the same workdir
+resumes from the last checkpoint with the stored secrets; a resumed run ends with the same
+parameters and epsilon as an uninterrupted one, and replays the steps it logged after its last
+checkpoint exactly.
 """
 
 from __future__ import annotations
@@ -23,21 +26,74 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdp import accounting, checkpoint, data, ghost, hf, lora, sampling, sharding, train
+from jaxdp import (
+    accounting,
+    checkpoint,
+    data,
+    ghost,
+    hf,
+    lora,
+    randomness,
+    report,
+    sampling,
+    sharding,
+    train,
+)
 from jaxdp.generate import generate
 from jaxdp.gpt2 import GPT2Config, init_model
+from jaxdp.workdir import RunMismatchError, RunRecord, Workdir, fingerprint_diff
 
 log = logging.getLogger("jaxdp")
 
 NEIGHBOURING_RELATION = "add-or-remove-one example (one block of block_size tokens)"
 COVERED = (
-    "the trained parameters at every step (checkpoints, hf/, peft/) and anything computed from "
-    "them and public data alone: eval metrics on held-out data, generated samples"
+    "the trained parameters at every step and everything outside W/private computed from them "
+    "and public data alone: hf/, peft/, metrics.jsonl (epsilon, eval metrics on held-out data), "
+    "samples.jsonl, report.png"
 )
 NOT_COVERED = (
-    "training-set diagnostics in metrics.jsonl (train_loss, batch_size, examples_seen, "
-    "clip_fraction, grad_norm_mean, num_nonfinite): computed from the private data without noise; "
-    "for the data holder only, do not publish them"
+    "W/private: its noise-free training diagnostics (train loss, batch sizes, examples seen, "
+    "clip fraction, gradient norms, throughput) are computed from the private data without "
+    "noise, and its run.json and checkpoints hold the secret noise key; never publish W/private"
+)
+PUBLIC_PARAMETERS = (
+    "num_examples (N) is treated as public, as in the DP-SGD literature, and with it "
+    "sampling_prob = expected_batch_size / N, the default target_delta = 1 / (10 N) and, with "
+    "micro-batch clipping, num_cells: the guarantee is for neighbouring datasets under these "
+    "fixed parameters"
+)
+# Settings that may differ when a run is resumed: they change neither the examples nor the
+# noise nor the trajectory (only logging, evaluation, export, float summation order), or the
+# privacy plan stands in for them (the resolved noise multiplier). Everything else must match.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.sample_prompts",
+        "train.sample_max_new_tokens",
+        "train.sample_top_k",
+        "train.export_hf",
+        "train.export_peft",
+        "train.progress",
+        "train.num_steps",
+        "train.num_epochs",
+        "data.max_eval_examples",
+        "data.eval_files",
+        "data.hf_eval_split",
+        "dp.microbatch_size",
+        "dp.physical_batch_size",
+        "dp.engine",
+        "dp.ghost_strategy",
+        "dp.noise_multiplier",
+        "dp.target_epsilon",
+        "dp.target_delta",
+        "dp.accountant",
+        "mesh",
+        "distributed",
+    }
 )
 
 
@@ -104,6 +160,12 @@ class PrivacyPlan:
     target_delta: float
     accountant: str
     group_size: int = 1
+    secure_noise: bool = False
+
+    @property
+    def num_cells(self) -> int | None:
+        """Micro-batch clipping's number of content-hash cells (None without it)."""
+        return math.ceil(self.num_examples / self.group_size) if self.group_size > 1 else None
 
     @property
     def accounting_noise_multiplier(self) -> float:
@@ -130,16 +192,28 @@ class PrivacyPlan:
     def describe(self) -> str:
         if not self.enabled:
             return "non-private (no DP guarantee)"
+        if self.noise_multiplier == 0:
+            return "no privacy: noise_multiplier is 0, epsilon is infinite"
         return accounting.describe_guarantee(self.sampling)
+
+    def neighbouring_relation(self) -> str:
+        if self.group_size == 1:
+            return NEIGHBOURING_RELATION
+        return (
+            f"{NEIGHBOURING_RELATION}; micro-batch clipping: each example belongs to one of "
+            f"{self.num_cells} cells by a hash of its content, the drawn members of a cell are "
+            f"clipped together, so one example changes one cell's clipped sum by at most 2C"
+        )
 
 
 def sensitivity_factor(group_size: int) -> float:
     """Sensitivity of the clipped sum in units of C under add/remove-one.
 
     Per-example clipping: adding or removing an example adds or removes one vector of norm <= C.
-    Group clipping (fixed cells, `sampling.group_layout`): it changes one existing group's clipped
-    sum from one vector of norm <= C to another, a change of norm <= 2C. The accountant is then
-    given noise_multiplier / 2 (the Poisson-subsampled Gaussian with sensitivity 2C).
+    Group clipping (cells by content hash, `sampling.content_cells`, so no other example changes
+    cell): it changes one cell's clipped sum from one vector of norm <= C to another, a change of
+    norm <= 2C. The accountant is then given noise_multiplier / 2 (the Poisson-subsampled
+    Gaussian with sensitivity 2C).
     """
     return 1.0 if group_size == 1 else 2.0
 
@@ -172,11 +246,12 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
         target_delta=delta,
         accountant=dp.accountant,
         group_size=dp.group_size,
+        secure_noise=dp.secure_noise,
     )
-    if dp.group_size < 1 or (dp.enabled and dp.microbatch_size % dp.group_size):
+    if dp.group_size < 1 or (dp.enabled and dp.microbatch_size < dp.group_size):
         raise ConfigError(
-            f"dp.microbatch_size ({dp.microbatch_size}) must be a multiple of dp.group_size "
-            f"({dp.group_size} >= 1)."
+            f"dp.microbatch_size ({dp.microbatch_size}) must be at least dp.group_size "
+            f"({dp.group_size} >= 1): a cell's drawn members share one microbatch."
         )
     if dp.group_size > 1 and dp.sampling != "poisson":
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
@@ -206,10 +281,14 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
                 sigma / factor, q, target, delta, accountant=dp.accountant, upper=steps
             )
             if affordable < 1:
+                one_step = accounting.compute_epsilon(
+                    sigma / factor, q, 1, delta, accountant=dp.accountant
+                )
                 raise ConfigError(
                     f"Even one step at noise_multiplier={sigma} and q={q:.4g} exceeds "
-                    f"target_epsilon={target} at delta={delta:.3g}; raise the noise multiplier, "
-                    f"lower the batch size, or raise the target."
+                    f"target_epsilon={target} at delta={delta:.3g} (one step costs epsilon="
+                    f"{one_step:.4g}); raise the noise multiplier, lower the batch size, or raise "
+                    f"the target."
                 )
             if affordable < steps:
                 log.warning(
@@ -297,37 +376,91 @@ def build_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Gra
 # ------------------------------------------------------------------------------ helpers ---
 
 
-def _fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run resuming it."""
+def config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings that must not change between the start of a run and its resumption."""
+
+    def strip(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            path = prefix + k
+            if path in RESUMABLE_FIELDS:
+                continue
+            out[k] = strip(v, path + ".") if isinstance(v, dict) else v
+        return out
+
+    return strip(cfg.to_dict())
+
+
+def run_fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, Any]:
+    """What a run is: its settings, its training data (a hash: kept private), its plan."""
     return {
+        "config": config_fingerprint(cfg),
         "data_sha256": hashlib.sha256(np.ascontiguousarray(train_blocks).tobytes()).hexdigest(),
         "num_examples": plan.num_examples,
-        "block_size": cfg.data.block_size,
-        "dp_enabled": plan.enabled,
-        "sampling": plan.sampling,
-        "sampling_prob": plan.sampling_prob,
         "noise_multiplier": plan.noise_multiplier,
-        "l2_clip_norm": plan.l2_clip_norm,
-        "clipping": cfg.dp.clipping,
-        "trainable": list(trainable_patterns(cfg)),
-        "lora": lora_record(cfg),
-        "group_size": cfg.dp.group_size,
-        "target_delta": plan.target_delta,
-        "seed": cfg.train.seed,
-        "model": cfg.model.name_or_path,
-        "optimizer": cfg.optim.to_dict(),
+        # A cosine schedule's horizon shapes every step; a constant one does not depend on it.
+        "lr_schedule_steps": plan.num_steps if cfg.optim.schedule == "cosine" else None,
     }
 
 
-def _physical_batches(idx: np.ndarray, blocks: np.ndarray, P: int, mesh, group_size: int = 1):
-    if group_size > 1:
-        slots, slot_padding = sampling.group_layout(idx, group_size)
-        chunks = sampling.pad_batches(slots, P, slot_padding)
+def _check_same_run(wd: Workdir, fingerprint: dict[str, Any], *, partial: bool = False) -> None:
+    """Refuses to continue a workdir whose run differs (in `fingerprint`'s keys if partial)."""
+    if not wd.run_record.exists():
+        return
+    saved = RunRecord.load(wd.run_record).fingerprint
+    if partial:
+        saved = {k: saved.get(k) for k in fingerprint}
+    diffs = fingerprint_diff(saved, fingerprint)
+    if diffs:
+        raise RunMismatchError(
+            f"{wd.root} holds a different run ({'; '.join(diffs)}). Continuing it would add the "
+            f"same noise to other gradients and mix two runs' privacy accounting. Use a new "
+            f"--workdir, or restore the original settings. (To train a finished run longer, fix "
+            f"dp.noise_multiplier to its value in privacy.json and raise train.num_steps.)"
+        )
+
+
+def _open_run(wd: Workdir, cfg, fingerprint: dict[str, Any], lead: bool) -> randomness.Secrets:
+    """The run's secrets: read from private/run.json, or drawn and stored at the first start."""
+    if lead and not wd.run_record.exists():
+        leftovers = [p for p in (wd.metrics, wd.privacy, wd.checkpoints) if p.exists()]
+        if leftovers:
+            raise RunMismatchError(
+                f"{wd.root} holds outputs of an earlier run ({leftovers[0].name}) but not its "
+                f"secret randomness (private/run.json): it cannot be continued privately. Use a "
+                f"new --workdir."
+            )
+        seed = cfg.dp.noise_seed
+        secrets = (
+            randomness.Secrets.generate() if seed is None else randomness.Secrets.from_seed(seed)
+        )
+        wd.make_private()
+        RunRecord(secrets, fingerprint).save(wd.run_record)
+    sharding.sync_processes("jaxdp_run_record")
+    _check_same_run(wd, fingerprint)
+    return RunRecord.load(wd.run_record).secrets
+
+
+def _physical_batches(
+    idx: np.ndarray, blocks: np.ndarray, P: int, mesh, micro: int, units: np.ndarray | None
+):
+    """The drawn examples `idx` as padded physical batches of P rows, sharded over the mesh.
+
+    With clipping units (`units`: the cell of every example) the rows of a unit share a
+    microbatch of `micro` rows and carry `segment_ids`."""
+    if units is None:
+        chunks = [(rows, pad, None) for rows, pad in sampling.pad_batches(idx, P)]
     else:
-        chunks = sampling.pad_batches(idx, P)
-    for rows, is_padding in chunks:
+        packed, dropped = sampling.pack_units(idx, units[idx], P, micro)
+        if dropped:
+            log.warning("%d drawn examples beyond a microbatch per cell were left out.", dropped)
+        chunks = [(b.rows, b.is_padding, b.segment_ids) for b in packed]
+    for rows, is_padding, segment_ids in chunks:
         batch = sharding.global_batch({"tokens": blocks}, rows, mesh)
-        batch.update(sharding.global_batch({"is_padding": is_padding}, np.arange(P), mesh))
+        per_row = {"is_padding": is_padding}
+        if segment_ids is not None:
+            per_row["segment_ids"] = segment_ids
+        batch.update(sharding.global_batch(per_row, np.arange(P), mesh))
         yield batch
 
 
@@ -335,7 +468,7 @@ def _evaluate(eval_step, state, blocks: np.ndarray, batch_size: int, mesh) -> di
     if len(blocks) == 0:
         return {}
     sums = {"loss_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
-    for batch in _physical_batches(np.arange(len(blocks)), blocks, batch_size, mesh):
+    for batch in _physical_batches(np.arange(len(blocks)), blocks, batch_size, mesh, 1, None):
         out = eval_step(state.params, batch, state.frozen)
         for k in sums:
             sums[k] += float(out[k])
@@ -377,7 +510,11 @@ def run(
 
     `extra_train_blocks` [n, block_size] are appended to the training examples (privacy audits
     insert canaries this way)."""
-    workdir = Path(workdir).expanduser().resolve()
+    wd = Workdir(workdir)
+    wd.check_layout()
+    # A changed setting is refused before any slow work (the data and the plan are checked too,
+    # once they are known).
+    _check_same_run(wd, {"config": config_fingerprint(cfg)}, partial=True)
 
     # Mesh (and multi-host start-up, if configured: before any other JAX call).
     d = cfg.distributed
@@ -386,9 +523,6 @@ def run(
     )
     lead = jax.process_index() == 0  # the process that writes files other than checkpoints
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
 
     # Data.
     tokenizer, train_blocks, eval_blocks = load_data(cfg)
@@ -411,7 +545,7 @@ def run(
         label,
     )
 
-    # Model and optimizer.
+    # Model.
     model = build_model(cfg, len(tokenizer))
     dp_cfg = None
     if plan.enabled:
@@ -421,12 +555,22 @@ def run(
             expected_batch_size=plan.expected_batch_size,
             microbatch_size=cfg.dp.microbatch_size * mesh.size,  # per device -> per step
             clipping=cfg.dp.clipping,
-            group_size=cfg.dp.group_size,
-            noise_seed=cfg.train.seed,
             engine=cfg.dp.engine,
             ghost_strategy=cfg.dp.ghost_strategy,
+            secure_noise=plan.secure_noise,
         )
-    tx = train.make_optimizer(build_optimizer(cfg, plan.num_steps), dp_cfg)
+
+    # The run's secret randomness: drawn and stored (private/run.json) at the first start, once
+    # every check has passed; read back, with the fingerprint checked, on every later start.
+    fingerprint = run_fingerprint(cfg, plan, train_blocks)
+    secrets = _open_run(wd, cfg, fingerprint, lead)
+    if lead:
+        wd.config.write_text(cfg.to_json_best_effort(indent=2) + "\n")
+
+    # Optimizer and train state.
+    tx = train.make_optimizer(
+        build_optimizer(cfg, plan.num_steps), dp_cfg, secrets.noise_key() if plan.enabled else None
+    )
     try:
         graphdef, state = train.init_state(model, tx, trainable_patterns(cfg))
     except ValueError as e:
@@ -438,16 +582,20 @@ def run(
     del model
     # Physical batches hold whole microbatches of microbatch_size examples per device.
     micro = (cfg.dp.microbatch_size if plan.enabled else 1) * mesh.size
+    sampling_seed = secrets.sampling
     if plan.enabled and plan.sampling == "poisson":
-        sampler = sampling.PoissonSampler(N, plan.sampling_prob, cfg.train.seed)
-        # Group clipping lays each drawn example's cell out in group_size slots: up to k x rows.
-        P = cfg.dp.physical_batch_size or plan.group_size * sampling.default_physical_batch_size(
+        sampler = sampling.PoissonSampler(N, plan.sampling_prob, sampling_seed)
+        P = cfg.dp.physical_batch_size or sampling.default_physical_batch_size(
             plan.expected_batch_size, N, micro
         )
     else:
-        sampler = sampling.ShuffleSampler(N, int(round(plan.expected_batch_size)), cfg.train.seed)
+        sampler = sampling.ShuffleSampler(N, int(round(plan.expected_batch_size)), sampling_seed)
         P = cfg.dp.physical_batch_size or int(round(plan.expected_batch_size))
     P = int(math.ceil(P / micro) * micro)
+    # Micro-batch clipping: the clipping unit of each example is its content-hash cell.
+    units = None
+    if plan.enabled and plan.group_size > 1:
+        units = sampling.content_cells(train_blocks, plan.num_cells)
 
     eval_batch_size = math.ceil(cfg.train.eval_batch_size / mesh.size) * mesh.size
 
@@ -455,12 +603,16 @@ def run(
     state, steps = train.shard_and_jit(graphdef, tx, dp_cfg, state, mesh)
 
     # Restore.
-    mngr = checkpoint.manager(workdir, max_to_keep=cfg.train.keep_checkpoints)
-    fingerprint = _fingerprint(cfg, plan, train_blocks)
-    metrics_path = workdir / "metrics.jsonl"
+    mngr = checkpoint.manager(wd.root, max_to_keep=cfg.train.keep_checkpoints)
     start, examples_seen = 0, 0
     if (latest := mngr.latest_step()) is not None:
-        state, meta = checkpoint.restore(mngr, latest, checkpoint.abstract(state), fingerprint)
+        state, meta = checkpoint.restore(mngr, latest, checkpoint.abstract(state))
+        if plan.enabled and not train.noise_key_matches(state, secrets.noise_key()):
+            raise RunMismatchError(
+                f"The checkpoint at step {latest} in {mngr.directory} was written with another "
+                f"noise key than {wd.run_record}: the two do not belong together. Use a new "
+                f"--workdir."
+            )
         start, examples_seen = int(state.step), int(meta["examples_seen"])
         log.info(
             "Resumed from %s at step %d (epsilon so far: %s).",
@@ -469,13 +621,14 @@ def run(
             meta["privacy"]["epsilon"],
         )
     if lead:
-        _truncate_jsonl(metrics_path, start)
-        _truncate_jsonl(workdir / "samples.jsonl", start)
+        # Steps logged after the last checkpoint are replayed with the same secrets, data and
+        # state, so their records come back identical: no new information is released.
+        for path in (wd.metrics, wd.private_metrics, wd.samples):
+            _truncate_jsonl(path, start)
 
     def save(step: int, eps: float) -> None:
         meta = {
-            "fingerprint": fingerprint,
-            "privacy": _privacy_record(plan, step, eps),
+            "privacy": _privacy_record(plan, step, eps, secrets),
             "examples_seen": examples_seen,
             "model_config": model_config,
             "trainable": list(trainable_patterns(cfg)),
@@ -485,17 +638,19 @@ def run(
         checkpoint.save(mngr, step, state, meta)
 
     # Loop.
-    base_key = jax.random.key(cfg.train.seed)
-    group_size = plan.group_size if plan.enabled else 1
+    dropout_key = secrets.dropout_key()
     eps = plan.epsilon(start)
+    approx = "~" if plan.approximate else ""
+    if secrets.fixed_by_user and plan.enabled:
+        log.warning("dp.noise_seed is set: %s.", randomness.FIXED_SEED_LABEL)
+        approx += " (fixed seed: not private)"
     progress = _progress(cfg.train.progress and lead, start, plan.num_steps)
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start, plan.num_steps):
         idx = sampler.sample(step)
-        step_key = jax.random.fold_in(base_key, step)
+        step_key = randomness.dropout_step_key(dropout_key, step)
         acc = steps.zero_accum(state.params)
-        batches = _physical_batches(idx, train_blocks, P, mesh, group_size)
-        for j, batch in enumerate(batches):
+        for j, batch in enumerate(_physical_batches(idx, train_blocks, P, mesh, micro, units)):
             key = jax.random.fold_in(step_key, j)
             acc = steps.grad_step(state.params, batch, key, acc, state.frozen)
         state, metrics = steps.update_step(state, acc)
@@ -518,14 +673,18 @@ def run(
         if done % cfg.train.log_every == 0 or is_eval or done == start + 1:
             eps = plan.epsilon(done)
             now = time.perf_counter()
-            record = {
+            public = {
                 "step": done,
-                "train_loss": float(metrics["train_loss"]),
                 "epsilon": eps if math.isfinite(eps) else None,
                 "epsilon_is_approximate": plan.approximate,
                 "delta": plan.target_delta,
                 "noise_multiplier": plan.noise_multiplier,
                 "sampling_prob": plan.sampling_prob,
+                "noise_seed_fixed_by_user": secrets.fixed_by_user,
+            }
+            private = {
+                "step": done,
+                "train_loss": float(metrics["train_loss"]),
                 "batch_size": int(metrics["batch_size"]),
                 "examples_seen": examples_seen,
                 "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
@@ -535,50 +694,63 @@ def run(
             }
             t_last, tokens_since = now, 0
             if is_eval:
-                record.update(_evaluate(steps.eval_step, state, eval_blocks, eval_batch_size, mesh))
+                public.update(_evaluate(steps.eval_step, state, eval_blocks, eval_batch_size, mesh))
                 params = (state.params, state.frozen)
-                _write_samples(workdir, cfg, tokenizer, graphdef, params, done, lead)
+                _write_samples(wd, cfg, tokenizer, graphdef, params, done, lead)
             if lead:
-                _append_jsonl(metrics_path, record)
-            progress.set_postfix(
-                loss=f"{record['train_loss']:.3f}",
-                eps=f"{eps:.3g}" + ("~" if plan.approximate else ""),
-            )
+                _append_jsonl(wd.metrics, public)
+                _append_jsonl(wd.private_metrics, private)
+            progress.set_postfix(loss=f"{private['train_loss']:.3f}", eps=f"{eps:.3g}{approx}")
         if done % cfg.train.checkpoint_every == 0 or done == plan.num_steps:
             save(done, plan.epsilon(done))
         progress.update(1)
     progress.close()
 
-    # Finish: privacy statement, HF export, report.
+    # Finish: privacy statement, HF export, reports.
     final_step = int(state.step)
     if mngr.latest_step() != final_step:
         save(final_step, plan.epsilon(final_step))
-    summary = _privacy_record(plan, final_step, plan.epsilon(final_step))
+    summary = _privacy_record(plan, final_step, plan.epsilon(final_step), secrets)
     # Gathering sharded arrays is collective: every process takes part.
     host = sharding.to_host((state.params, state.frozen)) if cfg.train.export_hf else None
     if lead:
-        (workdir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")
+        wd.privacy.write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.train.export_hf:
             model = train.merge(graphdef, *host)
             if lora.has_lora(model):
                 if cfg.train.export_peft and cfg.model.init == "pretrained":
                     base = str(cfg.model.name_or_path)
-                    lora.save_peft_adapter(model, workdir / "peft", base_model_name_or_path=base)
+                    lora.save_peft_adapter(model, wd.peft, base_model_name_or_path=base)
                 model = lora.merge_lora(model)  # a plain GPT2LMHeadModel
-            hf.save_pretrained(model, workdir / "hf", tokenizer=tokenizer)
-        from jaxdp import report
-
-        report.plot(metrics_path, workdir / "report.png", title=plan.describe())
+            hf.save_pretrained(model, wd.hf, tokenizer=tokenizer)
+        title = plan.describe()
+        target = plan.target_epsilon if plan.enabled else None
+        report.plot_public(wd.metrics, wd.report, title=title, target_epsilon=target)
+        report.plot_private(wd.private_metrics, wd.metrics, wd.private_report, title=title)
     mngr.close()
     return summary
 
 
-def _privacy_record(plan: PrivacyPlan, steps: int, eps: float) -> dict[str, Any]:
+def _privacy_record(
+    plan: PrivacyPlan, steps: int, eps: float, secrets: randomness.Secrets
+) -> dict[str, Any]:
+    if not plan.enabled:
+        return {
+            "epsilon": None,
+            "epsilon_is_approximate": False,
+            "guarantee": plan.describe(),
+            "steps": steps,
+            "expected_batch_size": plan.expected_batch_size,
+            "num_examples": plan.num_examples,
+            "sampling_method": "shuffle (non-private)",
+            "covers": "nothing: the run is not differentially private",
+        }
     return {
         "epsilon": eps if math.isfinite(eps) else None,
         "delta": plan.target_delta,
         "epsilon_is_approximate": plan.approximate,
         "guarantee": plan.describe(),
+        "randomness": secrets.label,
         "accountant": plan.accountant,
         "steps": steps,
         "sampling_prob": plan.sampling_prob,
@@ -588,15 +760,34 @@ def _privacy_record(plan: PrivacyPlan, steps: int, eps: float) -> dict[str, Any]
         "accounting_noise_multiplier": plan.accounting_noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
         "group_size": plan.group_size,
+        "num_cells": plan.num_cells,
+        "secure_noise": plan.secure_noise,
         "target_epsilon": plan.target_epsilon,
-        "sampling_method": plan.sampling if plan.enabled else "shuffle (non-private)",
-        "neighbouring_relation": NEIGHBOURING_RELATION,
+        "sampling_method": plan.sampling,
+        "neighbouring_relation": plan.neighbouring_relation(),
+        "public_parameters": PUBLIC_PARAMETERS,
         "covers": COVERED,
         "not_covered": NOT_COVERED,
     }
 
 
-def _write_samples(workdir, cfg, tokenizer, graphdef, params, step, lead: bool) -> None:
+def describe_result(summary: dict[str, Any]) -> str:
+    """One line for the console: steps and epsilon with every label it carries."""
+    eps = summary["epsilon"]
+    if summary.get("delta") is None:
+        return f"{summary['steps']} steps, non-private"
+    if eps is None:
+        return f"{summary['steps']} steps, {summary['guarantee']}"
+    labels = []
+    if summary["epsilon_is_approximate"]:
+        labels.append("APPROXIMATE: batches not Poisson-sampled")
+    if summary.get("randomness") == randomness.FIXED_SEED_LABEL:
+        labels.append(randomness.FIXED_SEED_LABEL)
+    label = f" ({'; '.join(labels)})" if labels else ""
+    return f"{summary['steps']} steps, epsilon = {eps:.4g} at delta = {summary['delta']:.3g}{label}"
+
+
+def _write_samples(wd: Workdir, cfg, tokenizer, graphdef, params, step, lead: bool) -> None:
     for i, prompt in enumerate(cfg.train.sample_prompts):
         ids = data.tokenize(tokenizer, prompt)
         out = generate(
@@ -605,14 +796,12 @@ def _write_samples(workdir, cfg, tokenizer, graphdef, params, step, lead: bool) 
             ids,
             max_new_tokens=cfg.train.sample_max_new_tokens,
             top_k=cfg.train.sample_top_k,
-            key=jax.random.fold_in(jax.random.key(cfg.train.seed), i),
+            key=randomness.generation_key(cfg.train.seed, i),
         )
         if not lead:
             continue
         text = tokenizer.decode(out.tolist())
-        _append_jsonl(
-            workdir / "samples.jsonl", {"step": step, "prompt": prompt, "completion": text}
-        )
+        _append_jsonl(wd.samples, {"step": step, "prompt": prompt, "completion": text})
         log.info("Sample at step %d: %s|%s", step, prompt, text)
 
 

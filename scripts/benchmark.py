@@ -215,7 +215,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             engine="ghost" if mode in GHOST_STRATEGY else "vmap",
             ghost_strategy=GHOST_STRATEGY.get(mode, "auto"),
         )
-    tx = train.make_optimizer(optax.adamw(1e-4), dp)
+    tx = train.make_optimizer(optax.adamw(1e-4), dp, jax.random.key(0))
 
     def init():
         model = init_model(config, seed=0)

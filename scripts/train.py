@@ -18,9 +18,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxdp import config as config_lib
 from jaxdp import trainer
 from jaxdp.checkpoint import CheckpointError
 from jaxdp.hf import HubUnavailableError
+from jaxdp.workdir import RunMismatchError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py).", lock_config=True
@@ -43,18 +45,26 @@ def _message(e: BaseException) -> str:
     return message.replace("\n", " ")
 
 
+_NONE_OVERRIDES: list[str] = []  # --config.a.b=None: set after the config is loaded
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    print(
+        "Usage: python scripts/train.py --config configs/NAME.py --workdir DIR "
+        "[--config.a.b=value ...]  (--config.a.b=None clears an optional field)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config typos reported in one line instead of a traceback."""
+    argv, _NONE_OVERRIDES[:] = config_lib.split_none_overrides(argv)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # unknown field, bad value type, missing config file, ...
-        print(f"error: {_message(e)}", file=sys.stderr)
-        print(
-            "Usage: python scripts/train.py --config configs/NAME.py --workdir DIR "
-            "[--config.a.b=value ...]",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        _usage_error(_message(e))
 
 
 def main(argv):
@@ -71,23 +81,22 @@ def main(argv):
     try:
         config = _CONFIG.value
         config.keys()  # the file is loaded lazily: fail here, not mid-run
-    except OSError as e:  # the config file could not be loaded
-        print(f"error: {_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        for path in _NONE_OVERRIDES:
+            config_lib.set_none(config, path)
+    except (OSError, ValueError, KeyError) as e:  # unloadable file, a field that needs a value
+        _usage_error(_message(e))
     try:
         summary = trainer.run(config, _WORKDIR.value)
-    except (trainer.ConfigError, HubUnavailableError, CheckpointError, FileNotFoundError) as e:
+    except (
+        trainer.ConfigError,
+        HubUnavailableError,
+        CheckpointError,
+        RunMismatchError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    eps = summary["epsilon"]
-    approx = " (APPROXIMATE)" if summary["epsilon_is_approximate"] else ""
-    if eps is None:
-        print(f"Done: {summary['steps']} steps, non-private. Outputs in {_WORKDIR.value}")
-    else:
-        print(
-            f"Done: {summary['steps']} steps, epsilon = {eps:.4g}{approx} at delta = "
-            f"{summary['delta']:.3g}. Outputs in {_WORKDIR.value}"
-        )
+    print(f"Done: {trainer.describe_result(summary)}. Outputs in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

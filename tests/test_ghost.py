@@ -130,7 +130,7 @@ def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
             microbatch_size=3,
             engine=engine,
         )
-        tx = train.make_optimizer(optax.sgd(0.1), dp)
+        tx = train.make_optimizer(optax.sgd(0.1), dp, jax.random.key(9))
         state = train.TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
         )
@@ -146,8 +146,15 @@ def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
         strict=True,
     ):
         assert _rel(np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)) <= RTOL
-    with pytest.raises(ValueError, match="per-example clipping only"):
-        train.make_grad_step(graphdef, dataclasses.replace(dp, group_size=2))
+    # Clipping units of several rows (micro-batch clipping) are the vmap engine's only.
+    step = train.make_grad_step(graphdef, dp)
+    with pytest.raises(NotImplementedError, match="engine='vmap'"):
+        step(
+            params,
+            {**batch, "segment_ids": jnp.zeros(6, jnp.int32)},
+            None,
+            train.zero_accum(params),
+        )
 
 
 def test_nonfinite_examples_contribute_exactly_zero(tiny_config):

@@ -22,3 +22,12 @@ def test_quickstart_notebook_executes(shared_data, monkeypatch):
     )
     assert '"steps": 2' in outputs
     assert "model.safetensors" in outputs
+    # The plot renders inline (a library that switched matplotlib's backend would stop it).
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
+    assert images, "the plot cell produced no image"

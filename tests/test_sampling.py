@@ -130,3 +130,75 @@ def test_default_physical_batch_size(expected, n, micro):
     # A draw overflows one chunk with small probability (or never, when capped at n).
     assert stats.binom.sf(size, n, q) < 1e-4
     assert size - micro < expected + 4 * math.sqrt(n * q * (1 - q)) + 1  # Not wastefully big.
+
+
+def test_content_cells_depend_on_content_only():
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 50257, size=(200, 9))
+    blocks[17] = blocks[3]  # a duplicate
+    cells = sampling.content_cells(blocks, 50)
+    assert cells.shape == (200,) and cells.min() >= 0 and cells.max() < 50
+    assert cells[17] == cells[3]
+    # Removing or adding an example (anywhere) leaves every other example in its cell.
+    removed = sampling.content_cells(np.delete(blocks, 5, axis=0), 50)
+    np.testing.assert_array_equal(removed, np.delete(cells, 5))
+    added = sampling.content_cells(np.insert(blocks, 0, rng.integers(0, 9, 9), axis=0), 50)
+    np.testing.assert_array_equal(added[1:], cells)
+    # Content, not position: a permutation permutes the cells.
+    perm = rng.permutation(200)
+    np.testing.assert_array_equal(sampling.content_cells(blocks[perm], 50), cells[perm])
+    # Spread evenly over the cells (chi-square against uniform).
+    many = sampling.content_cells(rng.integers(0, 50257, size=(20000, 9)), 50)
+    assert stats.chisquare(np.bincount(many, minlength=50)).pvalue > 1e-4
+    with pytest.raises(ValueError):
+        sampling.content_cells(blocks, 0)
+
+
+@pytest.mark.parametrize("P, m", [(8, 4), (12, 3), (6, 6)])
+def test_pack_units_keeps_each_unit_in_one_microbatch(P, m):
+    rng = np.random.default_rng(P * m)
+    for _ in range(30):
+        idx = np.sort(rng.choice(100, size=rng.integers(0, 40), replace=False))
+        units = rng.integers(0, 15, size=len(idx))
+        batches, dropped = sampling.pack_units(idx, units, P, m)
+        n = P // m
+        seen, total_dropped = [], 0
+        for b in batches:
+            assert b.rows.shape == b.is_padding.shape == b.segment_ids.shape == (P,)
+            chunk_of_row = np.arange(P) % n  # row a * n + j belongs to microbatch j
+            real = ~b.is_padding
+            for j in range(n):
+                rows = np.flatnonzero((chunk_of_row == j) & real)
+                ids = b.segment_ids[rows]
+                # Rows of one segment are one unit; no two units share a segment.
+                for sid in np.unique(ids):
+                    members = b.rows[rows[ids == sid]]
+                    unit_of = {units[np.searchsorted(idx, r)] for r in members}
+                    assert len(unit_of) == 1
+                pad_rows = np.flatnonzero((chunk_of_row == j) & b.is_padding)
+                assert not set(b.segment_ids[pad_rows]) & set(ids)
+            seen.extend(b.rows[real].tolist())
+        # Each unit's members are together: the rows of one unit are in one (batch, chunk).
+        for u in np.unique(units):
+            where = set()
+            for bi, b in enumerate(batches):
+                for r in np.flatnonzero(~b.is_padding):
+                    if units[np.searchsorted(idx, b.rows[r])] == u:
+                        where.add((bi, r % n))
+            assert len(where) == 1
+            total_dropped += max(0, int(np.sum(units == u)) - m)
+        assert dropped == total_dropped
+        assert len(seen) == len(set(seen)) == len(idx) - dropped
+
+
+def test_pack_units_drops_only_the_excess_of_an_oversized_unit():
+    idx = np.arange(10)
+    units = np.array([0] * 7 + [1, 2, 2])
+    batches, dropped = sampling.pack_units(idx, units, 8, 4)
+    assert dropped == 3
+    kept = np.concatenate([b.rows[~b.is_padding] for b in batches])
+    assert sorted(kept.tolist()) == [0, 1, 2, 3, 7, 8, 9]  # unit 0 keeps its first four
+    with pytest.raises(ValueError, match="multiple"):
+        sampling.pack_units(idx, units, 6, 4)
+    empty, dropped = sampling.pack_units(np.array([], np.int64), np.array([], np.int64), 4, 2)
+    assert len(empty) == 1 and empty[0].is_padding.all() and dropped == 0

@@ -118,4 +118,4 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert abs(a[k] - b[k]).max() <= 1e-6 * max(1.0, abs(a[k]).max()), k
-    assert (tmp_path / "two" / "checkpoints" / "2").is_dir()
+    assert (tmp_path / "two" / "private" / "checkpoints" / "2").is_dir()

@@ -18,7 +18,7 @@ def _batch(tokens, is_padding):
 
 def _run_step(tiny_config, dp, tx_base, physical_batches):
     model = init_model(tiny_config, seed=1)
-    tx = train.make_optimizer(tx_base, dp)
+    tx = train.make_optimizer(tx_base, dp, jax.random.key(0))
     graphdef, state = train.init_state(model, tx)
     grad_step = jax.jit(train.make_grad_step(graphdef, dp))
     update_step = jax.jit(train.make_update_step(tx, dp))

@@ -13,6 +13,7 @@ from conftest import REPO
 
 from jaxdp import accounting, checkpoint, sampling, trainer
 from jaxdp.config import load_config_file
+from jaxdp.workdir import RunMismatchError, Workdir
 
 
 def _load_config(name, arg=None):
@@ -49,15 +50,24 @@ def test_offline_config_two_step_smoke_run(tmp_path, arg):
     summary = trainer.run(cfg, tmp_path)
     for name in ("metrics.jsonl", "privacy.json", "samples.jsonl", "report.png", "config.json"):
         assert (tmp_path / name).is_file(), name
+    for name in ("run.json", "metrics.jsonl", "report.png", "README.txt"):
+        assert (tmp_path / "private" / name).is_file(), name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert math.isfinite(records[-1]["eval_loss"]) and records[-1]["eval_ppl"] > 1
+    # Noise-free training statistics stay in the private part of the workdir.
+    private = [json.loads(s) for s in (tmp_path / "private" / "metrics.jsonl").open()]
+    assert [r["step"] for r in private] == [1, 2]
+    for key in ("train_loss", "batch_size", "examples_seen", "clip_fraction", "tokens_per_s"):
+        assert key in private[-1] and all(key not in r for r in records), key
     privacy = json.loads((tmp_path / "privacy.json").read_text())
     assert privacy == summary and privacy["steps"] == 2
-    assert "train_loss" in privacy["not_covered"]  # undisguised training-set statistics
     if arg == "nodp":
         assert privacy["epsilon"] is None and "non-private" in privacy["guarantee"]
+        assert "delta" not in privacy and "covers the trained" not in json.dumps(privacy)
     else:
+        assert "train loss" in privacy["not_covered"]  # undisguised training-set statistics
+        assert "public" in privacy["public_parameters"]
         # The reported epsilon is dp-accounting's for exactly this Poisson-sampled run.
         import dp_accounting
 
@@ -77,25 +87,40 @@ def test_offline_config_two_step_smoke_run(tmp_path, arg):
         assert records[-1]["epsilon"] == privacy["epsilon"]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = _small(_load_config("tiny_offline"), num_steps=3, checkpoint_every=2, eval_every=3)
-    cfg.model.dropout = 0.1  # dropout keys must resume too
-    full = trainer.run(cfg, tmp_path / "full")
-
-    # Kill the second run as it draws the batch of step 3: after the checkpoint at step 2.
+def _kill_at_step(monkeypatch, kill_step: int):
+    """Makes the sampler raise as it draws the batch of (0-based) `kill_step`; returns undo()."""
     real_sample = sampling.PoissonSampler.sample
 
     def dying_sample(self, step):
-        if step == 2:
+        if step == kill_step:
             raise KeyboardInterrupt("simulated kill")
         return real_sample(self, step)
 
     monkeypatch.setattr(sampling.PoissonSampler, "sample", dying_sample)
+    return lambda: monkeypatch.setattr(sampling.PoissonSampler, "sample", real_sample)
+
+
+def _same_secrets(src, dst) -> None:
+    """Gives workdir `dst` the secret randomness of `src` (as if it were the same run)."""
+    Workdir(dst).make_private()
+    shutil.copy(Workdir(src).run_record, Workdir(dst).run_record)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """Default (secret) randomness: the resumed run reads its secrets back from private/."""
+    cfg = _small(_load_config("tiny_offline"), num_steps=3, checkpoint_every=2, eval_every=3)
+    cfg.model.dropout = 0.1  # dropout keys must resume too
+
+    # Kill the run as it draws the batch of step 3: after the checkpoint at step 2.
+    undo = _kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         trainer.run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(sampling.PoissonSampler, "sample", real_sample)
+    undo()
     assert checkpoint.manager(tmp_path / "resumed").latest_step() == 2
     resumed = trainer.run(cfg, tmp_path / "resumed")
+    # The uninterrupted twin: the same run (same secrets), never killed.
+    _same_secrets(tmp_path / "resumed", tmp_path / "full")
+    full = trainer.run(cfg, tmp_path / "full")
 
     assert resumed == full
     a, _ = checkpoint.load_model_from_workdir(tmp_path / "full")
@@ -108,13 +133,16 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(x[1].get_value()), np.asarray(y[1].get_value()))
-    records = {
-        name: [json.loads(s) for s in (tmp_path / name / "metrics.jsonl").open()]
-        for name in ("full", "resumed")
-    }
-    assert [r["step"] for r in records["resumed"]] == [1, 2, 3]
-    for key in ("train_loss", "eval_loss", "epsilon", "examples_seen", "clip_fraction"):
-        assert [r.get(key) for r in records["resumed"]] == [r.get(key) for r in records["full"]]
+    for metrics in ("metrics.jsonl", "private/metrics.jsonl"):
+        records = {
+            name: [json.loads(s) for s in (tmp_path / name / metrics).open()]
+            for name in ("full", "resumed")
+        }
+        assert [r["step"] for r in records["resumed"]] == [1, 2, 3]
+        for a, b in zip(records["resumed"], records["full"], strict=True):
+            assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+                k: v for k, v in b.items() if k != "tokens_per_s"
+            }
 
 
 def test_exported_hf_dir_loads_in_pytorch(tmp_path):
@@ -155,16 +183,22 @@ def test_exported_hf_dir_loads_in_pytorch(tmp_path):
 def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
     trainer.run(cfg, tmp_path)
+    config_json = (tmp_path / "config.json").read_text()
     cfg.dp.l2_clip_norm = 2.0
-    with pytest.raises(checkpoint.CheckpointError, match="l2_clip_norm"):
+    with pytest.raises(RunMismatchError, match=r"l2_clip_norm: 1\.0 -> 2\.0"):
         trainer.run(cfg, tmp_path)
     cfg.dp.l2_clip_norm = 1.0
-    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    cfg.model.dropout = 0.1  # dropout changes every gradient: part of the fingerprint
+    with pytest.raises(RunMismatchError, match="model.dropout"):
+        trainer.run(cfg, tmp_path)
+    cfg.model.dropout = 0.0
+    assert (tmp_path / "config.json").read_text() == config_json  # the record of the run stays
+    for f in (tmp_path / "private" / "checkpoints" / "2" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 1000:
             f.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match="NOT silently replaced"):
         trainer.run(cfg, tmp_path)
-    shutil.rmtree(tmp_path / "checkpoints" / "2" / "meta")
+    shutil.rmtree(tmp_path / "private" / "checkpoints" / "2" / "meta")
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
         trainer.run(cfg, tmp_path)
 
@@ -185,6 +219,19 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     cfg.data.train_files = (str(short),)
     with pytest.raises(trainer.ConfigError, match="no complete block"):
         trainer.run(cfg, tmp_path / "c")
+
+
+def test_zero_noise_and_tiny_noise_are_reported_honestly_and_fast():
+    cfg = _small(_load_config("tiny_offline"))
+    cfg.dp.noise_multiplier = 0.0
+    plan = trainer.plan_privacy(cfg, 1000)
+    assert "no privacy" in plan.describe() and "Poisson" not in plan.describe()
+    assert plan.epsilon(2) == math.inf
+    # sigma = 0.01 with a budget: PLD accounting at such noise used to run for minutes; now the
+    # grid is bounded and the answer (not even one step fits) comes at once, with its cost.
+    cfg.dp.noise_multiplier, cfg.dp.target_epsilon = 0.01, 8.0
+    with pytest.raises(trainer.ConfigError, match=r"one step costs epsilon=\d"):
+        trainer.plan_privacy(cfg, 1000)
 
 
 def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
@@ -215,7 +262,41 @@ def test_typo_in_config_override_is_rejected(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert 'Did you mean "noise_multiplier"' in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "private").exists()
+
+
+def test_optional_fields_can_be_cleared_from_the_command_line(tmp_path):
+    """`--config.dp.target_epsilon=None` drops the shipped budget (a float field otherwise)."""
+    base = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny_offline.py"),
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    small = [
+        "--config.data.block_size=16",
+        "--config.data.max_eval_examples=8",
+        "--config.dp.expected_batch_size=6",
+        "--config.dp.microbatch_size=3",
+        "--config.train.num_steps=1",
+        "--config.train.eval_every=1",
+        "--config.train.sample_max_new_tokens=2",
+        "--config.train.progress=False",
+        "--config.train.export_hf=False",
+    ]
+    run = lambda *extra: subprocess.run(
+        base + small + list(extra), capture_output=True, text=True, timeout=300
+    )
+    bad = run("--config.dp.l2_clip_norm=None")
+    assert bad.returncode == 2 and "l2_clip_norm cannot be None" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    ok = run("--config.dp.target_epsilon=None", "--config.dp.noise_multiplier=2.0")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    privacy = json.loads((tmp_path / "w" / "privacy.json").read_text())
+    assert privacy["target_epsilon"] is None and privacy["noise_multiplier"] == 2.0
+    assert "Done: 1 steps, epsilon = " in ok.stdout
 
 
 def test_every_shipped_config_loads():
@@ -249,8 +330,8 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     single = trainer.plan_privacy(cfg, 1000)
     assert grouped.noise_multiplier == pytest.approx(2 * single.noise_multiplier, rel=1e-12)
     assert grouped.epsilon(10) <= 4.0
-    cfg.dp.group_size, cfg.dp.microbatch_size = 3, 4
-    with pytest.raises(trainer.ConfigError, match="multiple of dp.group_size"):
+    cfg.dp.group_size, cfg.dp.microbatch_size = 5, 4
+    with pytest.raises(trainer.ConfigError, match="at least dp.group_size"):
         trainer.plan_privacy(cfg, 1000)
 
 
@@ -260,6 +341,7 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
         ({"engine": "gohst"}, "Unknown dp.engine 'gohst'"),
         ({"engine": "ghost", "ghost_strategy": "fast"}, "Unknown dp.ghost_strategy 'fast'"),
         ({"engine": "ghost", "group_size": 2}, "per-example clipping only"),
+        ({"group_size": 9}, "at least dp.group_size"),
     ],
 )
 def test_engine_settings_are_checked_before_training(overrides, message):
@@ -274,6 +356,8 @@ def test_group_clipping_run(tmp_path):
     cfg.dp.group_size = 3
     summary = trainer.run(cfg, tmp_path)
     assert summary["group_size"] == 3
+    assert summary["num_cells"] == math.ceil(summary["num_examples"] / 3)
+    assert "2C" in summary["neighbouring_relation"]
     assert summary["accounting_noise_multiplier"] == pytest.approx(1.0 / 2)
 
 
@@ -308,7 +392,8 @@ def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
     assert summary["guarantee"].startswith("APPROXIMATE")
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").open()]
     assert all(r["epsilon_is_approximate"] is True for r in records)
-    assert all(r["batch_size"] == cfg.dp.expected_batch_size for r in records)
+    private = [json.loads(s) for s in (tmp_path / "private" / "metrics.jsonl").open()]
+    assert all(r["batch_size"] == cfg.dp.expected_batch_size for r in private)
 
 
 def test_nonfinite_nonprivate_loss_stops_without_checkpointing_the_bad_state(tmp_path):

@@ -30,6 +30,7 @@ def main():
 
     cfg = _small(_load_config("tiny_offline"), num_steps=2)
     cfg.dp.microbatch_size = 2  # per device: 8 examples per chunk on 4 devices
+    cfg.dp.noise_seed = 3  # the one- and two-process runs must draw the same noise and batches
     if num_processes > 1:
         cfg.distributed.coordinator_address = f"127.0.0.1:{port}"
         cfg.distributed.num_processes = num_processes

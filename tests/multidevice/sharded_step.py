@@ -28,7 +28,7 @@ def run(mesh, dp):
         attn_pdrop=0.1,
     )
     # SGD: Adam's normalisation would amplify float summation-order differences of ~0 grads.
-    tx = train.make_optimizer(optax.sgd(0.5), dp)
+    tx = train.make_optimizer(optax.sgd(0.5), dp, jax.random.key(7))
     graphdef, state = train.init_state(init_model(config, seed=0), tx)
     state, steps = train.shard_and_jit(graphdef, tx, dp, state, mesh, min_sharded_size=0)
     sharded = any(not a.sharding.is_fully_replicated for a in jax.tree.leaves(state.params))
