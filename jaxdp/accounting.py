@@ -55,6 +55,7 @@ import dp_accounting
 import numpy as np
 import scipy.optimize
 from dp_accounting import pld, rdp
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 log = logging.getLogger("jaxdp")
 
@@ -656,8 +657,6 @@ class EpsilonCurve:
                 pld_discretization=self.pld_discretization,
             )
         if self._one_step is None:
-            from dp_accounting.pld import privacy_loss_distribution as pld_lib
-
             # Exactly what PLDAccountant composes for a PoissonSampledDpEvent(GaussianDpEvent).
             self._one_step = pld_lib.from_gaussian_mechanism(
                 standard_deviation=self.noise_multiplier,

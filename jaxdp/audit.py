@@ -20,7 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from jaxdp.data import tokenize
+from jaxdp.loss import example_loss
 
 TEMPLATE = "My secret code is {}."
 
@@ -31,8 +37,6 @@ def random_secrets(n: int, rng: np.random.Generator, digits: int = 6) -> list[st
 
 def canary_block(tokenizer, text: str, block_size: int) -> np.ndarray:
     """One training example: the canary's tokens (with a leading space) repeated to fill a block."""
-    from jaxdp.data import tokenize
-
     ids = tokenize(tokenizer, " " + text)
     reps = math.ceil(block_size / len(ids))
     return np.tile(ids, reps)[:block_size].astype(np.int32)
@@ -59,6 +63,7 @@ def one_run_epsilon_lower_bound(
     correction over the thresholds it tries. With probability >= `confidence` the run is not
     (eps, delta)-DP for any eps below the returned "epsilon_lower_bound".
     """
+    # jax_privacy is the `audit` extra: imported only by the audit that needs it.
     from jax_privacy.auditing import CanaryScoreAuditor
 
     auditor = CanaryScoreAuditor(-np.asarray(in_losses), -np.asarray(out_losses))
@@ -75,12 +80,6 @@ def group_privacy(eps: float, delta: float, k: int) -> tuple[float, float]:
 
 def example_losses(model, blocks: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Per-example mean next-token loss [N] of int token blocks [N, T] under `model`."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxdp.loss import example_loss
-
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -120,8 +120,9 @@ def clip_and_sum(
         for g, f, dtype in zip(leaves, factors, dtypes, strict=True)
     ]
     clipped = unit_clipped & unit_keep
-    if segment_ids is not None:
-        clipped = clipped[segment_ids]
+    if segment_ids is not None:  # (ids outside [0, B) belong to no unit: dropped, not clipped)
+        valid = (segment_ids >= 0) & (segment_ids < batch)
+        clipped = valid & clipped[jnp.clip(segment_ids, 0, batch - 1)]
     info = {"norms": norms, "clipped": clipped & keep, "finite": finite, "real": real}
     return jax.tree.unflatten(treedef, summed), info
 
@@ -169,13 +170,15 @@ def scan_microbatches(
 
     def body(carry, xs):
         acc, stats = carry
-        chunk, pad, ks, seg = xs
-        summed, chunk_stats = chunk_fn(
-            params, chunk, pad, ks if use_key else None, None if segment_ids is None else seg
-        )
+        chunk, pad, ks, seg, j = xs
+        # Ids are j * m + position (sampling.pack_units): local ids in [0, m). Ids packed for
+        # another microbatch size fall outside and their rows are dropped, never merged.
+        local = None if segment_ids is None else seg - j * m
+        summed, chunk_stats = chunk_fn(params, chunk, pad, ks if use_key else None, local)
         return (jax.tree.map(jnp.add, acc, summed), stats + chunk_stats), None
 
-    xs = tuple(jax.tree.map(to_chunks, x) for x in (batch, is_padding, keys, segments))
+    chunked = tuple(jax.tree.map(to_chunks, x) for x in (batch, is_padding, keys, segments))
+    xs = (*chunked, jnp.arange(n, dtype=jnp.int32))
     init = (jax.tree.map(jnp.zeros_like, params), ClipStats.zeros())
     (total, stats), _ = jax.lax.scan(body, init, xs)
     return total, stats

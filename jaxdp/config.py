@@ -7,6 +7,9 @@ is an error rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
 
@@ -101,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.export_hf = True  # write W/hf at the end (LoRA adapters merged in)
     c.train.export_peft = True  # with LoRA on a pretrained base: also W/peft (adapters only)
     c.train.progress = True  # tqdm progress bar
+    c.train.tensorboard = True  # also TensorBoard logs, when tensorboardX is installed
 
     return c
 
@@ -151,9 +155,6 @@ def set_none(config: ml_collections.ConfigDict, path: str) -> None:
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of a config file, as `--config path[:arg]` loads it, locked."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Config file not found: {path}")

@@ -54,9 +54,9 @@ from jaxdp.clipping import (
     scan_microbatches,
 )
 from jaxdp.gpt2 import Tape
-from jaxdp.lora import LoRALinear, path_name
+from jaxdp.lora import LoRALinear
 from jaxdp.loss import example_loss
-from jaxdp.train import merge
+from jaxdp.params import merge, path_name
 
 PyTree = Any
 STRATEGIES = ("auto", "ghost", "instantiate")

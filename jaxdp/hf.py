@@ -13,8 +13,11 @@ Saving writes `config.json` (with `tie_word_embeddings=True`) and `model.safeten
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from jaxdp.gpt2 import GPT2Config, GPT2LMHeadModel
 
@@ -55,7 +59,10 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None =
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass a Hugging Face model directory.")
     name = str(name_or_path)
+    if looks_like_path(name):
+        raise FileNotFoundError(f"Model directory not found: {path}")
     try:
+        # huggingface_hub (the `hf` extra) is needed only to download from the Hub.
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
@@ -71,6 +78,44 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None =
         ) from e
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id ("gpt2", "org/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+
+
+def _hub_host() -> tuple[str, int]:
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return endpoint.hostname or "huggingface.co", endpoint.port or 443
+
+
+def check_hub_access(**names: str | os.PathLike | None) -> None:
+    """Fails at once, naming every setting that needs the Hub, when the Hub cannot be reached.
+
+    `names` are settings such as model="gpt2", tokenizer="gpt2", dataset="wikitext"; those
+    that are local paths (or None) need no Hub. With HF_HUB_OFFLINE=1 nothing is probed: the
+    libraries then use the Hugging Face cache and fail fast if a file is not in it. Without this
+    check an offline run spends a minute in retries before the first error, and reveals the
+    next missing resource only on the next attempt."""
+    remote = {
+        k: str(v)
+        for k, v in names.items()
+        if v is not None and not Path(v).expanduser().exists() and not looks_like_path(str(v))
+    }
+    if not remote or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    host, port = _hub_host()
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        needed = ", ".join(f"{k}={v!r}" for k, v in remote.items())
+        raise HubUnavailableError(
+            f"The Hugging Face Hub ({host}) cannot be reached ({e}), and these settings need it: "
+            f"{needed}. Point them at local directories (for the offline quickstart: "
+            f"configs/tiny_offline.py), or set HF_HUB_OFFLINE=1 to use copies already in your "
+            f"Hugging Face cache."
+        ) from None
+
+
 def load_hf_config(model_dir: str | os.PathLike) -> GPT2Config:
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
@@ -83,8 +128,6 @@ def _read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if single.is_file() or index.is_file():
-        from safetensors.numpy import load_file
-
         if single.is_file():
             return load_file(single)
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -156,17 +199,17 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     revision: str | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    config: GPT2Config | None = None,
 ) -> GPT2LMHeadModel:
     """Loads a GPT-2 from a local HF directory or a Hub model id (e.g. `"gpt2"`).
 
     `config_overrides` replaces config fields that do not change parameter shapes, such as
-    dropout rates (`{"resid_pdrop": 0.0}`).
+    dropout rates (`{"resid_pdrop": 0.0}`); `config` replaces the directory's config.json (it
+    must describe the same shapes).
     """
     model_dir = resolve_model_dir(name_or_path, revision=revision)
-    config = load_hf_config(model_dir)
+    config = load_hf_config(model_dir) if config is None else config
     if config_overrides:
-        import dataclasses
-
         config = dataclasses.replace(config, **config_overrides)
     return params_from_state_dict(config, _read_state_dict(model_dir), dtype=dtype)
 
@@ -192,16 +235,22 @@ def save_pretrained(
     Contents: `config.json`, `model.safetensors` (tied: no separate lm_head tensor) and, if a
     tokenizer is given, its files (`tokenizer.save_pretrained`).
     """
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = model.config.to_hf_dict()
     hf_config["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    save_file(
-        state_dict(model), out / "model.safetensors", metadata={"format": "pt", **(metadata or {})}
-    )
+    weights = out / "model.safetensors"
+    save_file(state_dict(model), weights, metadata={"format": "pt", **(metadata or {})})
+    set_default_mode(weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def set_default_mode(path: Path) -> None:
+    """safetensors creates files readable by their owner only (0600): give them the mode any
+    other new file gets (0666 less the umask), like config.json beside them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

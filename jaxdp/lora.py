@@ -1,4 +1,4 @@
-"""LoRA adapters for the NNX GPT-2 and trainable-parameter selection.
+"""LoRA adapters for the NNX GPT-2: add, merge, export in PEFT format.
 
 `apply_lora(model, rank, alpha, targets)` replaces each target `nnx.Linear` (by default the
 attention projections `attn.c_attn` and `attn.c_proj` of every block) with a `LoRALinear`:
@@ -10,21 +10,24 @@ so the adapted model starts equal to the base model. Parameter paths keep their 
 folds the adapters into the kernels (W + A B alpha / rank) and returns a plain GPT-2 that
 `jaxdp.hf.save_pretrained` exports as an ordinary `GPT2LMHeadModel`.
 
-With DP-SGD only the trainable parameters (`trainable_filter`) are clipped, noised and updated;
-frozen parameters get no weight gradients at all.
+With DP-SGD only the trainable parameters (`jaxdp.params.trainable_filter`; with LoRA usually
+`LORA_PATTERN`) are clipped, noised and updated; frozen parameters get no weight gradients.
 """
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 from jaxdp.gpt2 import GPT2LMHeadModel
+from jaxdp.hf import set_default_mode
 from jaxdp.randomness import Stream, stream_key
 
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj")
@@ -106,36 +109,12 @@ def has_lora(model: GPT2LMHeadModel) -> bool:
     return any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model))
 
 
-def path_name(path: Sequence[Any]) -> str:
-    """('h', 0, 'attn', 'c_attn', 'kernel') -> 'h.0.attn.c_attn.kernel'."""
-    return ".".join(str(p) for p in path)
-
-
-def trainable_filter(patterns: Sequence[str]):
-    """An NNX filter selecting the parameters whose dotted path fully matches any pattern
-    (all parameters when `patterns` is empty)."""
-    compiled = [re.compile(p) for p in patterns]
-
-    def is_trainable(path, value) -> bool:
-        if not isinstance(value, nnx.Param):
-            return False
-        return not compiled or any(c.fullmatch(path_name(path)) for c in compiled)
-
-    return is_trainable
-
-
 def save_peft_adapter(
     model: GPT2LMHeadModel, out_dir, *, base_model_name_or_path: str | None = None
 ):
     """Writes the adapters as a PEFT LoRA directory (`peft.PeftModel.from_pretrained` loads it
     on top of the base `GPT2LMHeadModel`). GPT-2's Conv1D layers store [in, out] weights, hence
     `fan_in_fan_out=True`; PEFT's lora_A is [rank, in] = A^T and lora_B is [out, rank] = B^T."""
-    import json
-    from pathlib import Path
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
     tensors, names, ranks, scales = {}, set(), set(), set()
     for i, block in enumerate(model.h):
         for parent_name in ("attn", "mlp"):
@@ -177,4 +156,5 @@ def save_peft_adapter(
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    set_default_mode(out / "adapter_model.safetensors")
     return out

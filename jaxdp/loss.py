@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from jaxdp.params import merge
 
 
 def next_token_losses(
@@ -44,3 +50,16 @@ def token_accuracy(
     _, weights = next_token_losses(logits, tokens, token_mask)
     correct = (jnp.argmax(logits[..., :-1, :], axis=-1) == tokens[..., 1:]).astype(weights.dtype)
     return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def model_example_loss(graphdef: nnx.GraphDef, frozen: Any = None) -> Callable[..., jax.Array]:
+    """loss(params, example, key) of a jaxdp GPT-2 on ONE example {"tokens": [T], optional
+    "token_mask": [T]} (the privacy unit): `example_loss` of its logits; `key` drives dropout."""
+
+    def loss(params, example, key):
+        model = merge(graphdef, params, frozen)
+        tokens = example["tokens"]
+        logits = model(tokens[None], dropout_key=key)[0]  # [T, V]
+        return example_loss(logits, tokens, example.get("token_mask"))
+
+    return loss

@@ -73,7 +73,8 @@ def add_gaussian_noise(
     if not (isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise TypeError("key must be a JAX PRNG key (jax.random.key / jaxdp.randomness).")
     stddev = noise_multiplier * l2_clip_norm
-    key_data = jax.random.key_data(key)
+    # Only the key's data (state) and implementation (threefry2x32 for jaxdp's keys) are kept.
+    key_data, impl = jax.random.key_data(key), jax.random.key_impl(key)
 
     def init_fn(params):
         del params
@@ -82,7 +83,8 @@ def add_gaussian_noise(
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
-        keys = leaf_keys(jax.random.wrap_key_data(state.key), state.count, len(leaves))
+        key = jax.random.wrap_key_data(state.key, impl=impl)
+        keys = leaf_keys(key, state.count, len(leaves))
         noisy = [
             (g + stddev * _normal(k, g.shape, secure).astype(g.dtype)) / expected_batch_size
             for g, k in zip(leaves, keys, strict=True)

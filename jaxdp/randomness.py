@@ -68,11 +68,14 @@ def seed_sequence(seed: int, stream: Stream, *indices: int) -> np.random.SeedSeq
     )
 
 
+KEY_IMPL = "threefry2x32"  # pinned: JAX_DEFAULT_PRNG_IMPL cannot swap in a weaker generator
+
+
 def stream_key(seed: int, stream: Stream) -> jax.Array:
-    """The JAX PRNG key (default implementation) at the root of `stream` under `seed`."""
-    size = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
-    words = seed_sequence(seed, stream).generate_state(size, np.uint32)
-    return jax.random.wrap_key_data(words)
+    """The JAX PRNG key (threefry2x32: 64 bits, hashed from the whole seed) at the root of
+    `stream` under `seed`."""
+    words = seed_sequence(seed, stream).generate_state(2, np.uint32)
+    return jax.random.wrap_key_data(words, impl=KEY_IMPL)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

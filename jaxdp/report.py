@@ -6,17 +6,11 @@ matplotlib's global backend, so that a notebook's inline plots keep working.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from jaxdp.tracking import PRIVATE, PUBLIC, read_metrics
 
 
 def plot_public(
@@ -27,7 +21,7 @@ def plot_public(
     target_epsilon: float | None = None,
 ) -> Path:
     """Eval loss (held-out data) and epsilon against steps: both covered by the run's epsilon."""
-    records = read_metrics(metrics_path)
+    records = read_metrics(metrics_path, PUBLIC)
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_eps = fig.subplots(1, 2)
     evals = [r for r in records if r.get("eval_loss") is not None]
@@ -54,8 +48,8 @@ def plot_private(
     title: str = "",
 ) -> Path:
     """Noise-free training diagnostics (NOT covered by epsilon) beside the eval loss."""
-    records = read_metrics(metrics_path)
-    public = read_metrics(public_metrics_path)
+    records = read_metrics(metrics_path, PRIVATE)
+    public = read_metrics(public_metrics_path, PUBLIC)
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_clip = fig.subplots(1, 2)
     steps = [r["step"] for r in records]

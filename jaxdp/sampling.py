@@ -58,7 +58,7 @@ class PoissonSampler:
 
     num_examples: int
     sampling_prob: float
-    seed: int
+    seed: int = dataclasses.field(repr=False)  # secret: never shown
 
     def __post_init__(self):
         if not (isinstance(self.num_examples, (int, np.integer)) and self.num_examples >= 1):
@@ -98,7 +98,7 @@ class ShuffleSampler:
 
     num_examples: int
     batch_size: int
-    seed: int
+    seed: int = dataclasses.field(repr=False)  # secret: never shown
 
     def __post_init__(self):
         if not (isinstance(self.num_examples, (int, np.integer)) and self.num_examples >= 1):
@@ -227,9 +227,12 @@ def pack_units(
     ``indices`` [n] are the drawn examples and ``units`` [n] the unit (e.g. cell) of each.
     The units are packed into microbatches of ``microbatch_size`` rows (largest first, then
     first fit), ``physical_batch_size // microbatch_size`` microbatches per physical batch.
-    Within a microbatch, ``segment_ids`` number its units; padding rows get ids of their own.
     Microbatch j of a physical batch holds the rows ``a * n + j`` (``n`` microbatches per
     physical batch), the strided order in which ``jaxdp.clipping.scan_microbatches`` reads them.
+    ``segment_ids`` name the units: ``j * microbatch_size + p`` for a unit whose first row is at
+    position p of microbatch j (padding rows get ids of their own), so that the ids say which
+    microbatch they were packed for: read with another microbatch size, rows fall out of every
+    unit (they are dropped, never merged with another unit).
 
     A unit with more drawn members than ``microbatch_size`` keeps its first ``microbatch_size``
     (by example index) and the rest are dropped: the change stays within that unit, so the
@@ -267,13 +270,14 @@ def pack_units(
     num_chunks = max(1, math.ceil(len(chunks) / n)) * n
     rows = np.zeros((num_chunks, m), np.int64)
     is_padding = np.ones((num_chunks, m), bool)
-    segment_ids = np.tile(np.arange(m, dtype=np.int32), (num_chunks, 1))
+    # Ids j * m + position within the physical batch's microbatch j (padding: its own position).
+    segment_ids = np.tile(np.arange(n * m, dtype=np.int32).reshape(n, m), (num_chunks // n, 1))
     for j, units_j in enumerate(chunks):
         pos = 0
         for u in units_j:
             rows[j, pos : pos + len(u)] = u
             is_padding[j, pos : pos + len(u)] = False
-            segment_ids[j, pos : pos + len(u)] = pos  # the unit's first row names it
+            segment_ids[j, pos : pos + len(u)] = (j % n) * m + pos  # the unit's first row
             pos += len(u)
     batches = []
     for b in range(0, num_chunks, n):

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger("jaxdp")
@@ -160,8 +161,6 @@ def to_host(tree: PyTree) -> PyTree:
 
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
 
@@ -171,6 +170,4 @@ def to_host(tree: PyTree) -> PyTree:
 def sync_processes(name: str) -> None:
     """A barrier across the processes of a multi-host run (nothing with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

@@ -75,6 +75,11 @@ class Workdir:
     private_metrics = property(lambda self: self.private / "metrics.jsonl")
     private_report = property(lambda self: self.private / "report.png")
 
+    def released(self) -> list[Path]:
+        """The outputs of a run that exist (what a run's secrets must not be redrawn under)."""
+        paths = (self.config, self.privacy, self.metrics, self.samples, self.report, self.hf)
+        return [p for p in (*paths, self.peft, self.checkpoints) if p.exists()]
+
     def check_layout(self) -> None:
         """Refuses directories written by jaxdp before the private/ layout (public noise seed)."""
         if (self.root / "checkpoints").is_dir() and not self.private.is_dir():
@@ -96,31 +101,46 @@ class Workdir:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """private/run.json: the run's secret randomness and fingerprint."""
+    """private/run.json: the run's secret randomness, its fingerprint (what must not change) and
+    the settings it was started with (to say what changed)."""
 
     secrets: Secrets
     fingerprint: dict[str, Any]
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def save(self, path: Path) -> None:
-        """Writes atomically (a reader never sees half a file), readable by the owner only."""
+    def create(self, path: Path) -> None:
+        """Writes the record once: atomically (a reader never sees half a file), readable by
+        the owner only, and never over an existing record (two starts racing for the same
+        workdir: one of them gets RunMismatchError)."""
         data = {
             "version": RUN_RECORD_VERSION,
             "secrets": self.secrets.to_json(),
             "fingerprint": self.fingerprint,
+            "settings": self.settings,
         }
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)  # atomic, and fails if the record exists
+        except FileExistsError:
+            raise RunMismatchError(
+                f"{path} appeared while this run was starting: another run uses the same "
+                f"workdir. Use a new --workdir."
+            ) from None
+        finally:
+            os.unlink(tmp)
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
         try:
             data = json.loads(path.read_text())
-            return cls(Secrets.from_json(data["secrets"]), data["fingerprint"])
+            return cls(
+                Secrets.from_json(data["secrets"]), data["fingerprint"], data.get("settings", {})
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RunMismatchError(
                 f"{path} is unreadable ({type(e).__name__}: {e}); it holds this run's secret "
@@ -129,11 +149,19 @@ class RunRecord:
             ) from e
 
 
+# Values never shown in messages: a hash of the training data lets anyone who knows every
+# example but one test a candidate dataset against it.
+_HIDDEN_VALUES = ("data_sha256",)
+
+
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> current' for every (dotted, nested) key whose value differs."""
+    """'key: saved -> current' for every (dotted, nested) key whose value differs (hashes of
+    the data only as 'key differs')."""
     saved, current = _flatten(_normalise(saved)), _flatten(_normalise(current))
     return [
-        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        f"{k} differs"
+        if k.endswith(_HIDDEN_VALUES)
+        else f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k)
     ]

@@ -53,3 +53,18 @@ def tiny_config():
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
+
+
+def dp_plan(l2_clip_norm, noise_multiplier, expected_batch_size, *, clipping="flat", n=10_000):
+    """A DP-SGD privacy plan with these settings (no calibration), for step-level tests."""
+    from jaxdp.plan import PrivacyPlan
+
+    return PrivacyPlan(
+        num_examples=n,
+        expected_batch_size=float(expected_batch_size),
+        num_steps=1,
+        l2_clip_norm=l2_clip_norm,
+        noise_multiplier=noise_multiplier,
+        target_delta=1e-6,
+        clipping=clipping,
+    )

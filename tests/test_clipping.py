@@ -10,7 +10,8 @@ import pytest
 
 from jaxdp import clipping
 from jaxdp.gpt2 import init_model
-from jaxdp.train import init_state, make_example_loss
+from jaxdp.loss import model_example_loss as make_example_loss
+from jaxdp.steps import init_state
 
 
 def _setup(tiny_config, batch=6, seq=7, seed=0):

@@ -1,4 +1,4 @@
-"""scripts/compute_epsilon.py agrees with dp_accounting and fails cleanly."""
+"""`jaxdp epsilon` (scripts/compute_epsilon.py) agrees with dp_accounting and fails cleanly."""
 
 import json
 import subprocess
@@ -51,6 +51,7 @@ def test_epsilon_mode_matches_dp_accounting(kind):
         "accountant": kind,
         "num_examples": 60000,
         "expected_batch_size": 256,
+        "guarantee": "Poisson-subsampled Gaussian (add/remove-one)",
     }
 
 

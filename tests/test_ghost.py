@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import dp_plan
 
-from jaxdp import clipping, ghost, train
+from jaxdp import clipping, ghost, steps
 from jaxdp.gpt2 import init_model
+from jaxdp.loss import model_example_loss
 
 RTOL = 1e-5
 
@@ -21,7 +23,7 @@ def _rel(a, b) -> float:
 
 
 def _setup(config, batch=6, seq=7, seed=0):
-    graphdef, state = train.init_state(init_model(config, seed=seed), optax.sgd(0.1))
+    graphdef, state = steps.init_state(init_model(config, seed=seed), optax.sgd(0.1))
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config.vocab_size, size=(batch, seq))
     tokens[0, 4] = tokens[0, 1]  # a repeated token: the embedding rows overlap
@@ -30,7 +32,7 @@ def _setup(config, batch=6, seq=7, seed=0):
 
 
 def _per_example_grads(graphdef, params, tokens):
-    loss = train.make_example_loss(graphdef)
+    loss = model_example_loss(graphdef)
     return jax.vmap(jax.grad(lambda p, e: loss(p, e, None)), (None, 0))(params, {"tokens": tokens})
 
 
@@ -46,7 +48,7 @@ def test_ghost_norms_equal_per_example_gradient_norms(tiny_config, vocab_size):
         params, tokens
     )
     np.testing.assert_allclose(np.asarray(norms), _vmap_norms(graphdef, params, tokens), rtol=RTOL)
-    loss = train.make_example_loss(graphdef)
+    loss = model_example_loss(graphdef)
     expected = [float(loss(params, {"tokens": t}, None)) for t in tokens]
     np.testing.assert_allclose(np.asarray(losses), expected, rtol=RTOL)
 
@@ -58,7 +60,7 @@ def test_every_parameter_groups_norm_and_the_tied_cross_term(tiny_config):
 
     graphdef, params, tokens = _setup(tiny_config)
     sq, _ = jax.jit(lambda p, t: ghost.ghost_sq_norms(graphdef, p, {"tokens": t}))(params, tokens)
-    loss = train.make_example_loss(graphdef)
+    loss = model_example_loss(graphdef)
     grads = jax.vmap(jax.grad(lambda p, e: loss(p, e, None)), (None, 0))(params, {"tokens": tokens})
     for path, var in nnx.to_flat_state(grads):
         names = [str(x) for x in path]
@@ -103,7 +105,7 @@ def test_ghost_clipped_sum_equals_vmap_engine(tiny_config, microbatch_size, stra
     else:  # C_k = C / sqrt(K) at the median norm of a (tensor, example): half are clipped
         tensor_norms = [np.linalg.norm(np.asarray(g).reshape(len(g), -1), axis=1) for g in leaves]
         C = float(np.median(np.concatenate(tensor_norms))) * np.sqrt(len(leaves))
-    loss = train.make_example_loss(graphdef)
+    loss = model_example_loss(graphdef)
     reference = clipping.clipped_grad(loss, C, microbatch_size=microbatch_size, clipping=mode)
     ref, ref_stats = jax.jit(reference)(params, {"tokens": tokens}, is_padding)
     fn = ghost.ghost_clipped_grad(
@@ -123,21 +125,15 @@ def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
     batch = {"tokens": tokens, "is_padding": jnp.zeros(6, bool)}
     results = {}
     for engine in ("vmap", "ghost"):
-        dp = train.DPSGDConfig(
-            l2_clip_norm=0.5,
-            noise_multiplier=1.0,
-            expected_batch_size=6,
-            microbatch_size=3,
-            engine=engine,
-        )
-        tx = train.make_optimizer(optax.sgd(0.1), dp, jax.random.key(9))
-        state = train.TrainState(
+        dp, eng = dp_plan(0.5, 1.0, 6), steps.Engine(engine, microbatch_size=3)
+        tx = dp.optimizer(optax.sgd(0.1), jax.random.key(9))
+        state = steps.TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
         )
-        acc = jax.jit(train.make_grad_step(graphdef, dp))(
-            params, batch, jax.random.key(0), train.zero_accum(params)
+        acc = jax.jit(steps.make_grad_step(dp, eng, graphdef=graphdef))(
+            params, batch, jax.random.key(0), steps.zero_accum(params)
         )
-        results[engine], _ = jax.jit(train.make_update_step(tx, dp))(state, acc)
+        results[engine], _ = jax.jit(steps.make_update_step(tx, dp))(state, acc)
     # Compare the updates (new - old params): same noise, same clipped sum.
     for a, b, p in zip(
         jax.tree.leaves(results["ghost"].params),
@@ -147,13 +143,13 @@ def test_train_step_with_ghost_engine_equals_vmap_engine(tiny_config):
     ):
         assert _rel(np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)) <= RTOL
     # Clipping units of several rows (micro-batch clipping) are the vmap engine's only.
-    step = train.make_grad_step(graphdef, dp)
+    step = steps.make_grad_step(dp, eng, graphdef=graphdef)
     with pytest.raises(NotImplementedError, match="engine='vmap'"):
         step(
             params,
             {**batch, "segment_ids": jnp.zeros(6, jnp.int32)},
             None,
-            train.zero_accum(params),
+            steps.zero_accum(params),
         )
 
 
@@ -165,7 +161,7 @@ def test_nonfinite_examples_contribute_exactly_zero(tiny_config):
     mask[4, 2] = np.inf
     batch = {"tokens": tokens, "token_mask": jnp.asarray(mask)}
     is_padding = jnp.zeros(6, bool)
-    loss = train.make_example_loss(graphdef)
+    loss = model_example_loss(graphdef)
     ref, ref_stats = jax.jit(clipping.clipped_grad(loss, 0.1, microbatch_size=3))(
         params, batch, is_padding
     )

@@ -5,15 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import dp_plan
 from flax import nnx
 from test_trainer import _load_config, _small
 
-from jaxdp import hf, lora, train, trainer
+from jaxdp import hf, lora, steps
+from jaxdp import run as run_lib
 from jaxdp.gpt2 import init_model
+from jaxdp.loss import model_example_loss
+from jaxdp.params import path_name, trainable_filter
 
 
 def _flat(state):
-    return {lora.path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+    return {path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def test_lora_parameter_count_and_identity_at_init(tiny_config):
@@ -22,7 +26,7 @@ def test_lora_parameter_count_and_identity_at_init(tiny_config):
     before = model(ids)
     r, d, L = 4, tiny_config.n_embd, tiny_config.n_layer
     lora.apply_lora(model, rank=r, alpha=8.0)
-    _, adapters, _ = nnx.split(model, lora.trainable_filter([lora.LORA_PATTERN]), ...)
+    _, adapters, _ = nnx.split(model, trainable_filter([lora.LORA_PATTERN]), ...)
     # c_attn: d -> 3d, c_proj: d -> d; each adapter has r * (in + out) parameters.
     assert sum(x.size for x in jax.tree.leaves(adapters)) == L * r * ((d + 3 * d) + (d + d))
     np.testing.assert_array_equal(model(ids), before)  # B = 0: the adapted model starts as base
@@ -54,12 +58,12 @@ def test_merged_export_equals_adapted_model(tmp_path, tiny_config):
 
 def test_trainable_filter_selects_by_full_path(tiny_config):
     model = init_model(tiny_config)
-    _, params, frozen = nnx.split(model, lora.trainable_filter([r"h\.1\..*", r"ln_f\..*"]), ...)
+    _, params, frozen = nnx.split(model, trainable_filter([r"h\.1\..*", r"ln_f\..*"]), ...)
     names = set(_flat(params))
     assert names and all(n.startswith(("h.1.", "ln_f.")) for n in names)
     assert "h.0.ln_1.scale" in _flat(frozen) and "wte.embedding" in _flat(frozen)
     with pytest.raises(ValueError, match="No parameter matches"):
-        train.init_state(model, optax.sgd(0.1), trainable=["nothing"])
+        steps.init_state(model, optax.sgd(0.1), trainable=["nothing"])
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
@@ -70,16 +74,17 @@ def test_frozen_parameters_are_bit_identical_after_dp_training(tmp_path, use_lor
         cfg.model.lora_rank = 2
     else:
         cfg.model.trainable = (r"h\.1\..*",)
-    trainer.run(cfg, tmp_path)
+    run_lib.run(cfg, tmp_path)
     from jaxdp import checkpoint
 
     mngr = checkpoint.manager(tmp_path)
     meta = checkpoint.read_meta(mngr, mngr.latest_step())
     assert meta["trainable"] == ([lora.LORA_PATTERN] if use_lora else [r"h\.1\..*"])
     # The initial model, rebuilt the way the run built it.
-    initial = trainer.build_model(cfg, 50257)
+    model_config = run_lib.model_configuration(cfg.model)
+    initial = run_lib.build_model(cfg.model, model_config, seed=cfg.train.seed)
     _, init_params, init_frozen = nnx.split(
-        initial, lora.trainable_filter(trainer.trainable_patterns(cfg)), ...
+        initial, trainable_filter(run_lib.trainable_patterns(cfg.model)), ...
     )
     import orbax.checkpoint as ocp
 
@@ -114,12 +119,10 @@ def test_ghost_engine_with_a_trainable_subset_equals_vmap(tiny_config):
     batch = {"tokens": tokens, "is_padding": jnp.array([False, True, False, False])}
     results = {}
     for engine in ("vmap", "ghost"):
-        dp = train.DPSGDConfig(
-            l2_clip_norm=0.05, noise_multiplier=0.0, expected_batch_size=3, engine=engine
-        )
-        graphdef, state = train.init_state(model, optax.sgd(1.0), trainable=[r"h\.0\..*", "wte.*"])
-        acc = jax.jit(train.make_grad_step(graphdef, dp))(
-            state.params, batch, None, train.zero_accum(state.params), state.frozen
+        dp, eng = dp_plan(0.05, 0.0, 3), steps.Engine(engine)
+        graphdef, state = steps.init_state(model, optax.sgd(1.0), trainable=[r"h\.0\..*", "wte.*"])
+        acc = jax.jit(steps.make_grad_step(dp, eng, graphdef=graphdef))(
+            state.params, batch, None, steps.zero_accum(state.params), state.frozen
         )
         results[engine] = acc
     for a, b in zip(
@@ -149,11 +152,11 @@ def test_ghost_engine_with_lora_equals_vmap(tiny_config):
         for layer in (block.attn.c_attn, block.attn.c_proj):
             layer.lora_b.set_value(jnp.asarray(rng.normal(size=layer.lora_b.get_value().shape)))
     trainable = [lora.LORA_PATTERN, r"h\.1\.attn\.c_proj\.kernel", r"ln_f\..*"]
-    graphdef, state = train.init_state(model, optax.sgd(1.0), trainable=trainable)
-    assert any("lora_a" in lora.path_name(p) for p, _ in nnx.to_flat_state(state.params))
+    graphdef, state = steps.init_state(model, optax.sgd(1.0), trainable=trainable)
+    assert any("lora_a" in path_name(p) for p, _ in nnx.to_flat_state(state.params))
     tokens = jnp.asarray(rng.integers(0, 61, size=(4, 7)), jnp.int32)
     is_padding = jnp.array([False, True, False, False])
-    loss = train.make_example_loss(graphdef, state.frozen)
+    loss = model_example_loss(graphdef, state.frozen)
     ref, ref_stats = jax.jit(clipping.clipped_grad(loss, 0.05))(
         state.params, {"tokens": tokens}, is_padding
     )
@@ -204,7 +207,7 @@ def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
     cfg.model.lora_rank = 2
     cfg.dp.engine = "ghost"  # LoRA through the ghost engine (vmap: the frozen-parameter test)
     cfg.optim.learning_rate = 0.05
-    trainer.run(cfg, tmp_path / "run")
+    run_lib.run(cfg, tmp_path / "run")
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "hf").eval()
     adapted = peft.PeftModel.from_pretrained(
         transformers.GPT2LMHeadModel.from_pretrained(base_dir), tmp_path / "run" / "peft"

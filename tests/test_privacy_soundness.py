@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 from test_trainer import _kill_at_step, _load_config, _small
 
-from jaxdp import checkpoint, randomness, trainer
+from jaxdp import checkpoint, randomness
+from jaxdp import run as run_lib
+from jaxdp.tracking import read_metrics
 from jaxdp.workdir import RunMismatchError, RunRecord, Workdir
 
 
@@ -23,7 +25,7 @@ def _params(workdir) -> np.ndarray:
 
 
 def _jsonl(path):
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def test_default_runs_on_neighbouring_datasets_add_independent_noise(tmp_path):
@@ -39,9 +41,9 @@ def test_default_runs_on_neighbouring_datasets_add_independent_noise(tmp_path):
     cfg.dp.noise_multiplier, cfg.dp.l2_clip_norm = sigma, C
     cfg.optim.name, cfg.optim.learning_rate = "sgd", 1.0
     cfg.train.export_hf = False
-    trainer.run(cfg, tmp_path / "d")
+    run_lib.run(cfg, tmp_path / "d")
     x = np.arange(cfg.data.block_size, dtype=np.int32)[None] + 1000  # one more example
-    trainer.run(cfg, tmp_path / "d_plus_x", extra_train_blocks=x)
+    run_lib.run(cfg, tmp_path / "d_plus_x", extra_train_blocks=x)
     diff = _params(tmp_path / "d") - _params(tmp_path / "d_plus_x")
     B = cfg.dp.expected_batch_size
     expected = math.sqrt(2) * sigma * C / B
@@ -57,7 +59,7 @@ def _public_files(root):
 
 def test_released_files_hold_no_secret_and_no_noise_free_statistic(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
-    summary = trainer.run(cfg, tmp_path)
+    summary = run_lib.run(cfg, tmp_path)
     wd = Workdir(tmp_path)
     secrets = RunRecord.load(wd.run_record).secrets
     assert not secrets.fixed_by_user and summary["randomness"] == secrets.label
@@ -65,7 +67,8 @@ def test_released_files_hold_no_secret_and_no_noise_free_statistic(tmp_path):
     for value in (secrets.noise, secrets.sampling, secrets.dropout):
         needles += [str(value).encode(), f"{value:x}".encode()]
     for key in (secrets.noise_key(), secrets.dropout_key()):
-        needles.append(np.asarray(jax.random.key_data(key)).astype("<u4").tobytes())
+        words = np.asarray(jax.random.key_data(key)).astype("<u4")
+        needles += [words.tobytes()] + [str(int(w)).encode() for w in words]
     public = _public_files(tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in public}
     assert {"config.json", "privacy.json", "metrics.jsonl", "hf/model.safetensors"} <= names
@@ -88,33 +91,66 @@ def test_released_files_hold_no_secret_and_no_noise_free_statistic(tmp_path):
     assert "fingerprint" not in meta and meta["examples_seen"] >= 0
 
 
-def test_crash_after_releasing_uncheckpointed_steps_replays_them_exactly(tmp_path, monkeypatch):
-    """Killed after steps 3 (checkpoint at 2) and 1 (no checkpoint yet) were logged and sampled:
-    the resumed run re-releases exactly the same records, so no released number was computed
-    twice with different noise, and the final epsilon counts every step once."""
-    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=1)
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "private/tokens_per_s"} for r in records]
+
+
+def test_crash_after_logging_uncheckpointed_steps_replays_them_exactly(tmp_path, monkeypatch):
+    """Killed after steps 3 (checkpoint at 2) and 1 (no checkpoint yet) were logged: the
+    resumed run, with the stored secrets, replays them exactly (the same draws, dropout masks
+    and noise), and the final epsilon counts every step once (dp-accounting called directly)."""
+    import dp_accounting
+
+    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
     cfg.model.dropout = 0.1
-    wd = Workdir(tmp_path)
     for kill_step, checkpointed in ((3, 2), (1, None)):
         run_dir = tmp_path / f"kill{kill_step}"
         undo = _kill_at_step(monkeypatch, kill_step)
         with pytest.raises(KeyboardInterrupt):
-            trainer.run(cfg, run_dir)
+            run_lib.run(cfg, run_dir)
         undo()
         wd = Workdir(run_dir)
         assert checkpoint.manager(run_dir).latest_step() == checkpointed
-        released = {
-            name: _jsonl(path) for name, path in (("metrics", wd.metrics), ("samples", wd.samples))
-        }
-        assert [r["step"] for r in released["metrics"]] == list(range(1, kill_step + 1))
-        summary = trainer.run(cfg, run_dir)
-        for name, path in (("metrics", wd.metrics), ("samples", wd.samples)):
-            again = _jsonl(path)
-            assert again[: len(released[name])] == released[name], name
-        assert [r["step"] for r in _jsonl(wd.metrics)] == [1, 2, 3, 4]
+        logs = (wd.metrics, wd.private_metrics)
+        logged = [_without_timing(_jsonl(path)) for path in logs]
+        assert [r["step"] for r in logged[1]] == list(range(1, kill_step + 1))
+        summary = run_lib.run(cfg, run_dir)
+        for before, path in zip(logged, logs, strict=True):
+            again = _without_timing(_jsonl(path))
+            assert again[: len(before)] == before, path
+            assert [r["step"] for r in again] == [1, 2, 3, 4]
         assert summary["steps"] == 4
-        plan = trainer.plan_privacy(cfg, summary["num_examples"])
-        assert summary["epsilon"] == plan.epsilon(4)
+        event = dp_accounting.PoissonSampledDpEvent(
+            summary["sampling_prob"], dp_accounting.GaussianDpEvent(summary["noise_multiplier"])
+        )
+        accountant = dp_accounting.pld.PLDAccountant().compose(event, 4)
+        assert summary["epsilon"] == pytest.approx(
+            accountant.get_epsilon(summary["delta"]), rel=1e-6
+        )
+
+
+def test_eval_outputs_come_from_checkpoints_so_resuming_cannot_release_them_twice(
+    tmp_path, monkeypatch
+):
+    """Eval metrics and samples are functions of the private data: each is computed from a
+    checkpointed state. A crash and a resume with other performance settings (microbatch:
+    other dropout masks, other float rounding) then re-computes nothing that was released, so
+    the same noise never yields two different released values."""
+    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=4, eval_every=1)
+    cfg.model.dropout = 0.1
+    cfg.train.keep_checkpoints = 10
+    undo = _kill_at_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run(cfg, tmp_path)  # steps 1 and 2 evaluated and released
+    undo()
+    wd = Workdir(tmp_path)
+    assert checkpoint.manager(tmp_path).all_steps() == [1, 2]  # every eval checkpointed first
+    released = [_jsonl(wd.metrics), _jsonl(wd.samples)]
+    assert [r["step"] for r in released[0]] == [1, 2] and "public/eval_loss" in released[0][1]
+    cfg.dp.microbatch_size = 1  # a resumable setting changed
+    run_lib.run(cfg, tmp_path)
+    for before, path in zip(released, (wd.metrics, wd.samples), strict=True):
+        assert _jsonl(path)[: len(before)] == before
 
 
 def test_resuming_on_other_data_is_refused(tmp_path, monkeypatch):
@@ -126,26 +162,30 @@ def test_resuming_on_other_data_is_refused(tmp_path, monkeypatch):
     cfg.data.train_files = (str(text),)
     undo = _kill_at_step(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg, tmp_path / "w")  # step 1 logged, no checkpoint yet
+        run_lib.run(cfg, tmp_path / "w")  # step 1 logged, no checkpoint yet
     undo()
     text.write_text(source[:19000] + source[20000:21000])  # one example changed
     with pytest.raises(RunMismatchError, match="data_sha256"):
-        trainer.run(cfg, tmp_path / "w")
+        run_lib.run(cfg, tmp_path / "w")
 
 
 def test_fixed_noise_seed_is_labelled_everywhere(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.noise_seed = 5
-    summary = trainer.run(cfg, tmp_path / "a")
+    summary = run_lib.run(cfg, tmp_path / "a")
     assert summary["randomness"] == randomness.FIXED_SEED_LABEL
-    assert all(r["noise_seed_fixed_by_user"] for r in _jsonl(tmp_path / "a" / "metrics.jsonl"))
-    assert randomness.FIXED_SEED_LABEL in trainer.describe_result(summary)
+    records = read_metrics(tmp_path / "a" / "metrics.jsonl", "public")
+    assert records and all(r["noise_seed_fixed_by_user"] for r in records)
+    # The seed itself is not published: config.json keeps only that it was fixed.
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["dp"]["noise_seed"] != 5 and "private" in config["dp"]["noise_seed"]
+    assert randomness.FIXED_SEED_LABEL in run_lib.describe_result(summary)
     # Reproducible: the same seed gives the same run.
-    again = trainer.run(cfg, tmp_path / "b")
+    again = run_lib.run(cfg, tmp_path / "b")
     assert again == summary
     np.testing.assert_array_equal(_params(tmp_path / "a"), _params(tmp_path / "b"))
-    default = trainer.run(_small(_load_config("tiny_offline")), tmp_path / "c")
-    assert randomness.FIXED_SEED_LABEL not in trainer.describe_result(default)
+    default = run_lib.run(_small(_load_config("tiny_offline")), tmp_path / "c")
+    assert randomness.FIXED_SEED_LABEL not in run_lib.describe_result(default)
 
 
 def test_workdirs_without_their_secrets_are_refused(tmp_path):
@@ -153,8 +193,8 @@ def test_workdirs_without_their_secrets_are_refused(tmp_path):
     old = tmp_path / "old_layout"
     (old / "checkpoints" / "2").mkdir(parents=True)  # written by jaxdp with a public seed
     with pytest.raises(RunMismatchError, match="public"):
-        trainer.run(cfg, old)
-    trainer.run(cfg, tmp_path / "lost")
+        run_lib.run(cfg, old)
+    run_lib.run(cfg, tmp_path / "lost")
     (tmp_path / "lost" / "private" / "run.json").unlink()
     with pytest.raises(RunMismatchError, match="secret randomness"):
-        trainer.run(cfg, tmp_path / "lost")
+        run_lib.run(cfg, tmp_path / "lost")

@@ -25,14 +25,14 @@ def test_sharded_dp_step_equals_single_device_on_8_fake_devices():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 9  # {dp, ghost, nodp} x 3 meshes
+    assert len(results) == 6  # {dp, ghost, nodp} x 2 meshes
     for name, r in results.items():
         # Same examples, same noise: only the float summation order differs.
         assert r["param_rel_diff"] < 1e-5, (name, r)
-        for key in ("train_loss", "update_norm", "grad_norm_mean"):
+        for key in ("train_loss", "grad_norm_mean"):
             assert r["metrics"][key] == pytest.approx(r["ref_metrics"][key], rel=1e-5, abs=1e-7)
         assert r["metrics"]["batch_size"] == r["ref_metrics"]["batch_size"] == 27
-        is_fsdp_mesh = ", " in name  # the (data, fsdp) meshes "(4, 2)" and "(1, 8)"
+        is_fsdp_mesh = ", " in name  # the (data, fsdp) mesh "(2, 4)"
         assert r["params_sharded"] == is_fsdp_mesh, name
 
 

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from jaxdp import accounting, checkpoint, sampling, trainer
+from jaxdp import accounting, checkpoint, sampling
+from jaxdp import run as run_lib
 from jaxdp.config import load_config_file
+from jaxdp.tracking import read_metrics
 from jaxdp.workdir import RunMismatchError, Workdir
 
 
@@ -47,16 +49,21 @@ def _small(cfg, **train_overrides):
 def test_offline_config_two_step_smoke_run(tmp_path, arg):
     cfg = _small(_load_config("tiny_offline", arg))
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 3.0  # calibrated, as shipped
-    summary = trainer.run(cfg, tmp_path)
+    summary = run_lib.run(cfg, tmp_path)
     for name in ("metrics.jsonl", "privacy.json", "samples.jsonl", "report.png", "config.json"):
         assert (tmp_path / name).is_file(), name
     for name in ("run.json", "metrics.jsonl", "report.png", "README.txt"):
         assert (tmp_path / "private" / name).is_file(), name
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    raw = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Every key says what it is: public (covered by epsilon) or private (noise-free).
+    assert all(k == "step" or k.startswith("public/") for r in raw for k in r)
+    records = read_metrics(tmp_path / "metrics.jsonl", "public")
     assert [r["step"] for r in records] == [1, 2]
     assert math.isfinite(records[-1]["eval_loss"]) and records[-1]["eval_ppl"] > 1
     # Noise-free training statistics stay in the private part of the workdir.
-    private = [json.loads(s) for s in (tmp_path / "private" / "metrics.jsonl").open()]
+    private_raw = [json.loads(s) for s in (tmp_path / "private" / "metrics.jsonl").open()]
+    assert all(k == "step" or k.startswith("private/") for r in private_raw for k in r)
+    private = read_metrics(tmp_path / "private" / "metrics.jsonl", "private")
     assert [r["step"] for r in private] == [1, 2]
     for key in ("train_loss", "batch_size", "examples_seen", "clip_fraction", "tokens_per_s"):
         assert key in private[-1] and all(key not in r for r in records), key
@@ -114,13 +121,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     # Kill the run as it draws the batch of step 3: after the checkpoint at step 2.
     undo = _kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg, tmp_path / "resumed")
+        run_lib.run(cfg, tmp_path / "resumed")
     undo()
     assert checkpoint.manager(tmp_path / "resumed").latest_step() == 2
-    resumed = trainer.run(cfg, tmp_path / "resumed")
+    resumed = run_lib.run(cfg, tmp_path / "resumed")
     # The uninterrupted twin: the same run (same secrets), never killed.
     _same_secrets(tmp_path / "resumed", tmp_path / "full")
-    full = trainer.run(cfg, tmp_path / "full")
+    full = run_lib.run(cfg, tmp_path / "full")
 
     assert resumed == full
     a, _ = checkpoint.load_model_from_workdir(tmp_path / "full")
@@ -134,14 +141,11 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     ):
         np.testing.assert_array_equal(np.asarray(x[1].get_value()), np.asarray(y[1].get_value()))
     for metrics in ("metrics.jsonl", "private/metrics.jsonl"):
-        records = {
-            name: [json.loads(s) for s in (tmp_path / name / metrics).open()]
-            for name in ("full", "resumed")
-        }
+        records = {name: read_metrics(tmp_path / name / metrics) for name in ("full", "resumed")}
         assert [r["step"] for r in records["resumed"]] == [1, 2, 3]
         for a, b in zip(records["resumed"], records["full"], strict=True):
-            assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
-                k: v for k, v in b.items() if k != "tokens_per_s"
+            assert {k: v for k, v in a.items() if k != "private/tokens_per_s"} == {
+                k: v for k, v in b.items() if k != "private/tokens_per_s"
             }
 
 
@@ -149,7 +153,7 @@ def test_exported_hf_dir_loads_in_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = _small(_load_config("tiny_offline"))
-    trainer.run(cfg, tmp_path)
+    run_lib.run(cfg, tmp_path)
     model, _ = checkpoint.load_model_from_workdir(tmp_path)
     pt = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ids = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
@@ -182,56 +186,101 @@ def test_exported_hf_dir_loads_in_pytorch(tmp_path):
 
 def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
-    trainer.run(cfg, tmp_path)
+    run_lib.run(cfg, tmp_path)
     config_json = (tmp_path / "config.json").read_text()
     cfg.dp.l2_clip_norm = 2.0
     with pytest.raises(RunMismatchError, match=r"l2_clip_norm: 1\.0 -> 2\.0"):
-        trainer.run(cfg, tmp_path)
+        run_lib.run(cfg, tmp_path)
     cfg.dp.l2_clip_norm = 1.0
     cfg.model.dropout = 0.1  # dropout changes every gradient: part of the fingerprint
     with pytest.raises(RunMismatchError, match="model.dropout"):
-        trainer.run(cfg, tmp_path)
+        run_lib.run(cfg, tmp_path)
     cfg.model.dropout = 0.0
     assert (tmp_path / "config.json").read_text() == config_json  # the record of the run stays
-    for f in (tmp_path / "private" / "checkpoints" / "2" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 1000:
-            f.write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="NOT silently replaced"):
-        trainer.run(cfg, tmp_path)
-    shutil.rmtree(tmp_path / "private" / "checkpoints" / "2" / "meta")
-    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
-        trainer.run(cfg, tmp_path)
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
+    """A bit flip (or truncation) in a checkpoint is refused before anything is loaded, with
+    the step and how to fall back to the previous checkpoint; following that advice works."""
+    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
+    run_lib.run(cfg, tmp_path)
+    ckpts = tmp_path / "private" / "checkpoints"
+    data_file = _largest_file(ckpts / "4" / "state")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 16] = bytes(b ^ 0xFF for b in raw[len(raw) // 2 :][:16])
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match=r"Checkpoint 4 .*corrupt.*from step 2"):
+        run_lib.run(cfg, tmp_path)
+    # The command line says it in one line, without a traceback.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "tiny_offline.py"),
+            "--workdir",
+            str(tmp_path),
+            *(f"--config.{k}={v}" for k, v in _SMALL_FLAGS.items()),
+            "--config.train.num_steps=4",
+            "--config.train.checkpoint_every=2",
+            "--config.train.eval_every=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "corrupt" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr
+    # As the message says: move step 4 away and run again; it resumes from step 2.
+    shutil.move(ckpts / "4", tmp_path / "4.bad")
+    summary = run_lib.run(cfg, tmp_path)
+    assert summary["steps"] == 4 and checkpoint.manager(tmp_path).latest_step() == 4
+    # A truncated file, and a checkpoint whose save never finished (no checksum record).
+    data_file = _largest_file(ckpts / "2" / "state")
+    data_file.write_bytes(data_file.read_bytes()[:-100])
+    shutil.rmtree(ckpts / "4")
+    with pytest.raises(checkpoint.CheckpointError, match=r"Checkpoint 2 .*corrupt"):
+        run_lib.run(cfg, tmp_path)
+    (tmp_path / "private" / "checksums" / "2.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no checksum record"):
+        run_lib.run(cfg, tmp_path)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.expected_batch_size = 10**6
-    with pytest.raises(trainer.ConfigError, match="exceeds the number of training examples"):
-        trainer.run(cfg, tmp_path / "a")
+    with pytest.raises(run_lib.ConfigError, match="exceeds the number of training examples"):
+        run_lib.run(cfg, tmp_path / "a")
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.expected_batch_size = 999  # q ~ 0.06
     cfg.dp.target_epsilon = 0.01
-    with pytest.raises(trainer.ConfigError, match="Even one step"):
-        trainer.run(cfg, tmp_path / "b")
+    with pytest.raises(run_lib.ConfigError, match="Even one step"):
+        run_lib.run(cfg, tmp_path / "b")
     cfg = _small(_load_config("tiny_offline"))
     short = tmp_path / "short.txt"
     short.write_text("too short")
     cfg.data.train_files = (str(short),)
-    with pytest.raises(trainer.ConfigError, match="no complete block"):
-        trainer.run(cfg, tmp_path / "c")
+    with pytest.raises(run_lib.ConfigError, match="no complete block"):
+        run_lib.run(cfg, tmp_path / "c")
 
 
 def test_zero_noise_and_tiny_noise_are_reported_honestly_and_fast():
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.noise_multiplier = 0.0
-    plan = trainer.plan_privacy(cfg, 1000)
+    plan = run_lib.privacy_plan(cfg, 1000)
     assert "no privacy" in plan.describe() and "Poisson" not in plan.describe()
     assert plan.epsilon(2) == math.inf
     # sigma = 0.01 with a budget: PLD accounting at such noise used to run for minutes; now the
     # grid is bounded and the answer (not even one step fits) comes at once, with its cost.
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = 0.01, 8.0
-    with pytest.raises(trainer.ConfigError, match=r"one step costs epsilon=\d"):
-        trainer.plan_privacy(cfg, 1000)
+    with pytest.raises(run_lib.ConfigError, match=r"one step costs epsilon=\d"):
+        run_lib.privacy_plan(cfg, 1000)
 
 
 def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
@@ -239,7 +288,7 @@ def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
     N = 1000
     q = cfg.dp.expected_batch_size / N
     cfg.dp.target_epsilon = accounting.compute_epsilon(1.0, q, 7, 1 / (10 * N)) * 1.0001
-    plan = trainer.plan_privacy(cfg, N)
+    plan = run_lib.privacy_plan(cfg, N)
     assert plan.num_steps == 7
     assert plan.epsilon(7) <= cfg.dp.target_epsilon < plan.epsilon(8)
 
@@ -263,6 +312,20 @@ def test_typo_in_config_override_is_rejected(tmp_path):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert 'Did you mean "noise_multiplier"' in proc.stderr
     assert not (tmp_path / "private").exists()
+
+
+_SMALL_FLAGS = {  # _small() as command-line overrides
+    "data.block_size": 16,
+    "data.max_eval_examples": 8,
+    "dp.expected_batch_size": 6,
+    "dp.microbatch_size": 3,
+    "dp.noise_multiplier": 1.0,
+    "dp.target_epsilon": "None",
+    "train.log_every": 1,
+    "train.eval_batch_size": 8,
+    "train.sample_max_new_tokens": 4,
+    "train.progress": False,
+}
 
 
 def test_optional_fields_can_be_cleared_from_the_command_line(tmp_path):
@@ -316,7 +379,7 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     cfg.dp.microbatch_size = 4
     cfg.dp.group_size = 2
     cfg.dp.noise_multiplier = 1.6
-    plan = trainer.plan_privacy(cfg, 1000)
+    plan = run_lib.privacy_plan(cfg, 1000)
     assert plan.accounting_noise_multiplier == 0.8
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(0.8)), 10
@@ -325,14 +388,14 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     assert plan.epsilon(10) == pytest.approx(direct, rel=1e-9)
     # Calibrated: twice the noise of per-example clipping for the same target.
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 4.0
-    grouped = trainer.plan_privacy(cfg, 1000)
+    grouped = run_lib.privacy_plan(cfg, 1000)
     cfg.dp.group_size = 1
-    single = trainer.plan_privacy(cfg, 1000)
+    single = run_lib.privacy_plan(cfg, 1000)
     assert grouped.noise_multiplier == pytest.approx(2 * single.noise_multiplier, rel=1e-12)
     assert grouped.epsilon(10) <= 4.0
     cfg.dp.group_size, cfg.dp.microbatch_size = 5, 4
-    with pytest.raises(trainer.ConfigError, match="at least dp.group_size"):
-        trainer.plan_privacy(cfg, 1000)
+    with pytest.raises(run_lib.ConfigError, match="at least dp.group_size"):
+        run_lib.check_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -347,14 +410,14 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
 def test_engine_settings_are_checked_before_training(overrides, message):
     cfg = _load_config("tiny_offline")
     cfg.dp.update(overrides)
-    with pytest.raises(trainer.ConfigError, match=message):
-        trainer.plan_privacy(cfg, 1000)
+    with pytest.raises(run_lib.ConfigError, match=message):
+        run_lib.check_config(cfg)
 
 
 def test_group_clipping_run(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.group_size = 3
-    summary = trainer.run(cfg, tmp_path)
+    summary = run_lib.run(cfg, tmp_path)
     assert summary["group_size"] == 3
     assert summary["num_cells"] == math.ceil(summary["num_examples"] / 3)
     assert "2C" in summary["neighbouring_relation"]
@@ -372,7 +435,8 @@ def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, share
     (ds_dir / "train.txt").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
     (ds_dir / "validation.txt").write_text("\n".join(lines[len(lines) // 2 :]) + "\n")
     tok = data.load_tokenizer(tokenizer_dir)
-    blocks = data.hf_dataset_blocks(str(ds_dir), None, "train", "text", tok, 16)
+    source = data.TextSource("hf", dataset=str(ds_dir), split="train", text_field="text")
+    blocks = data.load_blocks(source, tok, 16)
     # The text builder drops line breaks; join_rows restores one row per line.
     expected = data.to_blocks(data.tokenize(tok, (ds_dir / "train.txt").read_text()), 16)
     np.testing.assert_array_equal(blocks, expected)
@@ -380,19 +444,19 @@ def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, share
     cfg = _small(_load_config("tiny_offline"))
     cfg.data.source = "hf"
     cfg.data.hf_dataset, cfg.data.hf_config = str(ds_dir), None
-    summary = trainer.run(cfg, tmp_path / "run")
+    summary = run_lib.run(cfg, tmp_path / "run")
     assert summary["num_examples"] == len(blocks)
 
 
 def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
     cfg = _small(_load_config("tiny_offline"))
     cfg.dp.sampling = "shuffle"
-    summary = trainer.run(cfg, tmp_path)
+    summary = run_lib.run(cfg, tmp_path)
     assert summary["epsilon_is_approximate"] is True
     assert summary["guarantee"].startswith("APPROXIMATE")
-    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "metrics.jsonl", "public")
     assert all(r["epsilon_is_approximate"] is True for r in records)
-    private = [json.loads(s) for s in (tmp_path / "private" / "metrics.jsonl").open()]
+    private = read_metrics(tmp_path / "private" / "metrics.jsonl", "private")
     assert all(r["batch_size"] == cfg.dp.expected_batch_size for r in private)
 
 
@@ -402,7 +466,7 @@ def test_nonfinite_nonprivate_loss_stops_without_checkpointing_the_bad_state(tmp
     cfg = _small(_load_config("tiny_offline", "nodp"), num_steps=4, checkpoint_every=1)
     cfg.optim.name, cfg.optim.learning_rate = "sgd", 1e30  # step 1 overflows the weights
     with pytest.raises(FloatingPointError, match="Non-finite training loss"):
-        trainer.run(cfg, tmp_path)
+        run_lib.run(cfg, tmp_path)
     mngr = checkpoint.manager(tmp_path)
     latest = mngr.latest_step()
     assert latest is not None

@@ -26,7 +26,7 @@ def main():
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     from test_trainer import _load_config, _small
 
-    from jaxdp import trainer
+    from jaxdp import run as run_lib
 
     cfg = _small(_load_config("tiny_offline"), num_steps=2)
     cfg.dp.microbatch_size = 2  # per device: 8 examples per chunk on 4 devices
@@ -35,7 +35,7 @@ def main():
         cfg.distributed.coordinator_address = f"127.0.0.1:{port}"
         cfg.distributed.num_processes = num_processes
         cfg.distributed.process_id = process_id
-    summary = trainer.run(cfg, workdir)
+    summary = run_lib.run(cfg, workdir)
     assert jax.device_count() == 4, jax.devices()
     if jax.process_index() == 0:
         print("SUMMARY " + json.dumps(summary))

@@ -1,0 +1,454 @@
+"""Speed and memory of one full train step, non-private vs DP-SGD engines, side by side.
+
+Each mode runs the trainer's real step (`PrivacyPlan.optimizer`, `steps.init_state`,
+`steps.shard_and_jit`; per step `zero_accum -> grad_step -> update_step`, blocked until ready) on
+a randomly initialised GPT-2 (no download) and a random batch of B sequences of T tokens, with
+no padding rows and dropout off:
+
+    nonprivate  no privacy plan: the plain mean gradient
+    vmap        DP-SGD, per-example gradients materialised by jax.vmap, `--microbatch` at a time
+    ghost       DP-SGD with the ghost-norm book-keeping engine (jaxdp.ghost), strategy "auto"
+    ghost_gram  the same, every layer's norm from Gram matrices (dp.ghost_strategy="ghost")
+    ghost_inst  the same, every per-example gradient instantiated ("instantiate")
+    lora        DP-SGD (vmap) training only LoRA adapters, rank 8, on attn.c_attn/c_proj
+    frozen      DP-SGD (vmap) training only the last block and ln_f; the rest frozen
+
+Every mode runs in a fresh subprocess of this script, so that its peak memory is its own (GPU
+peak memory cannot be reset within a process), and all modes run in one invocation, one after
+the other in the order given. One JSON line per mode is printed to stdout at the end (and
+appended to --out), with a table on stderr:
+
+    step_s               median wall time of --steps timed steps, after --warmup untimed ones
+    tokens_per_s         B * T / step_s
+    compile_s            lowering + compiling zero_accum, grad_step and update_step
+    peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
+                         (includes the Python/XLA runtime; see peak_bytes_source)
+    grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
+    state_bytes          the train state: trainable and frozen parameters, optimizer state
+    estimated_peak_bytes state_bytes + the gradient accumulator + grad_step_temp_bytes: the
+                         compiler's view of one device's peak (the state is replicated over
+                         the data-parallel mesh), for checking a fit without the device (the
+                         target backend's compiler may schedule differently)
+    grad_step_flops      XLA's cost-analysis FLOPs of one grad_step on one device (a microbatch
+                         loop's body times its trip count): a hardware-independent cost, so
+                         flops_ratio_vs_nonprivate (nonprivate FLOPs / these) predicts the
+                         compute-bound speed ratio on any accelerator
+    ratio_vs_nonprivate  nonprivate step_s / this step_s: the throughput relative to non-private
+                         training (0.25 = four times slower); null without a nonprivate result
+    flops_ratio_vs_nonprivate   nonprivate grad_step_flops / this one's
+    error                null, or why the mode failed (engine missing, out of memory, ...); the
+                         other modes still run
+
+CPU (a quick check; the tiny model still has GPT-2's 50257-token vocabulary):
+
+    jaxdp benchmark --model tiny --batch 8 --seq 64 --modes nonprivate,vmap
+
+`--compile-only` skips the timed steps and reports only what the compiler knows (compile_s,
+grad_step_flops, grad_step_temp_bytes, state_bytes, estimated_peak_bytes): a quick,
+hardware-independent look at an engine's cost on any machine, e.g.
+`--model gpt2 --batch 32 --seq 256 --compile-only` on a laptop CPU.
+
+GPU (if a mode runs out of memory its line says so; retry it with a smaller --microbatch).
+Issue 6's table, one invocation per row group:
+
+    jaxdp benchmark --model gpt2 --batch 32 --seq 256 \
+        --modes nonprivate,vmap,ghost,ghost_inst --out results.jsonl
+    jaxdp benchmark --model gpt2 --batch 16 --seq 1024 \
+        --modes nonprivate,vmap,ghost,ghost_inst --microbatch 4 --out results.jsonl
+    jaxdp benchmark --model gpt2-large --batch 16 --seq 256 \
+        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+    jaxdp benchmark --model gpt2-xl --batch 16 --seq 256 \
+        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+
+Invalid arguments exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+MODES = ("nonprivate", "vmap", "ghost", "ghost_gram", "ghost_inst", "lora", "frozen")
+# The ghost modes' dp.ghost_strategy (how dense layers' per-example norms are computed).
+GHOST_STRATEGY = {"ghost": "auto", "ghost_gram": "ghost", "ghost_inst": "instantiate"}
+MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+RESULT_KEYS = (
+    "step_s",
+    "tokens_per_s",
+    "peak_bytes",
+    "peak_bytes_source",
+    "compile_s",
+    "grad_step_temp_bytes",
+    "grad_step_flops",
+    "state_bytes",
+    "estimated_peak_bytes",
+    "n_trainable_params",
+    "device",
+    "backend",
+    "num_devices",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, required=True, help="GPT-2 preset")
+    parser.add_argument("--batch", type=int, required=True, help="B: examples per step")
+    parser.add_argument("--seq", type=int, required=True, help="T: tokens per example")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+    )
+    parser.add_argument(
+        "--microbatch", type=int, default=None, help="M for vmap/ghost (default: B, one vmap)"
+    )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile and report FLOPs and XLA's memory estimate without running steps",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown mode(s) {unknown}; choose from {','.join(MODES)}.")
+    if len(set(args.modes)) != len(args.modes):
+        parser.error(f"--modes: repeated mode in {','.join(args.modes)}.")
+    if args.dtype != "float32":
+        parser.error(f"--dtype {args.dtype} is not supported yet; use float32.")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}.")
+    from jaxdp.gpt2 import PRESETS, GPT2Config  # imports JAX but starts no backend
+
+    n_positions = PRESETS[args.model].get("n_positions", GPT2Config.n_positions)
+    if not 2 <= args.seq <= n_positions:
+        parser.error(
+            f"--seq must be in [2, {n_positions}] (n_positions of {args.model}), got {args.seq}."
+        )
+    if args.microbatch is None:
+        args.microbatch = args.batch
+    if args.microbatch < 1 or args.batch % args.microbatch:
+        m, b = args.microbatch, args.batch
+        parser.error(f"--microbatch must be >= 1 and divide --batch {b}, got {m}.")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}.")
+    return args
+
+
+def _log(mode: str, message: str) -> None:
+    print(f"[benchmark {mode}] {message}", file=sys.stderr, flush=True)
+
+
+def _error_message(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+    return text[:500]
+
+
+def _peak_bytes() -> tuple[int, str]:
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "gpu_peak_bytes_in_use"
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "host_peak_rss"
+
+
+def _flops(compiled, loop_trips: int) -> float | None:
+    """XLA's FLOP estimate; a while loop's body is counted once, so scale it by its trips."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = None if not cost else cost.get("flops")
+    return None if flops is None else float(flops) * loop_trips
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Builds, compiles and times `mode`'s train step in this process."""
+    # JAX is imported in the child process only: the parent never starts a backend, so that
+    # each mode's peak memory is its own.
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxdp import lora, sharding
+    from jaxdp import steps as steps_lib
+    from jaxdp.gpt2 import GPT2Config, init_model
+    from jaxdp.plan import PrivacyPlan
+
+    B, T = args.batch, args.seq
+    result: dict[str, Any] = {
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "num_devices": jax.device_count(),
+    }
+    if B % jax.device_count():
+        raise ValueError(f"--batch {B} must be divisible by the {jax.device_count()} devices.")
+
+    # Model and state, exactly as the trainer builds them.
+    config = GPT2Config.preset(args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    trainable: tuple[str, ...] = ()
+    if mode == "lora":
+        trainable = (lora.LORA_PATTERN,)
+    elif mode == "frozen":
+        trainable = (rf"h\.{config.n_layer - 1}\..*", r"ln_f\..*")
+    plan, engine = None, steps_lib.Engine()
+    if mode != "nonprivate":
+        # A benchmark's plan: random data, nothing private (a fixed noise key is fine here).
+        plan = PrivacyPlan(
+            num_examples=1000 * B,
+            expected_batch_size=B,
+            num_steps=args.warmup + args.steps,
+            l2_clip_norm=1.0,
+            noise_multiplier=1.0,
+            target_delta=1e-6,
+        )
+        engine = steps_lib.Engine(
+            "ghost" if mode in GHOST_STRATEGY else "vmap",
+            GHOST_STRATEGY.get(mode, "auto"),
+            args.microbatch // jax.device_count(),  # per device
+        )
+    base = optax.adamw(1e-4)
+    tx = base if plan is None else plan.optimizer(base, jax.random.key(0))
+
+    def init():
+        model = init_model(config, seed=0)
+        if mode == "lora":
+            lora.apply_lora(model, rank=8, alpha=16.0)
+        return steps_lib.init_state(model, tx, trainable)
+
+    if args.compile_only:  # shapes only: even GPT-2 XL's state is never allocated
+        static = {}
+
+        def abstract_init():
+            static["graphdef"], state = init()
+            return state
+
+        state = jax.eval_shape(abstract_init)
+        graphdef = static["graphdef"]
+    else:
+        graphdef, state = init()
+    result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
+    mesh = sharding.make_mesh()
+    state, steps = steps_lib.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
+
+    # A random batch, no padding rows, placed as the trainer places it.
+    rng = np.random.default_rng(0)
+    columns = {
+        "tokens": rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int32),  # [B, T]
+        "is_padding": np.zeros((B,), dtype=bool),  # [B]
+    }
+    batch = sharding.global_batch(columns, np.arange(B), mesh)
+    replicated = sharding.replicated(mesh)
+    base_key = jax.random.key(0)
+    keys = [
+        jax.device_put(jax.random.fold_in(base_key, i), replicated)
+        for i in range(args.warmup + args.steps)
+    ]
+
+    # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
+    _log(mode, "compiling")
+    t0 = time.perf_counter()
+    zero_accum = steps.zero_accum.lower(state.params).compile()
+    compile_s = time.perf_counter() - t0
+    if args.compile_only:
+        acc = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(steps.zero_accum, state.params),
+            zero_accum.output_shardings,
+        )
+    else:
+        acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
+    t0 = time.perf_counter()
+    grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
+    update_step = steps.update_step.lower(state, acc).compile()
+    result["compile_s"] = compile_s + time.perf_counter() - t0
+    analysis = grad_step.memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+    result["grad_step_temp_bytes"] = None if temp is None else int(temp)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    result["state_bytes"] = int(nbytes(state))
+    if temp is not None:
+        result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + temp)
+    result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // args.microbatch)
+    if args.compile_only:
+        _log(mode, f"compiled in {result['compile_s']:.1f}s")
+        return result
+    _log(mode, f"compiled in {result['compile_s']:.1f}s; running")
+    del acc
+
+    times = []
+    for i, key in enumerate(keys):
+        t0 = time.perf_counter()
+        acc = zero_accum(state.params)
+        acc = grad_step(state.params, batch, key, acc, state.frozen)
+        state, metrics = update_step(state, acc)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    loss = float(metrics["train_loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite train_loss {loss}")
+
+    result["step_s"] = statistics.median(times)
+    result["tokens_per_s"] = B * T / result["step_s"]
+    result["peak_bytes"], result["peak_bytes_source"] = _peak_bytes()
+    return result
+
+
+def run_single(args: argparse.Namespace) -> None:
+    """Child process: one mode, one JSON line on stdout, errors included in it."""
+    mode = args.single_mode
+    try:
+        result = measure(args, mode)
+        result["error"] = None
+    except (Exception, MemoryError) as e:  # engine missing, out of memory, ...
+        _log(mode, f"failed: {_error_message(e)}")
+        result = {"error": _error_message(e)}
+        try:
+            import jax
+
+            result.update(device=jax.devices()[0].device_kind, backend=jax.default_backend())
+        except Exception:
+            pass
+    print(json.dumps(result), flush=True)
+
+
+def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jaxdp.commands.benchmark",
+        f"--model={args.model}",
+        f"--batch={args.batch}",
+        f"--seq={args.seq}",
+        f"--modes={mode}",
+        f"--microbatch={args.microbatch}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--dtype={args.dtype}",
+        f"--single-mode={mode}",
+    ] + (["--compile-only"] if args.compile_only else [])
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Runs one mode in a fresh subprocess (same environment: XLA_FLAGS etc.)."""
+    # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it happens.
+    proc = subprocess.run(
+        _child_command(args, mode), stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    if proc.returncode < 0:
+        why = f"killed by signal {-proc.returncode} (out of host memory?)"
+    else:
+        why = f"exited with status {proc.returncode}"
+    return {"error": f"benchmark subprocess {why} without a result; see its stderr"}
+
+
+def _row(result: dict[str, Any]) -> dict[str, Any]:
+    row = {
+        "mode": None,
+        "model": None,
+        "batch": None,
+        "seq": None,
+        "microbatch": None,
+        "dtype": None,
+        "ghost_strategy": None,
+    }
+    row.update({k: None for k in RESULT_KEYS})
+    row["ratio_vs_nonprivate"] = None
+    row["flops_ratio_vs_nonprivate"] = None
+    row["error"] = None
+    row.update(result)
+    return row
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value, width, spec):
+        return f"{'-' if value is None else format(value, spec):>{width}}"
+
+    out = [
+        f"{'mode':<11} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'GFLOP':>9} "
+        f"{'flops vs':>9} {'peak MiB':>9} {'est. MiB':>9} {'compile s':>9}  error"
+    ]
+    for r in rows:
+        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+        est = r["estimated_peak_bytes"]
+        est = None if est is None else est / 2**20
+        step_ms = None if r["step_s"] is None else 1e3 * r["step_s"]
+        gflop = None if r["grad_step_flops"] is None else r["grad_step_flops"] / 1e9
+        line = (
+            f"{r['mode']:<11} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
+            f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(gflop, 9, '.1f')} "
+            f"{fmt(r['flops_ratio_vs_nonprivate'], 9, '.3f')} {fmt(peak, 9, '.0f')} "
+            f"{fmt(est, 9, '.0f')} {fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
+        )
+        out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.single_mode is not None:
+        run_single(args)
+        return 0
+
+    rows = []
+    for mode in args.modes:
+        _log(mode, f"{args.model} B={args.batch} T={args.seq}")
+        row = _row(run_mode(args, mode))
+        row.update(
+            mode=mode,
+            model=args.model,
+            batch=args.batch,
+            seq=args.seq,
+            microbatch=None if mode == "nonprivate" else args.microbatch,
+            dtype=args.dtype,
+            ghost_strategy=GHOST_STRATEGY.get(mode),
+        )
+        rows.append(row)
+
+    base = next((r for r in rows if r["mode"] == "nonprivate"), None)
+    base_s = None if base is None or base["error"] is not None else base["step_s"]
+    for r in rows:
+        if base_s is not None and r["error"] is None and r["step_s"]:
+            r["ratio_vs_nonprivate"] = base_s / r["step_s"]
+        if base is not None and base["error"] is None and r["error"] is None:
+            if base["grad_step_flops"] and r["grad_step_flops"]:
+                r["flops_ratio_vs_nonprivate"] = base["grad_step_flops"] / r["grad_step_flops"]
+
+    device = next((r["device"] for r in rows if r["device"]), "?")
+    print(f"\n{args.model} B={args.batch} T={args.seq} on {device}", file=sys.stderr)
+    print(_table(rows), file=sys.stderr, flush=True)
+    lines = [json.dumps(r) for r in rows]
+    print("\n".join(lines), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

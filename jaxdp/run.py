@@ -1,0 +1,790 @@
+"""The training run behind `jaxdp train` (and `scripts/train.py`), top to bottom in sections.
+
+    checks -> mesh -> data -> plan -> model -> workdir -> optimizer -> restore -> loop -> finish
+
+`run(config, workdir)` is the ONE place that reads the ConfigDict of
+`jaxdp.config.default_config()`: everything it calls takes explicit arguments, and the
+bookkeeping lives in small objects (`jaxdp.tracking`: metrics writer, progress bar, observers;
+`jaxdp.checkpoint`; `jaxdp.workdir`). It writes into `workdir` (layout: `jaxdp.workdir`):
+publishable `config.json`, `privacy.json`, `metrics.jsonl`, `samples.jsonl`, `report.png`, `hf/`
+(and `peft/`), and the PRIVATE `private/` (secret randomness, checkpoints, noise-free training
+diagnostics, the token cache).
+
+Running it again on the same workdir resumes from the last checkpoint with the stored secrets; a
+resumed run ends with the same parameters and epsilon as an uninterrupted one and replays the
+steps it logged after its last checkpoint exactly. Observers (`callbacks`) receive an `Event` at
+every step, eval and checkpoint; `cancel` (a `threading.Event` or a callable) stops the run after
+the current step with a checkpoint and an honest privacy.json for the steps it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from jaxdp import checkpoint, data, ghost, hf, lora, randomness, report, sampling, sharding, steps
+from jaxdp.clipping import CLIPPING_MODES
+from jaxdp.generate import generate
+from jaxdp.gpt2 import PRESETS, GPT2Config, GPT2LMHeadModel, init_model
+from jaxdp.params import merge
+from jaxdp.plan import PrivacyPlan
+from jaxdp.tracking import Event, JsonlLog, MetricsWriter, Observers, Progress, should_stop
+from jaxdp.workdir import RunMismatchError, RunRecord, Workdir, fingerprint_diff
+
+log = logging.getLogger("jaxdp")
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+# Settings that may differ when a run is resumed: they change neither the examples nor the
+# noise nor the trajectory (only logging, evaluation, export, float summation order), or the
+# privacy plan's fingerprint stands in for them (the resolved noise multiplier, the number of
+# examples). Everything else must match.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.sample_prompts",
+        "train.sample_max_new_tokens",
+        "train.sample_top_k",
+        "train.export_hf",
+        "train.export_peft",
+        "train.progress",
+        "train.tensorboard",
+        "train.num_steps",
+        "train.num_epochs",
+        "data.max_eval_examples",
+        "data.eval_files",
+        "data.hf_eval_split",
+        "dp.microbatch_size",
+        "dp.physical_batch_size",
+        "dp.engine",
+        "dp.ghost_strategy",
+        "dp.noise_multiplier",
+        "dp.target_epsilon",
+        "dp.target_delta",
+        "dp.accountant",
+        "mesh",
+        "distributed",
+    }
+)
+# The ratio of the noise's standard deviation to the largest possible clipped mean gradient
+# (sigma / B) above which training cannot move: every coordinate's noise exceeds the whole
+# gradient's norm.
+HOPELESS_NOISE_RATIO = 1.0
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be run as given (one line says what to change)."""
+
+
+# ============================================================================================
+# The run.
+
+
+def run(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    extra_train_blocks: np.ndarray | None = None,
+    callbacks: Sequence[Callable[[Event], None]] = (),
+    cancel: threading.Event | Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Trains (or resumes) the run described by `cfg` in `workdir`; returns its privacy record.
+
+    `extra_train_blocks` [n, block_size] are appended to the training examples (privacy audits
+    insert canaries this way)."""
+    # ---- Checks: every setting, the workdir and the sources, before any slow work.
+    check_config(cfg)
+    wd = Workdir(workdir)
+    wd.check_layout()
+    _check_same_run(wd, {"config": config_fingerprint(cfg)}, cfg, partial=True)
+    train_source, eval_source = text_sources(cfg.data)
+    for source in (train_source, eval_source):
+        if source is not None:
+            source.check()
+    hf.check_hub_access(
+        model=cfg.model.name_or_path if cfg.model.init == "pretrained" else None,
+        tokenizer=cfg.data.tokenizer,
+        dataset=cfg.data.hf_dataset if cfg.data.source == "hf" else None,
+    )
+
+    # ---- Mesh (and multi-host start-up, if configured: before any other JAX computation).
+    d = cfg.distributed
+    sharding.initialize_distributed(
+        d.coordinator_address, d.num_processes, d.process_id, mode=d.initialize
+    )
+    lead = jax.process_index() == 0  # the process that writes files other than checkpoints
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+
+    # ---- Model configuration (cheap: presets and config.json only) and data.
+    model_config = model_configuration(cfg.model)
+    if model_config.n_positions < cfg.data.block_size:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} exceeds the model's n_positions="
+            f"{model_config.n_positions}; use a smaller block size."
+        )
+    tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.init == "random":  # the embedding is sized to the tokenizer
+        model_config = dataclasses.replace(model_config, vocab_size=len(tokenizer))
+    elif model_config.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model_config.vocab_size}: they do not belong together."
+        )
+    train_blocks, eval_blocks = load_blocks(
+        wd, train_source, eval_source, tokenizer, cfg.data.block_size, lead
+    )
+    if extra_train_blocks is not None and len(extra_train_blocks):
+        extra = np.asarray(extra_train_blocks, train_blocks.dtype)
+        train_blocks = np.concatenate([np.asarray(train_blocks), extra])
+    if cfg.data.max_eval_examples is not None:
+        eval_blocks = eval_blocks[: cfg.data.max_eval_examples]
+    N, T = train_blocks.shape
+    if N == 0:
+        raise ConfigError(
+            f"The training data gives no complete block of {T} tokens; use more text or a "
+            f"smaller data.block_size."
+        )
+
+    # ---- Privacy plan: the noise multiplier, and the number of steps the budget allows.
+    plan = privacy_plan(cfg, N)
+    approx = " (APPROXIMATE: batches not Poisson-sampled)" if plan.approximate else ""
+    log.info(
+        "%d training examples of %d tokens; %s; q=%.5g, sigma=%.4g, C=%g, %d steps%s",
+        N,
+        T,
+        plan.describe(),
+        plan.sampling_prob,
+        plan.noise_multiplier,
+        plan.l2_clip_norm,
+        plan.num_steps,
+        approx,
+    )
+    _warn_about_hopeless_settings(plan, cfg.model)
+    engine = steps.Engine(
+        cfg.dp.engine,
+        cfg.dp.ghost_strategy,
+        cfg.dp.microbatch_size if plan.enabled else None,
+    )
+
+    # ---- Model.
+    model = build_model(cfg.model, model_config, seed=cfg.train.seed)
+
+    # ---- Workdir: the run's secret randomness is drawn and stored (private/run.json) at the
+    # first start, once every check has passed; read back, fingerprint checked, at later ones.
+    fingerprint = run_fingerprint(cfg, plan, train_blocks)
+    secrets = open_run(wd, cfg, fingerprint, lead)
+    if lead:
+        wd.config.write_text(public_settings(cfg))
+
+    # ---- Optimizer and train state, sharded over the mesh.
+    noise_key = secrets.noise_key() if plan.enabled else None
+    tx = plan.optimizer(build_optimizer(cfg.optim, plan.num_steps), noise_key)
+    try:
+        graphdef, state = steps.init_state(model, tx, trainable_patterns(cfg.model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    log.info(
+        "%d trainable parameters, %d frozen.",
+        sum(x.size for x in jax.tree.leaves(state.params)),
+        sum(x.size for x in jax.tree.leaves(state.frozen)),
+    )
+    del model
+    state, compiled = steps.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
+    batches = BatchMaker(plan, engine, mesh, train_blocks, cfg.dp.physical_batch_size)
+    sampler = plan.sampler(secrets.sampling)
+
+    # ---- Restore.
+    ckpt = checkpoint.Checkpointer(wd, keep=cfg.train.keep_checkpoints)
+    start, examples_seen = 0, 0
+    if (latest := ckpt.latest_step()) is not None:
+        state, meta = ckpt.restore(latest, state)
+        if plan.enabled and not steps.noise_key_matches(state, noise_key):
+            raise RunMismatchError(
+                f"The checkpoint at step {latest} in {wd.checkpoints} was written with another "
+                f"noise key than {wd.run_record}: the two do not belong together. Use a new "
+                f"--workdir."
+            )
+        start, examples_seen = int(state.step), int(meta["examples_seen"])
+        log.info("Resumed at step %d (epsilon so far: %s).", start, meta["privacy"]["epsilon"])
+    writer = MetricsWriter(wd, enabled=lead, tensorboard=cfg.train.tensorboard)
+    samples = SampleWriter(wd, cfg.train, tokenizer, graphdef, lead)
+    if lead:  # records of steps after the checkpoint: replayed below
+        writer.truncate(start)
+        samples.truncate(start)
+    sharding.sync_processes("jaxdp_logs")
+    ledger = dict(
+        model_config=dataclasses.asdict(model_config),
+        trainable=list(trainable_patterns(cfg.model)),
+        lora=lora_record(cfg.model),
+        tokenizer=str(cfg.data.tokenizer),
+    )
+    notify = Observers(callbacks)
+    eval_batch_size = math.ceil(cfg.train.eval_batch_size / mesh.size) * mesh.size
+
+    def public_metrics(step: int) -> dict[str, Any]:
+        return {**plan.metrics(step), "noise_seed_fixed_by_user": secrets.fixed_by_user}
+
+    def save(step: int) -> None:
+        privacy = plan.record(step, randomness=secrets.label)
+        ckpt.save(step, state, {"privacy": privacy, "examples_seen": examples_seen, **ledger})
+        notify(Event("checkpoint", step, plan.num_steps))
+
+    def release_eval(step: int) -> dict[str, float]:
+        """Eval metrics and samples: computed only from a CHECKPOINTED state, so that a crash
+        can never make the run release a second, differently computed version of them (a
+        replayed step may differ in float rounding, dropout masks or dropped cell members when
+        performance settings change on resume, and would reuse the same noise)."""
+        if ckpt.latest_step() != step:
+            save(step)
+        metrics = evaluate(compiled.eval_step, state, eval_blocks, eval_batch_size, mesh)
+        samples.write((state.params, state.frozen), step)
+        notify(Event("eval", step, plan.num_steps, metrics))
+        return metrics
+
+    is_eval_step = lambda step: step % cfg.train.eval_every == 0 or step == plan.num_steps
+    if start and is_eval_step(start) and not writer.has_public(start, "eval_loss"):
+        # Killed between the checkpoint and its eval records: release them now, from it.
+        writer.write(start, {**public_metrics(start), **release_eval(start)}, {})
+
+    # ---- Loop.
+    progress = Progress(cfg.train.progress and lead, start, plan.num_steps)
+    dropout_key = secrets.dropout_key()
+    label = "~" if plan.approximate else ""
+    if secrets.fixed_by_user and plan.enabled:
+        log.warning("dp.noise_seed is set: %s.", randomness.FIXED_SEED_LABEL)
+        label += " (fixed seed)"
+    notify(Event("start", start, plan.num_steps, public_metrics(start)))
+    cancelled, t_last, tokens_since = False, time.perf_counter(), 0
+    with progress.logging_above():
+        for step in range(start, plan.num_steps):
+            if should_stop(cancel):
+                cancelled = True
+                break
+            idx = sampler.sample(step)
+            step_key = randomness.dropout_step_key(dropout_key, step)
+            acc = compiled.zero_accum(state.params)
+            for j, batch in enumerate(batches.physical(idx)):
+                key = jax.random.fold_in(step_key, j)
+                acc = compiled.grad_step(state.params, batch, key, acc, state.frozen)
+            state, metrics = compiled.update_step(state, acc)
+            done = step + 1
+            examples_seen += len(idx)
+            tokens_since += len(idx) * T
+            _check_step(plan, metrics, done, ckpt)
+            public = public_metrics(done)
+            private = {k: float(v) for k, v in metrics.items()}
+            if done % cfg.train.log_every == 0 or is_eval_step(done) or done == 1:
+                now = time.perf_counter()
+                private.update(
+                    examples_seen=examples_seen,
+                    tokens_per_s=tokens_since / max(now - t_last, 1e-9),
+                )
+                t_last, tokens_since = now, 0
+                if is_eval_step(done):
+                    public.update(release_eval(done))
+                writer.write(done, public, private)
+            notify(Event("step", done, plan.num_steps, public, private))
+            if done % cfg.train.checkpoint_every == 0 or done == plan.num_steps:
+                if ckpt.latest_step() != done:
+                    save(done)
+            eps = public["epsilon"]
+            postfix = {
+                "loss": f"{private['train_loss']:.3f}",
+                "eps": ("inf" if eps is None else f"{eps:.3g}") + label,
+            }
+            if "eval_loss" in public:
+                postfix["eval"] = f"{public['eval_loss']:.3f}"
+            progress.update(**postfix)
+    progress.close()
+
+    # ---- Finish: a final checkpoint, the privacy statement, the exports and the reports.
+    final_step = int(state.step)
+    if ckpt.latest_step() != final_step:
+        save(final_step)
+    summary = plan.record(final_step, randomness=secrets.label)
+    summary["planned_steps"] = plan.num_steps
+    if cancelled:
+        summary["cancelled"] = True
+    # Gathering sharded arrays is collective: every process takes part.
+    export = cfg.train.export_hf and not cancelled
+    host = sharding.to_host((state.params, state.frozen)) if export else None
+    if lead:
+        wd.privacy.write_text(json.dumps(summary, indent=2) + "\n")
+        if export:
+            export_model(wd, merge(graphdef, *host), cfg, tokenizer)
+        target = plan.target_epsilon if plan.enabled else None
+        title = plan.describe()
+        if secrets.fixed_by_user and plan.enabled:
+            title += f" ({randomness.FIXED_SEED_LABEL})"
+        report.plot_public(wd.metrics, wd.report, title=title, target_epsilon=target)
+        report.plot_private(wd.private_metrics, wd.metrics, wd.private_report, title=title)
+    writer.close()
+    ckpt.close()
+    notify(Event("end", final_step, plan.num_steps, {"cancelled": cancelled, **summary}))
+    return summary
+
+
+# ============================================================================================
+# Sections' helpers: each reads the part of the config it is given.
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """One-line ConfigErrors for settings that cannot work, before any slow work."""
+    m, d, dp, o, t = cfg.model, cfg.data, cfg.dp, cfg.optim, cfg.train
+    choices = {
+        "model.init": (m.init, ("pretrained", "random")),
+        "data.source": (d.source, data.SOURCES),
+        "dp.sampling": (dp.sampling, ("poisson", "shuffle")),
+        "dp.clipping": (dp.clipping, CLIPPING_MODES),
+        "dp.engine": (dp.engine, steps.ENGINES),
+        "dp.ghost_strategy": (dp.ghost_strategy, ghost.STRATEGIES),
+        "dp.accountant": (dp.accountant, ("pld", "rdp")),
+        "optim.name": (o.name, OPTIMIZERS),
+        "optim.schedule": (o.schedule, SCHEDULES),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"Unknown {name} {value!r}; use one of {', '.join(allowed)}.")
+    positive = {
+        "dp.l2_clip_norm": dp.l2_clip_norm,
+        "dp.expected_batch_size": dp.expected_batch_size,
+        "optim.learning_rate": o.learning_rate,
+        "train.eval_every": t.eval_every,
+        "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.eval_batch_size": t.eval_batch_size,
+    }
+    for name, value in positive.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+    if not (isinstance(d.block_size, int) and d.block_size >= 2):
+        raise ConfigError(
+            f"data.block_size must be an integer >= 2 (one prediction needs two tokens), got "
+            f"{d.block_size!r}."
+        )
+    if t.num_epochs is None and not (isinstance(t.num_steps, int) and t.num_steps >= 1):
+        raise ConfigError(f"train.num_steps must be an integer >= 1, got {t.num_steps!r}.")
+    if t.num_epochs is not None and not t.num_epochs > 0:
+        raise ConfigError(f"train.num_epochs must be positive, got {t.num_epochs!r}.")
+    if not (isinstance(dp.microbatch_size, int) and dp.microbatch_size >= 1):
+        raise ConfigError(f"dp.microbatch_size must be an integer >= 1, got {dp.microbatch_size}.")
+    if dp.physical_batch_size is not None and dp.physical_batch_size < 1:
+        raise ConfigError(f"dp.physical_batch_size must be >= 1, got {dp.physical_batch_size}.")
+    if dp.group_size < 1 or (dp.enabled and dp.microbatch_size < dp.group_size):
+        raise ConfigError(
+            f"dp.microbatch_size ({dp.microbatch_size}) must be at least dp.group_size "
+            f"({dp.group_size} >= 1): a cell's drawn members share one microbatch."
+        )
+    if dp.group_size > 1 and dp.sampling != "poisson":
+        raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
+    if dp.engine == "ghost" and dp.group_size != 1:
+        raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
+    if dp.enabled and dp.noise_multiplier is None and dp.target_epsilon is None:
+        raise ConfigError("Set dp.noise_multiplier or dp.target_epsilon (or both).")
+    for name in ("noise_multiplier", "target_epsilon", "target_delta"):
+        value = dp[name]
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"dp.{name} must be a non-negative number, got {value}.")
+    if m.lora_rank < 0:
+        raise ConfigError(f"model.lora_rank must be >= 0, got {m.lora_rank}.")
+    if m.dropout is not None and not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
+    if m.init == "random" and m.name_or_path.split("/")[-1] not in PRESETS:
+        raise ConfigError(
+            f"model.init='random' needs a preset name in model.name_or_path "
+            f"({', '.join(PRESETS)}), got {m.name_or_path!r}."
+        )
+    if d.source == "text_files" and not d.train_files:
+        raise ConfigError("data.source='text_files' needs data.train_files.")
+
+
+def text_sources(d: ml_collections.ConfigDict) -> tuple[data.TextSource, data.TextSource | None]:
+    """(training source, evaluation source or None) of the data config."""
+    if d.source == "text_files":
+        train = data.TextSource("text_files", files=tuple(d.train_files))
+        evals = data.TextSource("text_files", files=tuple(d.eval_files)) if d.eval_files else None
+        return train, evals
+
+    def split(name):
+        return data.TextSource(
+            d.source,
+            dataset=d.hf_dataset,
+            config=d.hf_config,
+            split=name,
+            text_field=d.hf_text_field,
+        )
+
+    return split(d.hf_train_split), (split(d.hf_eval_split) if d.hf_eval_split else None)
+
+
+def load_blocks(wd: Workdir, train_source, eval_source, tokenizer, block_size: int, lead: bool):
+    """(train blocks [N, T], eval blocks [M, T]), tokenized once into the private token cache
+    by process 0 and memory-mapped by every process."""
+    cache = wd.private / "cache"
+
+    def load():
+        train = data.load_blocks(train_source, tokenizer, block_size, cache_dir=cache)
+        if eval_source is None:
+            return train, np.zeros((0, block_size), train.dtype)
+        return train, data.load_blocks(eval_source, tokenizer, block_size, cache_dir=cache)
+
+    blocks, error = None, None
+    if lead:  # tokenizes once; the others wait, then memory-map the cache
+        try:
+            wd.make_private()
+            blocks = load()
+        except ValueError as e:  # a missing column, text that is not UTF-8, ...
+            error = ConfigError(str(e))
+        except Exception as e:  # reaches the other processes as an error, not a hang
+            error = e
+    sharding.sync_processes("jaxdp_token_cache")
+    if error is not None:
+        raise error
+    try:
+        return blocks if lead else load()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def privacy_plan(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPlan:
+    dp, t = cfg.dp, cfg.train
+    steps_or_epochs = dict(steps=t.num_steps) if t.num_epochs is None else dict(epochs=t.num_epochs)
+    unit = f"example (one block of {cfg.data.block_size} tokens)"
+    try:
+        if not dp.enabled:
+            return PrivacyPlan.non_private(
+                num_examples=num_examples,
+                batch_size=dp.expected_batch_size,
+                unit=unit,
+                **steps_or_epochs,
+            )
+        return PrivacyPlan.create(
+            num_examples=num_examples,
+            expected_batch_size=dp.expected_batch_size,
+            l2_clip_norm=dp.l2_clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            target_epsilon=dp.target_epsilon,
+            target_delta=dp.target_delta,
+            accountant=dp.accountant,
+            sampling=dp.sampling,
+            clipping=dp.clipping,
+            group_size=dp.group_size,
+            secure_noise=dp.secure_noise,
+            unit=unit,
+            **steps_or_epochs,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _warn_about_hopeless_settings(plan: PrivacyPlan, m: ml_collections.ConfigDict) -> None:
+    ratio = plan.noise_multiplier / plan.expected_batch_size
+    if plan.enabled and ratio >= HOPELESS_NOISE_RATIO:
+        log.warning(
+            "noise_multiplier / expected_batch_size = %.3g: the noise on every coordinate of the "
+            "mean gradient is larger than the whole clipped gradient can be, so training will "
+            "barely move the loss. Raise the target epsilon, the batch size or the dataset size.",
+            ratio,
+        )
+    if m.lora_rank and m.init == "random":
+        log.warning(
+            "LoRA adapters on a randomly initialised base model: the frozen weights are noise. "
+            "LoRA is meant for fine-tuning pretrained weights (model.init='pretrained')."
+        )
+
+
+def model_configuration(m: ml_collections.ConfigDict) -> GPT2Config:
+    """The architecture (a preset, or a pretrained model's config.json): cheap, no weights."""
+    overrides = {}
+    if m.dropout is not None:
+        overrides = dict(resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
+    if m.init == "random":
+        return GPT2Config.preset(m.name_or_path, **overrides)
+    config = hf.load_hf_config(hf.resolve_model_dir(m.name_or_path, revision=m.revision))
+    return dataclasses.replace(config, **overrides)
+
+
+def build_model(m: ml_collections.ConfigDict, config: GPT2Config, seed: int) -> GPT2LMHeadModel:
+    """The model: random (public `seed`) or pretrained weights, plus LoRA adapters."""
+    if m.init == "random":
+        model = init_model(config, seed=seed)
+    else:
+        model = hf.from_pretrained(m.name_or_path, revision=m.revision, config=config)
+    if m.lora_rank:
+        lora.apply_lora(model, m.lora_rank, m.lora_alpha, m.lora_targets, seed=seed)
+    return model
+
+
+def trainable_patterns(m: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """model.trainable, or only the LoRA adapters when LoRA is on and nothing else is asked."""
+    if m.trainable:
+        return tuple(m.trainable)
+    return (lora.LORA_PATTERN,) if m.lora_rank else ()
+
+
+def lora_record(m: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    if not m.lora_rank:
+        return None
+    return {"rank": m.lora_rank, "alpha": m.lora_alpha, "targets": list(m.lora_targets)}
+
+
+def build_optimizer(o: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    if o.schedule == "constant":
+        lr = optax.constant_schedule(o.learning_rate)
+    else:
+        lr = optax.cosine_decay_schedule(o.learning_rate, max(1, num_steps - o.warmup_steps))
+    if o.warmup_steps:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), lr], [o.warmup_steps]
+        )
+    if o.name == "sgd":
+        return optax.sgd(lr, momentum=o.momentum or None)
+    if o.name == "adam":
+        return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+
+# ---- Fingerprint and run record ------------------------------------------------------------
+
+
+def config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings that must not change between the start of a run and its resumption."""
+
+    def strip(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            path = prefix + k
+            if path in RESUMABLE_FIELDS:
+                continue
+            out[k] = strip(v, path + ".") if isinstance(v, dict) else v
+        return out
+
+    return strip(cfg.to_dict())
+
+
+def run_fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, Any]:
+    """What a run is: its settings, its training data (a hash: kept private), its plan."""
+    return {
+        "config": config_fingerprint(cfg),
+        "data_sha256": data.blocks_sha256(train_blocks),
+        "plan": plan.fingerprint(),
+        # A cosine schedule's horizon shapes every step; a constant one does not depend on it.
+        "lr_schedule_steps": plan.num_steps if cfg.optim.schedule == "cosine" else None,
+    }
+
+
+def _check_same_run(wd: Workdir, fingerprint, cfg, *, partial: bool = False) -> None:
+    """Refuses to continue a workdir whose run differs (in `fingerprint`'s keys if partial)."""
+    if not wd.run_record.exists():
+        return
+    record = RunRecord.load(wd.run_record)
+    saved = record.fingerprint
+    if partial:
+        saved = {k: saved.get(k) for k in fingerprint}
+    diffs = fingerprint_diff(saved, fingerprint)
+    if not diffs:
+        return
+    changed = fingerprint_diff(record.settings, cfg.to_dict())
+    settings = f" Changed settings: {'; '.join(changed)}." if changed and not partial else ""
+    raise RunMismatchError(
+        f"{wd.root} holds a different run ({'; '.join(diffs)}).{settings} Continuing it would "
+        f"add the same noise to other gradients and mix two runs' privacy accounting. Use a new "
+        f"--workdir, or restore the original settings. (To train a finished run longer, fix "
+        f"dp.noise_multiplier to its value in privacy.json and raise train.num_steps.)"
+    )
+
+
+def open_run(wd: Workdir, cfg, fingerprint: dict[str, Any], lead: bool) -> randomness.Secrets:
+    """The run's secrets: read from private/run.json, or drawn and stored at the first start.
+
+    Process 0 creates the record; every process then reads it (a shared file system). An error
+    on process 0 reaches the others as a missing record, not as a wait forever."""
+    error = None
+    if lead and not wd.run_record.exists():
+        try:
+            leftovers = wd.released()
+            if leftovers:
+                raise RunMismatchError(
+                    f"{wd.root} holds outputs of an earlier run ({leftovers[0].name}) but not its "
+                    f"secret randomness (private/run.json): it cannot be continued privately. "
+                    f"Use a new --workdir."
+                )
+            seed = cfg.dp.noise_seed
+            secrets = (
+                randomness.Secrets.generate()
+                if seed is None
+                else randomness.Secrets.from_seed(seed)
+            )
+            wd.make_private()
+            RunRecord(secrets, fingerprint, cfg.to_dict()).create(wd.run_record)
+        except RunMismatchError as e:
+            error = e
+    sharding.sync_processes("jaxdp_run_record")
+    if error is not None:
+        raise error
+    if not wd.run_record.exists():
+        raise RunMismatchError(f"Process 0 could not start the run in {wd.root}; see its error.")
+    _check_same_run(wd, fingerprint, cfg)
+    return RunRecord.load(wd.run_record).secrets
+
+
+def public_settings(cfg: ml_collections.ConfigDict) -> str:
+    """config.json: the run's settings, publishable (a fixed noise seed is kept private)."""
+    settings = cfg.to_dict()
+    if settings["dp"].get("noise_seed") is not None:
+        settings["dp"]["noise_seed"] = "<fixed by the user: kept in private/run.json>"
+    return json.dumps(settings, indent=2, default=str) + "\n"
+
+
+# ---- The loop's parts ----------------------------------------------------------------------
+
+
+class BatchMaker:
+    """Drawn example indices -> padded physical batches of fixed shape, sharded over the mesh.
+
+    Physical batches hold whole microbatches (`engine.microbatch_size` examples per device);
+    with micro-batch clipping the drawn members of each content-hash cell share one microbatch
+    and carry `segment_ids`."""
+
+    def __init__(self, plan: PrivacyPlan, engine, mesh, blocks: np.ndarray, physical=None):
+        self.mesh, self.blocks = mesh, blocks
+        self.micro = (engine.microbatch_size or 1) * mesh.size
+        if plan.enabled and plan.sampling == "poisson":
+            default = sampling.default_physical_batch_size(
+                plan.expected_batch_size, plan.num_examples, self.micro
+            )
+        else:
+            default = int(round(plan.expected_batch_size))
+        self.size = int(math.ceil((physical or default) / self.micro) * self.micro)
+        self.units = None
+        if plan.enabled and plan.group_size > 1:
+            self.units = sampling.content_cells(blocks, plan.num_cells)
+
+    def physical(self, idx: np.ndarray):
+        if self.units is None:
+            chunks = [(rows, pad, None) for rows, pad in sampling.pad_batches(idx, self.size)]
+        else:
+            packed, dropped = sampling.pack_units(idx, self.units[idx], self.size, self.micro)
+            if dropped:
+                log.warning(
+                    "%d drawn examples beyond a microbatch per cell were left out.", dropped
+                )
+            chunks = [(b.rows, b.is_padding, b.segment_ids) for b in packed]
+        for rows, is_padding, segment_ids in chunks:
+            yield self._put(rows, is_padding, segment_ids)
+
+    def _put(self, rows, is_padding, segment_ids=None):
+        batch = sharding.global_batch({"tokens": self.blocks}, rows, self.mesh)
+        per_row = {"is_padding": is_padding}
+        if segment_ids is not None:
+            per_row["segment_ids"] = segment_ids
+        batch.update(sharding.global_batch(per_row, np.arange(len(rows)), self.mesh))
+        return batch
+
+
+def _check_step(plan: PrivacyPlan, metrics, done: int, ckpt) -> None:
+    if plan.enabled and float(metrics["num_nonfinite"]) > 0:
+        log.warning(
+            "Step %d: %d examples had non-finite gradients (zeroed, still private).",
+            done,
+            int(metrics["num_nonfinite"]),
+        )
+    if not plan.enabled and not math.isfinite(float(metrics["train_loss"])):
+        # The state now holds the bad update: keep it out of the checkpoints.
+        raise FloatingPointError(
+            f"Non-finite training loss at step {done}; lower the learning rate. The latest "
+            f"checkpoint (step {ckpt.latest_step()}) is unaffected."
+        )
+
+
+def evaluate(eval_step, state, blocks: np.ndarray, batch_size: int, mesh) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy on held-out blocks (public data)."""
+    if len(blocks) == 0:
+        return {}
+    sums = {"loss_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
+    for rows, is_padding in sampling.pad_batches(np.arange(len(blocks)), batch_size):
+        batch = sharding.global_batch({"tokens": blocks}, rows, mesh)
+        batch.update(sharding.global_batch({"is_padding": is_padding}, np.arange(len(rows)), mesh))
+        out = eval_step(state.params, batch, state.frozen)
+        for k in sums:
+            sums[k] += float(out[k])
+    loss = sums["loss_sum"] / sums["num_tokens"]
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 700.0)),
+        "eval_accuracy": sums["num_correct"] / sums["num_tokens"],
+    }
+
+
+class SampleWriter:
+    """Continuations of `train.sample_prompts` at each eval, into samples.jsonl (public: the
+    model is post-processed with public randomness)."""
+
+    def __init__(self, wd: Workdir, t: ml_collections.ConfigDict, tokenizer, graphdef, lead):
+        self.log = JsonlLog(wd.samples, lead)
+        self.prompts, self.max_new_tokens = tuple(t.sample_prompts), t.sample_max_new_tokens
+        self.top_k, self.seed = t.sample_top_k, t.seed
+        self.tokenizer, self.graphdef, self.lead = tokenizer, graphdef, lead
+
+    def truncate(self, last_step: int) -> None:
+        self.log.truncate(last_step)
+
+    def write(self, params, step: int) -> None:
+        for i, prompt in enumerate(self.prompts):
+            out = generate(
+                self.graphdef,
+                params,
+                data.tokenize(self.tokenizer, prompt),
+                max_new_tokens=self.max_new_tokens,
+                top_k=self.top_k,
+                key=randomness.generation_key(self.seed, i),
+            )
+            if self.lead:
+                text = self.tokenizer.decode(out.tolist())
+                self.log.append({"step": step, "prompt": prompt, "completion": text})
+                log.info("Sample at step %d: %s|%s", step, prompt, text)
+
+
+def export_model(wd: Workdir, model: GPT2LMHeadModel, cfg, tokenizer) -> None:
+    """W/hf (LoRA merged: a plain GPT2LMHeadModel) and, for LoRA on a pretrained base, W/peft."""
+    if lora.has_lora(model):
+        if cfg.train.export_peft and cfg.model.init == "pretrained":
+            base = str(cfg.model.name_or_path)
+            if Path(base).expanduser().is_dir():  # a local base: where it is, for any cwd
+                base = str(Path(base).expanduser().resolve())
+            lora.save_peft_adapter(model, wd.peft, base_model_name_or_path=base)
+        model = lora.merge_lora(model)
+    hf.save_pretrained(model, wd.hf, tokenizer=tokenizer)
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    """One line for the console: steps and epsilon with every label it carries."""
+    eps = summary["epsilon"]
+    steps_done = summary["steps"]
+    if summary.get("delta") is None:
+        return f"{steps_done} steps, non-private"
+    if eps is None:
+        return f"{steps_done} steps, {summary['guarantee']}"
+    labels = []
+    if summary["epsilon_is_approximate"]:
+        labels.append("APPROXIMATE: batches not Poisson-sampled")
+    if summary.get("randomness") == randomness.FIXED_SEED_LABEL:
+        labels.append(randomness.FIXED_SEED_LABEL)
+    label = f" ({'; '.join(labels)})" if labels else ""
+    return f"{steps_done} steps, epsilon = {eps:.4g} at delta = {summary['delta']:.3g}{label}"
