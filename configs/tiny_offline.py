@@ -4,7 +4,7 @@
 
 Data defaults to the WikiText-2 copy in ../shared/data beside the checkout (validation split as
 the training set, test split for evaluation); point --config.data.train_files /
---config.data.tokenizer elsewhere for your own text. Pass `dp` as the argument
+--config.data.tokenizer elsewhere for your own text. Pass `nodp` as the config's argument
 (`--config configs/tiny_offline.py:nodp`) for the non-private twin.
 """
 

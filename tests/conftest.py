@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 # The tests compile many tiny programs; XLA's backend optimisations cost more than they save here.
-# (Numerics are unaffected; set XLA_FLAGS yourself to override.)
+# (Numerics are unaffected; set XLA_FLAGS yourself to override.) Set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+from jaxdp import sampling  # noqa: E402
+from jaxdp.config import load_config_file  # noqa: E402
+from jaxdp.workdir import Workdir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXDP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -68,3 +73,52 @@ def dp_plan(l2_clip_norm, noise_multiplier, expected_batch_size, *, clipping="fl
         target_delta=1e-6,
         clipping=clipping,
     )
+
+
+# Offline configs for end-to-end runs ---------------------------------------------------
+
+
+def load_config(name, arg=None):
+    """A shipped config, loaded and locked as the CLI does (typos in tests fail too)."""
+    return load_config_file(REPO / "configs" / f"{name}.py", arg)
+
+
+def small(cfg, **train_overrides):
+    """The offline config shrunk further so that a run takes seconds."""
+    cfg.data.block_size = 16
+    cfg.data.max_eval_examples = 8
+    cfg.dp.expected_batch_size = 6
+    cfg.dp.microbatch_size = 3
+    # A fixed sigma: calibrating at these tiny q and step counts lands at sigma ~ 0.3, where PLD
+    # accounting takes seconds per evaluation (the smoke test below still calibrates once).
+    cfg.dp.noise_multiplier = 1.0
+    cfg.dp.target_epsilon = None
+    cfg.train.num_steps = 2
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 2
+    cfg.train.checkpoint_every = 2
+    cfg.train.eval_batch_size = 8
+    cfg.train.sample_max_new_tokens = 4
+    cfg.train.progress = False
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def kill_at_step(monkeypatch, kill_step: int):
+    """Makes the sampler raise as it draws the batch of (0-based) `kill_step`; returns undo()."""
+    real_sample = sampling.PoissonSampler.sample
+
+    def dying_sample(self, step):
+        if step == kill_step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_sample(self, step)
+
+    monkeypatch.setattr(sampling.PoissonSampler, "sample", dying_sample)
+    return lambda: monkeypatch.setattr(sampling.PoissonSampler, "sample", real_sample)
+
+
+def same_secrets(src, dst) -> None:
+    """Gives workdir `dst` the secret randomness of `src` (as if it were the same run)."""
+    Workdir(dst).make_private()
+    shutil.copy(Workdir(src).run_record, Workdir(dst).run_record)

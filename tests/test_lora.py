@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import dp_plan
+from conftest import dp_plan, load_config, small
 from flax import nnx
-from test_trainer import _load_config, _small
 
 from jaxdp import hf, lora, steps
 from jaxdp import run as run_lib
@@ -68,7 +67,7 @@ def test_trainable_filter_selects_by_full_path(tiny_config):
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_frozen_parameters_are_bit_identical_after_dp_training(tmp_path, use_lora):
-    cfg = _small(_load_config("tiny_offline"), num_steps=2)
+    cfg = small(load_config("tiny_offline"), num_steps=2)
     cfg.optim.learning_rate = 0.1
     if use_lora:
         cfg.model.lora_rank = 2
@@ -202,7 +201,7 @@ def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
     from jaxdp.gpt2 import GPT2Config
 
     base_dir = hf.save_pretrained(init_model(GPT2Config.preset("tiny"), seed=4), tmp_path / "base")
-    cfg = _small(_load_config("tiny_offline"), num_steps=2)
+    cfg = small(load_config("tiny_offline"), num_steps=2)
     cfg.model.init, cfg.model.name_or_path = "pretrained", str(base_dir)
     cfg.model.lora_rank = 2
     cfg.dp.engine = "ghost"  # LoRA through the ghost engine (vmap: the frozen-parameter test)

@@ -9,8 +9,8 @@ import stat
 import jax
 import numpy as np
 import pytest
+from conftest import kill_at_step, load_config, small
 from flax import nnx
-from test_trainer import _kill_at_step, _load_config, _small
 
 from jaxdp import checkpoint, randomness
 from jaxdp import run as run_lib
@@ -37,7 +37,7 @@ def test_default_runs_on_neighbouring_datasets_add_independent_noise(tmp_path):
     independent noise it has the variance of the difference of two noise draws, 2 (sigma C / B)^2.
     """
     sigma, C = 4.0, 1.0
-    cfg = _small(_load_config("tiny_offline"), num_steps=1, eval_every=1, checkpoint_every=1)
+    cfg = small(load_config("tiny_offline"), num_steps=1, eval_every=1, checkpoint_every=1)
     cfg.dp.noise_multiplier, cfg.dp.l2_clip_norm = sigma, C
     cfg.optim.name, cfg.optim.learning_rate = "sgd", 1.0
     cfg.train.export_hf = False
@@ -58,7 +58,7 @@ def _public_files(root):
 
 
 def test_released_files_hold_no_secret_and_no_noise_free_statistic(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     summary = run_lib.run(cfg, tmp_path)
     wd = Workdir(tmp_path)
     secrets = RunRecord.load(wd.run_record).secrets
@@ -101,11 +101,11 @@ def test_crash_after_logging_uncheckpointed_steps_replays_them_exactly(tmp_path,
     and noise), and the final epsilon counts every step once (dp-accounting called directly)."""
     import dp_accounting
 
-    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
+    cfg = small(load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
     cfg.model.dropout = 0.1
     for kill_step, checkpointed in ((3, 2), (1, None)):
         run_dir = tmp_path / f"kill{kill_step}"
-        undo = _kill_at_step(monkeypatch, kill_step)
+        undo = kill_at_step(monkeypatch, kill_step)
         with pytest.raises(KeyboardInterrupt):
             run_lib.run(cfg, run_dir)
         undo()
@@ -136,10 +136,10 @@ def test_eval_outputs_come_from_checkpoints_so_resuming_cannot_release_them_twic
     checkpointed state. A crash and a resume with other performance settings (microbatch:
     other dropout masks, other float rounding) then re-computes nothing that was released, so
     the same noise never yields two different released values."""
-    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=4, eval_every=1)
+    cfg = small(load_config("tiny_offline"), num_steps=4, checkpoint_every=4, eval_every=1)
     cfg.model.dropout = 0.1
     cfg.train.keep_checkpoints = 10
-    undo = _kill_at_step(monkeypatch, 2)
+    undo = kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_lib.run(cfg, tmp_path)  # steps 1 and 2 evaluated and released
     undo()
@@ -156,11 +156,11 @@ def test_eval_outputs_come_from_checkpoints_so_resuming_cannot_release_them_twic
 def test_resuming_on_other_data_is_refused(tmp_path, monkeypatch):
     """The same noise on different data would release the difference of two clipped sums."""
     text = tmp_path / "train.txt"
-    source = open(_load_config("tiny_offline").data.train_files[0]).read()
+    source = open(load_config("tiny_offline").data.train_files[0]).read()
     text.write_text(source[:20000])
-    cfg = _small(_load_config("tiny_offline"), num_steps=3)
+    cfg = small(load_config("tiny_offline"), num_steps=3)
     cfg.data.train_files = (str(text),)
-    undo = _kill_at_step(monkeypatch, 1)
+    undo = kill_at_step(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run_lib.run(cfg, tmp_path / "w")  # step 1 logged, no checkpoint yet
     undo()
@@ -170,7 +170,7 @@ def test_resuming_on_other_data_is_refused(tmp_path, monkeypatch):
 
 
 def test_fixed_noise_seed_is_labelled_everywhere(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_seed = 5
     summary = run_lib.run(cfg, tmp_path / "a")
     assert summary["randomness"] == randomness.FIXED_SEED_LABEL
@@ -184,12 +184,12 @@ def test_fixed_noise_seed_is_labelled_everywhere(tmp_path):
     again = run_lib.run(cfg, tmp_path / "b")
     assert again == summary
     np.testing.assert_array_equal(_params(tmp_path / "a"), _params(tmp_path / "b"))
-    default = run_lib.run(_small(_load_config("tiny_offline")), tmp_path / "c")
+    default = run_lib.run(small(load_config("tiny_offline")), tmp_path / "c")
     assert randomness.FIXED_SEED_LABEL not in run_lib.describe_result(default)
 
 
 def test_workdirs_without_their_secrets_are_refused(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     old = tmp_path / "old_layout"
     (old / "checkpoints" / "2").mkdir(parents=True)  # written by jaxdp with a public seed
     with pytest.raises(RunMismatchError, match="public"):

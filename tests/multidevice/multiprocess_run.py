@@ -24,11 +24,11 @@ def main():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from test_trainer import _load_config, _small
+    from conftest import load_config, small
 
     from jaxdp import run as run_lib
 
-    cfg = _small(_load_config("tiny_offline"), num_steps=2)
+    cfg = small(load_config("tiny_offline"), num_steps=2)
     cfg.dp.microbatch_size = 2  # per device: 8 examples per chunk on 4 devices
     cfg.dp.noise_seed = 3  # the one- and two-process runs must draw the same noise and batches
     if num_processes > 1:

@@ -9,45 +9,17 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, kill_at_step, load_config, same_secrets, small
 
-from jaxdp import accounting, checkpoint, sampling
+from jaxdp import accounting, checkpoint
 from jaxdp import run as run_lib
-from jaxdp.config import load_config_file
 from jaxdp.tracking import read_metrics
-from jaxdp.workdir import RunMismatchError, Workdir
-
-
-def _load_config(name, arg=None):
-    """A shipped config, loaded and locked as the CLI does (typos in tests fail too)."""
-    return load_config_file(REPO / "configs" / f"{name}.py", arg)
-
-
-def _small(cfg, **train_overrides):
-    """The offline config shrunk further so that a run takes seconds."""
-    cfg.data.block_size = 16
-    cfg.data.max_eval_examples = 8
-    cfg.dp.expected_batch_size = 6
-    cfg.dp.microbatch_size = 3
-    # A fixed sigma: calibrating at these tiny q and step counts lands at sigma ~ 0.3, where PLD
-    # accounting takes seconds per evaluation (the smoke test below still calibrates once).
-    cfg.dp.noise_multiplier = 1.0
-    cfg.dp.target_epsilon = None
-    cfg.train.num_steps = 2
-    cfg.train.log_every = 1
-    cfg.train.eval_every = 2
-    cfg.train.checkpoint_every = 2
-    cfg.train.eval_batch_size = 8
-    cfg.train.sample_max_new_tokens = 4
-    cfg.train.progress = False
-    for k, v in train_overrides.items():
-        setattr(cfg.train, k, v)
-    return cfg
+from jaxdp.workdir import RunMismatchError
 
 
 @pytest.mark.parametrize("arg", [None, "nodp"])
 def test_offline_config_two_step_smoke_run(tmp_path, arg):
-    cfg = _small(_load_config("tiny_offline", arg))
+    cfg = small(load_config("tiny_offline", arg))
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 3.0  # calibrated, as shipped
     summary = run_lib.run(cfg, tmp_path)
     for name in ("metrics.jsonl", "privacy.json", "samples.jsonl", "report.png", "config.json"):
@@ -94,39 +66,20 @@ def test_offline_config_two_step_smoke_run(tmp_path, arg):
         assert records[-1]["epsilon"] == privacy["epsilon"]
 
 
-def _kill_at_step(monkeypatch, kill_step: int):
-    """Makes the sampler raise as it draws the batch of (0-based) `kill_step`; returns undo()."""
-    real_sample = sampling.PoissonSampler.sample
-
-    def dying_sample(self, step):
-        if step == kill_step:
-            raise KeyboardInterrupt("simulated kill")
-        return real_sample(self, step)
-
-    monkeypatch.setattr(sampling.PoissonSampler, "sample", dying_sample)
-    return lambda: monkeypatch.setattr(sampling.PoissonSampler, "sample", real_sample)
-
-
-def _same_secrets(src, dst) -> None:
-    """Gives workdir `dst` the secret randomness of `src` (as if it were the same run)."""
-    Workdir(dst).make_private()
-    shutil.copy(Workdir(src).run_record, Workdir(dst).run_record)
-
-
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     """Default (secret) randomness: the resumed run reads its secrets back from private/."""
-    cfg = _small(_load_config("tiny_offline"), num_steps=3, checkpoint_every=2, eval_every=3)
+    cfg = small(load_config("tiny_offline"), num_steps=3, checkpoint_every=2, eval_every=3)
     cfg.model.dropout = 0.1  # dropout keys must resume too
 
     # Kill the run as it draws the batch of step 3: after the checkpoint at step 2.
-    undo = _kill_at_step(monkeypatch, 2)
+    undo = kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_lib.run(cfg, tmp_path / "resumed")
     undo()
     assert checkpoint.manager(tmp_path / "resumed").latest_step() == 2
     resumed = run_lib.run(cfg, tmp_path / "resumed")
     # The uninterrupted twin: the same run (same secrets), never killed.
-    _same_secrets(tmp_path / "resumed", tmp_path / "full")
+    same_secrets(tmp_path / "resumed", tmp_path / "full")
     full = run_lib.run(cfg, tmp_path / "full")
 
     assert resumed == full
@@ -152,7 +105,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
 def test_exported_hf_dir_loads_in_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     run_lib.run(cfg, tmp_path)
     model, _ = checkpoint.load_model_from_workdir(tmp_path)
     pt = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -185,7 +138,7 @@ def test_exported_hf_dir_loads_in_pytorch(tmp_path):
 
 
 def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     run_lib.run(cfg, tmp_path)
     config_json = (tmp_path / "config.json").read_text()
     cfg.dp.l2_clip_norm = 2.0
@@ -206,7 +159,7 @@ def _largest_file(directory):
 def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
     """A bit flip (or truncation) in a checkpoint is refused before anything is loaded, with
     the step and how to fall back to the previous checkpoint; following that advice works."""
-    cfg = _small(_load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
+    cfg = small(load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
     run_lib.run(cfg, tmp_path)
     ckpts = tmp_path / "private" / "checkpoints"
     data_file = _largest_file(ckpts / "4" / "state")
@@ -253,16 +206,16 @@ def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.dp.expected_batch_size = 10**6
     with pytest.raises(run_lib.ConfigError, match="exceeds the number of training examples"):
         run_lib.run(cfg, tmp_path / "a")
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.dp.expected_batch_size = 999  # q ~ 0.06
     cfg.dp.target_epsilon = 0.01
     with pytest.raises(run_lib.ConfigError, match="Even one step"):
         run_lib.run(cfg, tmp_path / "b")
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     short = tmp_path / "short.txt"
     short.write_text("too short")
     cfg.data.train_files = (str(short),)
@@ -271,7 +224,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 
 def test_zero_noise_and_tiny_noise_are_reported_honestly_and_fast():
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_multiplier = 0.0
     plan = run_lib.privacy_plan(cfg, 1000)
     assert "no privacy" in plan.describe() and "Poisson" not in plan.describe()
@@ -284,7 +237,7 @@ def test_zero_noise_and_tiny_noise_are_reported_honestly_and_fast():
 
 
 def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
-    cfg = _small(_load_config("tiny_offline"), num_steps=50, eval_every=100)
+    cfg = small(load_config("tiny_offline"), num_steps=50, eval_every=100)
     N = 1000
     q = cfg.dp.expected_batch_size / N
     cfg.dp.target_epsilon = accounting.compute_epsilon(1.0, q, 7, 1 / (10 * N)) * 1.0001
@@ -314,7 +267,7 @@ def test_typo_in_config_override_is_rejected(tmp_path):
     assert not (tmp_path / "private").exists()
 
 
-_SMALL_FLAGS = {  # _small() as command-line overrides
+_SMALL_FLAGS = {  # small() as command-line overrides
     "data.block_size": 16,
     "data.max_eval_examples": 8,
     "dp.expected_batch_size": 6,
@@ -366,7 +319,7 @@ def test_every_shipped_config_loads():
     names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
     assert {"dpsgd_gpt2", "sgd_gpt2", "dplora_gpt2", "tiny_offline"} <= set(names)
     for name in names:
-        cfg = _load_config(name)
+        cfg = load_config(name)
         assert cfg.data.block_size >= 2 and cfg.train.num_steps >= 1
         assert set(cfg.keys()) == {"model", "data", "dp", "optim", "mesh", "distributed", "train"}
 
@@ -374,7 +327,7 @@ def test_every_shipped_config_loads():
 def test_group_clipping_is_accounted_at_sensitivity_2C():
     import dp_accounting
 
-    cfg = _small(_load_config("tiny_offline"), num_steps=10)
+    cfg = small(load_config("tiny_offline"), num_steps=10)
     cfg.dp.expected_batch_size = 50
     cfg.dp.microbatch_size = 4
     cfg.dp.group_size = 2
@@ -408,14 +361,14 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     ],
 )
 def test_engine_settings_are_checked_before_training(overrides, message):
-    cfg = _load_config("tiny_offline")
+    cfg = load_config("tiny_offline")
     cfg.dp.update(overrides)
     with pytest.raises(run_lib.ConfigError, match=message):
         run_lib.check_config(cfg)
 
 
 def test_group_clipping_run(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.dp.group_size = 3
     summary = run_lib.run(cfg, tmp_path)
     assert summary["group_size"] == 3
@@ -441,7 +394,7 @@ def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, share
     expected = data.to_blocks(data.tokenize(tok, (ds_dir / "train.txt").read_text()), 16)
     np.testing.assert_array_equal(blocks, expected)
 
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.data.source = "hf"
     cfg.data.hf_dataset, cfg.data.hf_config = str(ds_dir), None
     summary = run_lib.run(cfg, tmp_path / "run")
@@ -449,7 +402,7 @@ def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, share
 
 
 def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
-    cfg = _small(_load_config("tiny_offline"))
+    cfg = small(load_config("tiny_offline"))
     cfg.dp.sampling = "shuffle"
     summary = run_lib.run(cfg, tmp_path)
     assert summary["epsilon_is_approximate"] is True
@@ -463,7 +416,7 @@ def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
 def test_nonfinite_nonprivate_loss_stops_without_checkpointing_the_bad_state(tmp_path):
     import orbax.checkpoint as ocp
 
-    cfg = _small(_load_config("tiny_offline", "nodp"), num_steps=4, checkpoint_every=1)
+    cfg = small(load_config("tiny_offline", "nodp"), num_steps=4, checkpoint_every=1)
     cfg.optim.name, cfg.optim.learning_rate = "sgd", 1e30  # step 1 overflows the weights
     with pytest.raises(FloatingPointError, match="Non-finite training loss"):
         run_lib.run(cfg, tmp_path)
@@ -473,3 +426,154 @@ def test_nonfinite_nonprivate_loss_stops_without_checkpointing_the_bad_state(tmp
     state = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
     assert int(state["step"]) == latest
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+
+
+def test_observers_see_every_step_and_cancellation_stops_with_an_honest_record(tmp_path):
+    """Events reach the callbacks; a cancelled run checkpoints, writes privacy.json for the
+    steps it ran (and exports nothing), and the same call later finishes it."""
+    import dp_accounting
+
+    cfg = small(load_config("tiny_offline"), num_steps=4, eval_every=2, checkpoint_every=4)
+    events = []
+    broken = lambda event: 1 / 0  # a failing observer must not stop training
+    cancel = lambda: sum(e.kind == "step" for e in events) >= 2
+    summary = run_lib.run(cfg, tmp_path, callbacks=[events.append, broken], cancel=cancel)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert [e.step for e in events if e.kind == "step"] == [1, 2]
+    assert [e.step for e in events if e.kind == "eval"] == [2]
+    step_event = next(e for e in events if e.kind == "step")
+    assert "epsilon" in step_event.public and "train_loss" not in step_event.public
+    assert "train_loss" in step_event.private
+    assert summary["cancelled"] and summary["steps"] == 2 and summary["planned_steps"] == 4
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    assert privacy == summary
+    event = dp_accounting.PoissonSampledDpEvent(
+        privacy["sampling_prob"], dp_accounting.GaussianDpEvent(privacy["noise_multiplier"])
+    )
+    direct = dp_accounting.pld.PLDAccountant().compose(event, 2).get_epsilon(privacy["delta"])
+    assert privacy["epsilon"] == pytest.approx(direct, rel=1e-6)  # the steps it ran, no more
+    assert checkpoint.manager(tmp_path).latest_step() == 2
+    assert not (tmp_path / "hf").exists()
+    finished = run_lib.run(cfg, tmp_path)
+    assert finished["steps"] == 4 and "cancelled" not in finished
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_resumed_run_logs_the_same_steps_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = small(load_config("tiny_offline"), num_steps=5, checkpoint_every=2, eval_every=5)
+    cfg.train.log_every = 2
+    undo = kill_at_step(monkeypatch, 3)  # the last checkpoint is step 2
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run(cfg, tmp_path / "resumed")
+    undo()
+    run_lib.run(cfg, tmp_path / "resumed")
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [1, 2, 4, 5]  # no extra row for the first step after the resume
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("dp.l2_clip_norm", -1.0, "dp.l2_clip_norm must be a positive number"),
+        ("data.block_size", 1, "data.block_size must be an integer >= 2"),
+        ("data.block_size", 200, "exceeds the model's n_positions=128"),
+        ("optim.name", "sgdd", "Unknown optim.name 'sgdd'; use one of sgd, adam, adamw"),
+        ("model.name_or_path", "gpt3", "needs a preset name"),
+        ("dp.microbatch_size", 0, "dp.microbatch_size must be an integer >= 1"),
+    ],
+)
+def test_bad_settings_fail_before_any_slow_work(tmp_path, monkeypatch, setting, value, message):
+    from jaxdp import data
+
+    monkeypatch.setattr(data, "load_blocks", lambda *a, **k: pytest.fail("data was loaded"))
+    cfg = small(load_config("tiny_offline"))
+    section, field = setting.split(".")
+    cfg[section][field] = value
+    with pytest.raises(run_lib.ConfigError, match=message):
+        run_lib.run(cfg, tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
+
+
+def test_wrong_dataset_column_names_the_columns(tmp_path, shared_data):
+    ds_dir = tmp_path / "ds"
+    ds_dir.mkdir()
+    (ds_dir / "train.txt").write_text((shared_data / "wikitext-2" / "test.txt").read_text()[:5000])
+    cfg = small(load_config("tiny_offline"))
+    cfg.data.source, cfg.data.hf_dataset, cfg.data.hf_config = "hf", str(ds_dir), None
+    cfg.data.hf_eval_split, cfg.data.hf_text_field = "", "content"
+    with pytest.raises(run_lib.ConfigError, match=r"no column 'content'.*\['text'\]"):
+        run_lib.run(cfg, tmp_path / "w")
+
+
+def test_unreachable_hub_is_one_error_naming_every_setting_that_needs_it(tmp_path, monkeypatch):
+    from jaxdp.hf import HubUnavailableError
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = small(load_config("tiny_offline"))
+    cfg.model.init, cfg.model.name_or_path = "pretrained", "gpt2"
+    cfg.data.source, cfg.data.hf_dataset = "hf", "wikitext"
+    with pytest.raises(
+        HubUnavailableError, match="model='gpt2', dataset='wikitext'.*HF_HUB_OFFLINE"
+    ):
+        run_lib.run(cfg, tmp_path)
+
+
+def test_hopeless_noise_and_lora_on_random_weights_are_warned_about(caplog):
+    cfg = small(load_config("tiny_offline"))
+    cfg.dp.noise_multiplier = 97.0  # what target_epsilon=0.001 calibrated to in an early user run
+    cfg.model.lora_rank = 4
+    plan = run_lib.privacy_plan(cfg, 1000)
+    with caplog.at_level("WARNING", logger="jaxdp"):
+        run_lib._warn_about_hopeless_settings(plan, cfg.model)
+    text = caplog.text
+    assert "barely move the loss" in text and "LoRA adapters on a randomly initialised" in text
+    caplog.clear()
+    cfg.dp.noise_multiplier, cfg.model.lora_rank = 1.0, 0
+    with caplog.at_level("WARNING", logger="jaxdp"):
+        run_lib._warn_about_hopeless_settings(run_lib.privacy_plan(cfg, 1000), cfg.model)
+    assert caplog.text == ""
+
+
+def _tensorboard_tags(directory) -> set[str]:
+    """The scalar tags in tensorboardX event files (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in directory.glob("events.out.tfevents.*"):
+        raw = path.read_bytes()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            pos += 12 + length + 4
+    return tags
+
+
+def test_tensorboard_logs_keep_public_and_private_apart(tmp_path):
+    pytest.importorskip("tensorboardX")
+    cfg = small(load_config("tiny_offline"))
+    run_lib.run(cfg, tmp_path)
+    public = _tensorboard_tags(tmp_path / "tensorboard")
+    private = _tensorboard_tags(tmp_path / "private" / "tensorboard")
+    assert "public/epsilon" in public and "public/eval_loss" in public
+    assert "private/train_loss" in private
+    assert all(t.startswith("public/") for t in public)
+    assert all(t.startswith("private/") for t in private)
+
+
+def test_exported_files_are_readable_like_the_rest(tmp_path):
+    import os
+    import stat
+
+    cfg = small(load_config("tiny_offline"))
+    run_lib.run(cfg, tmp_path)
+    modes = {
+        p.name: stat.S_IMODE(os.stat(p).st_mode)
+        for p in (tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json")
+    }
+    assert modes["model.safetensors"] == modes["config.json"], modes
