@@ -1,5 +1,8 @@
 """Trainable subsets and LoRA: counts, frozen parameters untouched, merged export."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,7 +205,8 @@ def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
 
     base_dir = hf.save_pretrained(init_model(GPT2Config.preset("tiny"), seed=4), tmp_path / "base")
     cfg = small(load_config("tiny_offline"), num_steps=2)
-    cfg.model.init, cfg.model.name_or_path = "pretrained", str(base_dir)
+    relative = os.path.relpath(base_dir)  # as a user types it
+    cfg.model.init, cfg.model.name_or_path = "pretrained", relative
     cfg.model.lora_rank = 2
     cfg.dp.engine = "ghost"  # LoRA through the ghost engine (vmap: the frozen-parameter test)
     cfg.optim.learning_rate = 0.05
@@ -217,3 +221,6 @@ def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
         a, b, c = merged(ids).logits, adapted(ids).logits, base(ids).logits
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4, rtol=0)
     assert not np.allclose(a.numpy(), c.numpy(), atol=1e-4)  # training moved the adapters
+    # The adapter names its base by an absolute path: it loads from any working directory.
+    adapter_config = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir.resolve())

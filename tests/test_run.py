@@ -156,6 +156,20 @@ def _largest_file(directory):
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+def test_changing_only_the_number_of_steps_says_so_and_the_documented_extension_works(tmp_path):
+    cfg = small(load_config("tiny_offline"))
+    cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 2.0  # sigma calibrated to 2 steps
+    first = run_lib.run(cfg, tmp_path)
+    cfg.train.num_steps = 3
+    with pytest.raises(RunMismatchError, match=r"train.num_steps: 2 -> 3.*train a finished run"):
+        run_lib.run(cfg, tmp_path)
+    # As the message says: keep the run's noise multiplier, drop the target, raise the steps.
+    cfg.dp.noise_multiplier, cfg.dp.target_epsilon = first["noise_multiplier"], None
+    longer = run_lib.run(cfg, tmp_path)
+    assert longer["steps"] == 3 and longer["noise_multiplier"] == first["noise_multiplier"]
+    assert longer["epsilon"] > first["epsilon"]
+
+
 def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
     """A bit flip (or truncation) in a checkpoint is refused before anything is loaded, with
     the step and how to fall back to the previous checkpoint; following that advice works."""
