@@ -313,12 +313,8 @@ def calibrate_noise_multiplier(
         raise ValueError("steps must be >= 1 to calibrate: zero steps is private at any noise.")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}.")
-    kwargs = dict(
-        accountant=accountant,
-        sampling=sampling,
-        num_examples=num_examples,
-        truncated_batch_size=truncated_batch_size,
-        pld_discretization=pld_discretization,
+    kwargs = _accountant_kwargs(
+        accountant, sampling, num_examples, truncated_batch_size, pld_discretization
     )
     event = dpsgd_event(1.0, sampling_prob, steps, **_event_kwargs(kwargs))
     _check_supported(make_accountant(accountant), event)  # Fail early, before any search.
@@ -378,6 +374,19 @@ def calibrate_noise_multiplier(
     return sigma
 
 
+def _accountant_kwargs(
+    accountant, sampling, num_examples, truncated_batch_size, pld_discretization
+) -> dict:
+    """The keyword arguments every epsilon evaluation of a search passes on."""
+    return dict(
+        accountant=accountant,
+        sampling=sampling,
+        num_examples=num_examples,
+        truncated_batch_size=truncated_batch_size,
+        pld_discretization=pld_discretization,
+    )
+
+
 def _event_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("sampling", "num_examples", "truncated_batch_size")}
 
@@ -406,12 +415,8 @@ def max_steps_within_budget(
         raise ValueError(f"target_epsilon must be finite and >= 0, got {target_epsilon}.")
     target_delta = _check_delta(target_delta)
     upper = _check_positive_int("upper", upper)
-    kwargs = dict(
-        accountant=accountant,
-        sampling=sampling,
-        num_examples=num_examples,
-        truncated_batch_size=truncated_batch_size,
-        pld_discretization=pld_discretization,
+    kwargs = _accountant_kwargs(
+        accountant, sampling, num_examples, truncated_batch_size, pld_discretization
     )
 
     def fits(k: int, **overrides) -> bool:

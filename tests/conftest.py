@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,32 @@ def same_secrets(src, dst) -> None:
     """Gives workdir `dst` the secret randomness of `src` (as if it were the same run)."""
     Workdir(dst).make_private()
     shutil.copy(Workdir(src).run_record, Workdir(dst).run_record)
+
+
+# small() as command-line overrides of configs/tiny_offline.py.
+SMALL_FLAGS = [
+    "--config.data.block_size=16",
+    "--config.data.max_eval_examples=8",
+    "--config.dp.expected_batch_size=6",
+    "--config.dp.microbatch_size=3",
+    "--config.dp.noise_multiplier=1.0",
+    "--config.dp.target_epsilon=None",
+    "--config.train.log_every=1",
+    "--config.train.eval_batch_size=8",
+    "--config.train.sample_max_new_tokens=4",
+    "--config.train.progress=False",
+]
+
+
+def train_command(workdir, *flags, small: bool = True) -> list[str]:
+    """`python scripts/train.py` on configs/tiny_offline.py in `workdir` with `flags`."""
+    return [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny_offline.py"),
+        "--workdir",
+        str(workdir),
+        *(SMALL_FLAGS if small else []),
+        *flags,
+    ]

@@ -5,28 +5,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import train_command
 
 from jaxdp import cli
-from jaxdp.commands import train as train_command
+from jaxdp.commands import train as train_module
 from jaxdp.plan import PrivacyPlan
-
-SMALL = [
-    "--config.data.block_size=16",
-    "--config.data.max_eval_examples=8",
-    "--config.dp.expected_batch_size=6",
-    "--config.dp.microbatch_size=3",
-    "--config.dp.noise_multiplier=1.0",
-    "--config.dp.target_epsilon=None",
-    "--config.train.log_every=1",
-    "--config.train.eval_batch_size=8",
-    "--config.train.sample_max_new_tokens=4",
-    "--config.train.progress=False",
-]
 
 
 def test_the_console_script_is_installed_and_lists_its_commands(capsys):
@@ -57,7 +43,7 @@ def test_export_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
 
 
 def test_first_signal_asks_to_stop_and_the_second_stops_at_once():
-    with train_command._StopOnSignal() as stop:
+    with train_module._StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.event.is_set() and stop.signum == signal.SIGINT  # no KeyboardInterrupt
         with pytest.raises(KeyboardInterrupt):
@@ -69,18 +55,12 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(tmp
     """What SLURM preemption does: the run stops after its current step with a checkpoint and a
     privacy.json for the steps it ran, prints one line, and the same command resumes it."""
     workdir = tmp_path / "w"
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny_offline.py"),
-        "--workdir",
-        str(workdir),
-        *SMALL,
+    command = train_command(
+        workdir,
         "--config.train.num_steps=400",
         "--config.train.eval_every=400",
         "--config.train.checkpoint_every=400",
-    ]
+    )
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "private" / "metrics.jsonl"
     deadline = time.monotonic() + 240

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, kill_at_step, load_config, same_secrets, small
+from conftest import REPO, kill_at_step, load_config, same_secrets, small, train_command
 
 from jaxdp import accounting, checkpoint
 from jaxdp import run as run_lib
@@ -184,18 +184,12 @@ def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
         run_lib.run(cfg, tmp_path)
     # The command line says it in one line, without a traceback.
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            "--config",
-            str(REPO / "configs" / "tiny_offline.py"),
-            "--workdir",
-            str(tmp_path),
-            *(f"--config.{k}={v}" for k, v in _SMALL_FLAGS.items()),
+        train_command(
+            tmp_path,
             "--config.train.num_steps=4",
             "--config.train.checkpoint_every=2",
             "--config.train.eval_every=4",
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=300,
@@ -262,15 +256,7 @@ def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
 
 def test_typo_in_config_override_is_rejected(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            "--config",
-            str(REPO / "configs" / "tiny_offline.py"),
-            "--workdir",
-            str(tmp_path),
-            "--config.dp.noise_mutliplier=3",
-        ],
+        train_command(tmp_path, "--config.dp.noise_mutliplier=3", small=False),
         capture_output=True,
         text=True,
         timeout=300,
@@ -281,31 +267,9 @@ def test_typo_in_config_override_is_rejected(tmp_path):
     assert not (tmp_path / "private").exists()
 
 
-_SMALL_FLAGS = {  # small() as command-line overrides
-    "data.block_size": 16,
-    "data.max_eval_examples": 8,
-    "dp.expected_batch_size": 6,
-    "dp.microbatch_size": 3,
-    "dp.noise_multiplier": 1.0,
-    "dp.target_epsilon": "None",
-    "train.log_every": 1,
-    "train.eval_batch_size": 8,
-    "train.sample_max_new_tokens": 4,
-    "train.progress": False,
-}
-
-
 def test_optional_fields_can_be_cleared_from_the_command_line(tmp_path):
     """`--config.dp.target_epsilon=None` drops the shipped budget (a float field otherwise)."""
-    base = [
-        sys.executable,
-        str(REPO / "scripts" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny_offline.py"),
-        "--workdir",
-        str(tmp_path / "w"),
-    ]
-    small = [
+    flags = [  # small() without its target_epsilon=None: the shipped 8.0 stays until cleared
         "--config.data.block_size=16",
         "--config.data.max_eval_examples=8",
         "--config.dp.expected_batch_size=6",
@@ -317,7 +281,10 @@ def test_optional_fields_can_be_cleared_from_the_command_line(tmp_path):
         "--config.train.export_hf=False",
     ]
     run = lambda *extra: subprocess.run(
-        base + small + list(extra), capture_output=True, text=True, timeout=300
+        train_command(tmp_path / "w", *flags, *extra, small=False),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     bad = run("--config.dp.l2_clip_norm=None")
     assert bad.returncode == 2 and "l2_clip_norm cannot be None" in bad.stderr
