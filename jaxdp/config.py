@@ -34,17 +34,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.lora_targets = ("attn.c_attn", "attn.c_proj")  # layers of each block
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "hf"  # "hf" (a `datasets` dataset) | "text_files" | "tfds" (extra)
-    c.data.train_files = ()  # text_files: read whole, tokenized, concatenated, cut into blocks
+    # "hf" (a `datasets` dataset) | "text_files" | "jsonl" | "csv" | "tfds" (extra)
+    c.data.source = "hf"
+    c.data.train_files = ()  # text_files / jsonl / csv
     c.data.eval_files = ()
     c.data.hf_dataset = "wikitext"  # hf/tfds: dataset name (hf: also a local dataset dir)
     c.data.hf_config = _optional(str, "wikitext-2-raw-v1")  # None: the dataset has no configs
     c.data.hf_train_split = "train"
     c.data.hf_eval_split = "validation"  # "" for no evaluation
-    c.data.hf_text_field = "text"
+    c.data.text_field = "text"  # jsonl / csv / hf / tfds: the column with the text
+    c.data.user_field = "user_id"  # privacy_unit="user": the column naming each record's user
+    # The privacy unit (jaxdp/data.py): "block" (block_size tokens cut from the concatenated
+    # text), "record" (a line or paragraph of a text file, a JSONL/CSV/dataset row) or "user"
+    # (all records with the same user_field).
+    c.data.privacy_unit = "block"
+    c.data.record_separator = "line"  # text files as records: "line" | "paragraph"
+    c.data.max_blocks_per_unit = 1  # record/user: the first k blocks of a unit are used
     c.data.tokenizer = "gpt2"  # HF id or local dir (vocab.json + merges.txt is enough)
-    c.data.block_size = 128  # tokens per example (= the privacy unit)
-    c.data.max_eval_examples = _optional(int)  # evaluate on the first k eval blocks
+    c.data.block_size = 128  # tokens per row (per example with block units)
+    c.data.max_eval_examples = _optional(int)  # evaluate on the first k eval rows
 
     c.dp = ml_collections.ConfigDict()
     c.dp.enabled = True

@@ -31,6 +31,12 @@ g_i * min(1, C / ||g_i||)) or per-layer clipping. Per microbatch:
    (one matmul, as in a non-private backward pass) or sum_i c_i (A_i^T G_i) from the
    instantiated per-example gradients. No second backward pass is needed.
 
+Clipping units of several rows (`segment_ids`: a record cut into blocks, a user's records, a
+micro-batch clipping cell): the unit's gradient is the sum of its rows', and its norm
+||sum_{i in u} g_i||^2 = sum_{i,j in u} <g_i, g_j> comes from the same closed forms applied to
+pairs of rows (`_Pass.pair_products`, e.g. <A_i A_j^T, G_i G_j^T> for a dense kernel); every row
+of the unit then gets the unit's weight c_u in the book-kept sums, which is sum_u c_u g_u.
+
 Examples with non-finite norms get c_i = 0 and their A and G are zeroed before the
 sums (a branch taken only when such an example occurs), so they contribute exactly zero, as in
 the vmap engine.
@@ -102,6 +108,25 @@ def _dense(a: jax.Array, g: jax.Array, strategy: str) -> tuple[jax.Array, jax.Ar
         return _gram_inner(a, g), None
     per_example = jnp.einsum("btd,btp->bdp", a, g)  # [B, d, p]
     return _sq(per_example), per_example
+
+
+def _dense_pairs(a: jax.Array, g: jax.Array, strategy: str) -> tuple[jax.Array, jax.Array | None]:
+    """(<a_i^T g_i, a_j^T g_j> for all pairs [B, B], instantiated gradients [B, d, p] or None).
+
+    Ghost: sum_{t,s} (a_it . a_js)(g_it . g_js), from the cross Gram matrices of every pair."""
+    if dense_strategy(a.shape[1], a.shape[2], g.shape[2], strategy) == "ghost":
+        aa = jnp.einsum("itd,jsd->ijts", a, a)  # [B, B, T, T]
+        gg = jnp.einsum("itp,jsp->ijts", g, g)
+        return jnp.sum(aa * gg, (2, 3)), None
+    per_example = jnp.einsum("btd,btp->bdp", a, g)  # [B, d, p]
+    flat = per_example.reshape(per_example.shape[0], -1)
+    return flat @ flat.T, per_example
+
+
+def _gram(v: jax.Array) -> jax.Array:
+    """[B, B] inner products of per-example vectors v [B, ...]."""
+    flat = v.reshape(v.shape[0], -1)
+    return flat @ flat.T
 
 
 def _weighted_dense(a, g, w, per_example):
@@ -203,6 +228,49 @@ class _Pass:
         sq["_wte_cross"] = 2.0 * cross  # part of "wte", reported for inspection only
         return sq, kept
 
+    def pair_products(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """({parameter group: [B, B] inner products <g_i, g_j> of per-example gradients},
+        {group: instantiated per-example gradient}).
+
+        The norm of a clipping unit made of several rows (a record split into blocks, a user's
+        records) is ||sum_{i in u} g_i||^2 = sum_{i,j in u} <g_i, g_j>: the same closed forms as
+        `sq_norms`, over pairs of rows instead of one row (B^2 T^2 instead of B T^2 work)."""
+        pp: dict[str, jax.Array] = {}
+        kept: dict[str, jax.Array] = {}
+        for name, g in self.grads.items():
+            if name in ("embed", "lm_head"):
+                continue
+            x = self.inputs[name]
+            if name.endswith(_LN_SUFFIXES):
+                xhat = _xhat(x, self.config.layer_norm_epsilon)
+                pp[f"{name}.scale"] = _gram(jnp.sum(g * xhat, 1))
+            else:
+                for group, (a, out) in self._dense_factors(name).items():
+                    pp[group], per_example = _dense_pairs(a, out, self.strategy)
+                    if per_example is not None:
+                        kept[group] = per_example
+            pp[f"{name}.bias"] = _gram(jnp.sum(g, 1))
+        g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
+        tokens, (B, T) = self.tokens, self.tokens.shape
+        pp["wpe"] = jnp.einsum("itd,jtd->ij", g0, g0)  # the same position t in both rows
+        if dense_strategy(T, h.shape[-1], gl.shape[-1], self.strategy) == "instantiate":
+            per_example = jnp.einsum("btv,btd->bvd", gl, h)  # [B, V, D]: L_i
+            per_example = per_example.at[jnp.arange(B)[:, None], tokens].add(g0)  # + E_i
+            pp["wte"], kept["wte"] = _gram(per_example), per_example
+            return pp, kept
+        # <E_i, E_j> = sum_{t,s} [id_it = id_js] g0_it . g0_js
+        same = (tokens[:, None, :, None] == tokens[None, :, None, :]).astype(jnp.float32)
+        ee = jnp.sum(same * jnp.einsum("itd,jsd->ijts", g0, g0), (2, 3))
+        # <L_i, L_j> = sum_{t,s} (h_it . h_js)(gl_it . gl_js)
+        ll = jnp.sum(
+            jnp.einsum("itd,jsd->ijts", h, h) * jnp.einsum("itv,jsv->ijts", gl, gl), (2, 3)
+        )
+        # <E_i, L_j> = sum_{t,s} GL_j[s, id_it] (g0_it . h_js)
+        gl_at_ids = gl[:, :, tokens]  # [B_j, T_s, B_i, T_t]: GL_j[s, id_it]
+        el = jnp.einsum("jsit,itd,jsd->ij", gl_at_ids, g0, h)
+        pp["wte"] = ee + ll + el + el.T
+        return pp, kept
+
     def _dense_factors(self, name: str) -> dict[str, tuple[jax.Array, jax.Array]]:
         """{kernel-like group: (input [B, T, d], output gradient [B, T, p])} of a dense layer."""
         x, g = self.inputs[name], self.grads[name]
@@ -291,8 +359,10 @@ def ghost_clipped_grad(
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """The ghost-clipping counterpart of `clipping.clipped_grad` for `jaxdp.gpt2` models.
 
-    fn(params, batch {"tokens": [B, T]}, is_padding [B], key=None) -> (clipped_sum, ClipStats),
-    the gradient taken w.r.t. `params` (the trainable parameters; `frozen` holds the rest).
+    fn(params, batch {"tokens": [B, T], optional "token_mask": [B, T]}, is_padding [B], key=None,
+    segment_ids=None) -> (clipped_sum, ClipStats), the gradient taken w.r.t. `params` (the
+    trainable parameters; `frozen` holds the rest). `segment_ids` [B] make clipping units of
+    several rows, laid out by `jaxdp.sampling.pack_units` (see the module docstring).
     `strategy` chooses how dense layers' norms are computed ("auto", "ghost", "instantiate").
     `clipping` is "flat" (one norm per example) or "per_layer" (each parameter tensor clipped
     to C / sqrt(K) of K, as in `clipping.clip_and_sum`); sensitivity C either way.
@@ -305,14 +375,27 @@ def ghost_clipped_grad(
         raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
 
     def chunk_fn(params, chunk, pad, keys, segment_ids):
-        del segment_ids  # always None: `fn` refuses them
         key = None if keys is None else keys[0]
         recorded = _Pass(graphdef, params, chunk, key, frozen, strategy)
         groups = _groups(params)
-        sq, kept = recorded.sq_norms()
-        norms = _total_norms(sq, groups)
-        real, finite = ~pad, jnp.isfinite(norms)
-        keep = real & finite
+        if segment_ids is None:  # every row its own clipping unit
+            sq, kept = recorded.sq_norms()
+            norms = _total_norms(sq, groups)
+            real, finite = ~pad, jnp.isfinite(norms)
+            keep = real & finite
+        else:  # rows with one segment id form one unit: its norm from pairs of rows
+            pairs, kept = recorded.pair_products()
+            diagonal = {g: jnp.diagonal(p) for g, p in pairs.items()}
+            norms = _total_norms(diagonal, groups)  # each row's own gradient norm (stats)
+            real, finite = ~pad, jnp.isfinite(norms)
+            keep = real & finite
+            unit = (segment_ids[:, None] == segment_ids[None, :]) & keep[:, None] & keep[None, :]
+            unit = unit.astype(jnp.float32)  # [B, B]: rows i and j are kept members of one unit
+            ok = keep[:, None] & keep[None, :]
+            sq = {  # ||g_u||^2 of each row's unit: sum over its unit's pairs
+                g: jnp.einsum("ik,kl,il->i", unit, jnp.where(ok, pairs[g], 0.0), unit)
+                for _, g in groups
+            }
         factors, scaled = clip_factors([sq[g] for _, g in groups], l2_clip_norm, clipping)
         weights = [jnp.where(keep, f, 0.0) for f in factors]
         clipped = keep & scaled
@@ -344,11 +427,8 @@ def ghost_clipped_grad(
         key: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
     ):
-        if segment_ids is not None:
-            raise NotImplementedError(
-                "The ghost engine clips single examples only; clipping units of several rows "
-                "(micro-batch clipping) need dp.engine='vmap'."
-            )
-        return scan_microbatches(chunk_fn, params, batch, is_padding, key, microbatch_size)
+        return scan_microbatches(
+            chunk_fn, params, batch, is_padding, key, microbatch_size, segment_ids
+        )
 
     return fn

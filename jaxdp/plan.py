@@ -53,6 +53,11 @@ NOT_COVERED = (
     "clip fraction, gradient norms, throughput) are computed from the private data without "
     "noise, and its run.json and checkpoints hold the secret noise key; never publish W/private"
 )
+GROUP_PRIVACY = (
+    "the unit is one block of tokens cut from the concatenated text: a person whose data spans "
+    "k blocks is protected only by group privacy, (k epsilon, k e^((k-1) epsilon) delta); use "
+    "data.privacy_unit='record' or 'user' for an epsilon per record or per user"
+)
 PUBLIC_PARAMETERS = (
     "num_examples (N) is treated as public, as in the DP-SGD literature, and with it "
     "sampling_prob = expected_batch_size / N, the default target_delta = 1 / (10 N) and, with "
@@ -81,6 +86,7 @@ class PrivacyPlan:
     group_size: int = 1
     secure_noise: bool = False
     unit: str = DEFAULT_UNIT
+    unit_kind: str = "example"  # "example" | "block" | "record" | "user": what epsilon is per
     enabled: bool = True
 
     # ------------------------------------------------------------------------------ create ---
@@ -103,6 +109,7 @@ class PrivacyPlan:
         group_size: int = 1,
         secure_noise: bool = False,
         unit: str = DEFAULT_UNIT,
+        unit_kind: str = "example",
     ) -> PrivacyPlan:
         """Validates the settings and resolves them into a plan.
 
@@ -179,6 +186,7 @@ class PrivacyPlan:
             group_size=group_size,
             secure_noise=secure_noise,
             unit=unit,
+            unit_kind=unit_kind,
         )
         # The epsilon the run reports (`epsilon`, a cached PLD self-composition) can differ from
         # the accountant call the search used in the last digits: make the reported one meet
@@ -201,6 +209,7 @@ class PrivacyPlan:
         steps: int | None = None,
         epochs: float | None = None,
         unit: str = DEFAULT_UNIT,
+        unit_kind: str = "example",
     ) -> PrivacyPlan:
         """The plan of a non-private baseline: shuffled batches, no clipping, no noise."""
         N, B, _, steps, _ = _check_common(num_examples, batch_size, steps, epochs, None)
@@ -213,6 +222,7 @@ class PrivacyPlan:
             target_delta=1.0 / (10 * N),
             sampling="shuffle",
             unit=unit,
+            unit_kind=unit_kind,
             enabled=False,
         )
 
@@ -339,6 +349,7 @@ class PrivacyPlan:
             "expected_batch_size": self.expected_batch_size,
             "num_examples": self.num_examples,
             "privacy_unit": self.unit,
+            "epsilon_per": self.unit_kind,
             "noise_multiplier": self.noise_multiplier,
             "accounting_noise_multiplier": self.accounting_noise_multiplier,
             "l2_clip_norm": self.l2_clip_norm,
@@ -352,6 +363,7 @@ class PrivacyPlan:
             "public_parameters": PUBLIC_PARAMETERS,
             "covers": COVERED,
             "not_covered": NOT_COVERED,
+            **({"group_privacy": GROUP_PRIVACY} if self.unit_kind == "block" else {}),
         }
 
     METRIC_KEYS = (
@@ -371,6 +383,7 @@ class PrivacyPlan:
         "num_examples",
         "expected_batch_size",
         "privacy_unit",
+        "epsilon_per",
         "noise_multiplier",
         "l2_clip_norm",
         "clipping",

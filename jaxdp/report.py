@@ -97,3 +97,45 @@ def _save(fig: Figure, out_path: str | Path) -> Path:
     out = Path(out_path)
     fig.savefig(out, dpi=100)
     return out
+
+
+def model_card(record: dict, *, base_model: str | None = None) -> str:
+    """A Hugging Face model card (README.md) stating the model's privacy guarantee, from the
+    run's privacy record (`PrivacyPlan.record`): the same numbers as privacy.json."""
+    front = ["---", "library_name: transformers", "tags:", "- differential-privacy", "- dp-sgd"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    front.append("---")
+    lines = [*front, "", "# A GPT-2 fine-tuned with differential privacy (jaxdp)", ""]
+    eps, per = record.get("epsilon"), record.get("epsilon_per", "example")
+    if eps is None:
+        lines += [
+            f"**No differential-privacy guarantee**: {record['guarantee']}.",
+            "",
+            f"Trained for {record['steps']} steps on {record['num_examples']} examples.",
+        ]
+        return "\n".join(lines) + "\n"
+    approx = (
+        " (APPROXIMATE: batches were not Poisson-sampled)"
+        if record["epsilon_is_approximate"]
+        else ""
+    )
+    lines += [
+        f"**(ε, δ) = ({eps:.4g}, {record['delta']:.3g}) per {per}**{approx}, "
+        f"for the trained weights and everything computed from them.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| privacy unit | {record['privacy_unit']} |",
+        f"| neighbouring datasets | {record['neighbouring_relation']} |",
+        f"| mechanism | {record['guarantee']}: DP-SGD, {record['steps']} steps, sampling "
+        f"probability {record['sampling_prob']:.4g}, noise multiplier "
+        f"{record['noise_multiplier']:.4g}, clip norm {record['l2_clip_norm']:g} |",
+        f"| accountant | {record['accountant']} (Google's dp-accounting) |",
+        f"| randomness | {record['randomness']} |",
+        f"| public parameters | {record['public_parameters']} |",
+    ]
+    if record.get("group_privacy"):
+        lines += ["", f"**Note**: {record['group_privacy']}."]
+    lines += ["", f"Not covered: {record['not_covered']}."]
+    return "\n".join(lines) + "\n"

@@ -146,23 +146,20 @@ def run(
             f"The tokenizer has {len(tokenizer)} tokens but the model only "
             f"{model_config.vocab_size}: they do not belong together."
         )
-    train_blocks, eval_blocks = load_blocks(
-        wd, train_source, eval_source, tokenizer, cfg.data.block_size, lead
-    )
+    train_rows, eval_rows = load_rows(wd, train_source, eval_source, tokenizer, cfg.data, lead)
     if extra_train_blocks is not None and len(extra_train_blocks):
-        extra = np.asarray(extra_train_blocks, train_blocks.dtype)
-        train_blocks = np.concatenate([np.asarray(train_blocks), extra])
-    if cfg.data.max_eval_examples is not None:
-        eval_blocks = eval_blocks[: cfg.data.max_eval_examples]
-    N, T = train_blocks.shape
+        train_rows = train_rows.append_blocks(extra_train_blocks)
+    eval_rows = eval_rows.first_rows(cfg.data.max_eval_examples)
+    N, T = train_rows.num_units, train_rows.block_size
     if N == 0:
+        what = "complete block" if cfg.data.privacy_unit == "block" else "record"
         raise ConfigError(
-            f"The training data gives no complete block of {T} tokens; use more text or a "
-            f"smaller data.block_size."
+            f"The training data gives no {what} of {T} tokens; use more text or a smaller "
+            f"data.block_size."
         )
 
     # ---- Privacy plan: the noise multiplier, and the number of steps the budget allows.
-    plan = privacy_plan(cfg, N)
+    plan = privacy_plan(cfg, N, unit=train_rows.describe(), unit_kind=train_rows.kind)
     approx = " (APPROXIMATE: batches not Poisson-sampled)" if plan.approximate else ""
     log.info(
         "%d training examples of %d tokens; %s; q=%.5g, sigma=%.4g, C=%g, %d steps%s",
@@ -187,7 +184,7 @@ def run(
 
     # ---- Workdir: the run's secret randomness is drawn and stored (private/run.json) at the
     # first start, once every check has passed; read back, fingerprint checked, at later ones.
-    fingerprint = run_fingerprint(cfg, plan, train_blocks)
+    fingerprint = run_fingerprint(cfg, plan, train_rows)
     secrets = open_run(wd, cfg, fingerprint, lead)
     if lead:
         wd.config.write_text(public_settings(cfg))
@@ -206,7 +203,7 @@ def run(
     )
     del model
     state, compiled = steps.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
-    batches = BatchMaker(plan, engine, mesh, train_blocks, cfg.dp.physical_batch_size)
+    batches = BatchMaker(plan, engine, mesh, train_rows, cfg.dp.physical_batch_size)
     sampler = plan.sampler(secrets.sampling)
 
     # ---- Restore.
@@ -252,7 +249,7 @@ def run(
         performance settings change on resume, and would reuse the same noise)."""
         if ckpt.latest_step() != step:
             save(step)
-        metrics = evaluate(compiled.eval_step, state, eval_blocks, eval_batch_size, mesh)
+        metrics = evaluate(compiled.eval_step, state, eval_rows, eval_batch_size, mesh)
         samples.write((state.params, state.frozen), step)
         notify(Event("eval", step, plan.num_steps, metrics))
         return metrics
@@ -285,7 +282,7 @@ def run(
             state, metrics = compiled.update_step(state, acc)
             done = step + 1
             examples_seen += len(idx)
-            tokens_since += len(idx) * T
+            tokens_since += int(train_rows.lengths[train_rows.rows_of(idx)].sum())
             _check_step(plan, metrics, done, ckpt)
             public = public_metrics(done)
             private = {k: float(v) for k, v in metrics.items()}
@@ -327,7 +324,7 @@ def run(
     if lead:
         wd.privacy.write_text(json.dumps(summary, indent=2) + "\n")
         if export:
-            export_model(wd, merge(graphdef, *host), cfg, tokenizer)
+            export_model(wd, merge(graphdef, *host), cfg, tokenizer, summary)
         target = plan.target_epsilon if plan.enabled else None
         title = plan.describe()
         if secrets.fixed_by_user and plan.enabled:
@@ -350,6 +347,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     choices = {
         "model.init": (m.init, ("pretrained", "random")),
         "data.source": (d.source, data.SOURCES),
+        "data.privacy_unit": (d.privacy_unit, data.UNITS),
+        "data.record_separator": (d.record_separator, data.SEPARATORS),
         "dp.sampling": (dp.sampling, ("poisson", "shuffle")),
         "dp.clipping": (dp.clipping, CLIPPING_MODES),
         "dp.engine": (dp.engine, steps.ENGINES),
@@ -410,39 +409,66 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
             f"model.init='random' needs a preset name in model.name_or_path "
             f"({', '.join(PRESETS)}), got {m.name_or_path!r}."
         )
-    if d.source == "text_files" and not d.train_files:
-        raise ConfigError("data.source='text_files' needs data.train_files.")
+    if d.source in ("text_files", "jsonl", "csv") and not d.train_files:
+        raise ConfigError(f"data.source={d.source!r} needs data.train_files.")
+    if d.privacy_unit == "user" and d.source == "text_files":
+        raise ConfigError(
+            "data.privacy_unit='user' needs records with a user column (data.user_field): use "
+            "data.source='jsonl', 'csv' or 'hf'."
+        )
+    if not (isinstance(d.max_blocks_per_unit, int) and d.max_blocks_per_unit >= 1):
+        raise ConfigError(f"data.max_blocks_per_unit must be >= 1, got {d.max_blocks_per_unit!r}.")
+    if d.privacy_unit != "block" and dp.group_size > 1:
+        raise ConfigError(
+            "dp.group_size > 1 (micro-batch clipping) needs data.privacy_unit='block'."
+        )
+    if dp.enabled and d.privacy_unit != "block" and dp.microbatch_size < d.max_blocks_per_unit:
+        raise ConfigError(
+            f"dp.microbatch_size ({dp.microbatch_size}) must be at least data.max_blocks_per_unit "
+            f"({d.max_blocks_per_unit}): a unit's rows are summed within one microbatch."
+        )
 
 
 def text_sources(d: ml_collections.ConfigDict) -> tuple[data.TextSource, data.TextSource | None]:
     """(training source, evaluation source or None) of the data config."""
-    if d.source == "text_files":
-        train = data.TextSource("text_files", files=tuple(d.train_files))
-        evals = data.TextSource("text_files", files=tuple(d.eval_files)) if d.eval_files else None
-        return train, evals
+    common = dict(
+        text_field=d.text_field,
+        user_field=d.user_field if d.privacy_unit == "user" else None,
+        record_separator=d.record_separator,
+    )
+    if d.source in ("text_files", "jsonl", "csv"):
+        train = data.TextSource(d.source, files=tuple(d.train_files), **common)
+        if not d.eval_files:
+            return train, None
+        return train, data.TextSource(d.source, files=tuple(d.eval_files), **common)
 
     def split(name):
         return data.TextSource(
-            d.source,
-            dataset=d.hf_dataset,
-            config=d.hf_config,
-            split=name,
-            text_field=d.hf_text_field,
+            d.source, dataset=d.hf_dataset, config=d.hf_config, split=name, **common
         )
 
     return split(d.hf_train_split), (split(d.hf_eval_split) if d.hf_eval_split else None)
 
 
-def load_blocks(wd: Workdir, train_source, eval_source, tokenizer, block_size: int, lead: bool):
-    """(train blocks [N, T], eval blocks [M, T]), tokenized once into the private token cache
-    by process 0 and memory-mapped by every process."""
+def load_rows(wd: Workdir, train_source, eval_source, tokenizer, d, lead: bool):
+    """(train rows, eval rows) for the privacy unit (`jaxdp.data.UnitRows`), tokenized once into
+    the private token cache by process 0 and memory-mapped by every process. Evaluation uses
+    the same rows (records are evaluated as records, one unit each)."""
     cache = wd.private / "cache"
+    rows = lambda source, unit: data.load_rows(
+        source,
+        tokenizer,
+        d.block_size,
+        unit=unit,
+        max_blocks_per_unit=d.max_blocks_per_unit,
+        cache_dir=cache,
+    )
 
     def load():
-        train = data.load_blocks(train_source, tokenizer, block_size, cache_dir=cache)
+        train = rows(train_source, d.privacy_unit)
         if eval_source is None:
-            return train, np.zeros((0, block_size), train.dtype)
-        return train, data.load_blocks(eval_source, tokenizer, block_size, cache_dir=cache)
+            return train, data.block_rows(np.zeros(0, np.uint16), d.block_size)
+        return train, rows(eval_source, "block" if d.privacy_unit == "block" else "record")
 
     blocks, error = None, None
     if lead:  # tokenizes once; the others wait, then memory-map the cache
@@ -462,16 +488,23 @@ def load_blocks(wd: Workdir, train_source, eval_source, tokenizer, block_size: i
         raise ConfigError(str(e)) from e
 
 
-def privacy_plan(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPlan:
+def privacy_plan(
+    cfg: ml_collections.ConfigDict,
+    num_examples: int,
+    unit: str | None = None,
+    unit_kind: str = "block",
+) -> PrivacyPlan:
+    """The plan for `num_examples` privacy units (described by `unit`)."""
     dp, t = cfg.dp, cfg.train
     steps_or_epochs = dict(steps=t.num_steps) if t.num_epochs is None else dict(epochs=t.num_epochs)
-    unit = f"example (one block of {cfg.data.block_size} tokens)"
+    unit = unit or f"example (one block of {cfg.data.block_size} tokens)"
+    units = dict(unit=unit, unit_kind=unit_kind)
     try:
         if not dp.enabled:
             return PrivacyPlan.non_private(
                 num_examples=num_examples,
                 batch_size=dp.expected_batch_size,
-                unit=unit,
+                **units,
                 **steps_or_epochs,
             )
         return PrivacyPlan.create(
@@ -486,7 +519,7 @@ def privacy_plan(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
             clipping=dp.clipping,
             group_size=dp.group_size,
             secure_noise=dp.secure_noise,
-            unit=unit,
+            **units,
             **steps_or_epochs,
         )
     except ValueError as e:
@@ -578,11 +611,11 @@ def config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return strip(cfg.to_dict())
 
 
-def run_fingerprint(cfg, plan: PrivacyPlan, train_blocks: np.ndarray) -> dict[str, Any]:
+def run_fingerprint(cfg, plan: PrivacyPlan, train_rows: data.UnitRows) -> dict[str, Any]:
     """What a run is: its settings, its training data (a hash: kept private), its plan."""
     return {
         "config": config_fingerprint(cfg),
-        "data_sha256": data.blocks_sha256(train_blocks),
+        "data_sha256": train_rows.sha256(),
         "plan": plan.fingerprint(),
         # A cosine schedule's horizon shapes every step; a constant one does not depend on it.
         "lr_schedule_steps": plan.num_steps if cfg.optim.schedule == "cosine" else None,
@@ -656,46 +689,52 @@ def public_settings(cfg: ml_collections.ConfigDict) -> str:
 
 
 class BatchMaker:
-    """Drawn example indices -> padded physical batches of fixed shape, sharded over the mesh.
+    """Drawn privacy units -> padded physical batches of fixed shape, sharded over the mesh.
 
-    Physical batches hold whole microbatches (`engine.microbatch_size` examples per device);
-    with micro-batch clipping the drawn members of each content-hash cell share one microbatch
-    and carry `segment_ids`."""
+    Physical batches hold whole microbatches (`engine.microbatch_size` rows per device). A unit
+    of several rows (a record cut into blocks, a user's records, or a micro-batch clipping
+    cell) has its rows in one microbatch, with `segment_ids` naming the unit; rows shorter than
+    the block carry a `token_mask`."""
 
-    def __init__(self, plan: PrivacyPlan, engine, mesh, blocks: np.ndarray, physical=None):
-        self.mesh, self.blocks = mesh, blocks
+    def __init__(self, plan: PrivacyPlan, engine, mesh, rows: data.UnitRows, physical=None):
+        self.mesh, self.rows = mesh, rows
         self.micro = (engine.microbatch_size or 1) * mesh.size
         if plan.enabled and plan.sampling == "poisson":
             default = sampling.default_physical_batch_size(
-                plan.expected_batch_size, plan.num_examples, self.micro
+                plan.expected_batch_size, plan.num_examples, self.micro, rows.counts
             )
         else:
-            default = int(round(plan.expected_batch_size))
+            default = int(round(plan.expected_batch_size)) * max(1, rows.max_rows_per_unit)
         self.size = int(math.ceil((physical or default) / self.micro) * self.micro)
-        self.units = None
+        self.units = None  # the clipping unit of every row, when units have several rows
         if plan.enabled and plan.group_size > 1:
-            self.units = sampling.content_cells(blocks, plan.num_cells)
+            self.units = sampling.content_cells(rows.tokens, plan.num_cells)
+        elif plan.enabled and rows.max_rows_per_unit > 1:
+            self.units = rows.unit_of_row
 
-    def physical(self, idx: np.ndarray):
+    def physical(self, units: np.ndarray):
+        rows = self.rows.rows_of(units)
         if self.units is None:
-            chunks = [(rows, pad, None) for rows, pad in sampling.pad_batches(idx, self.size)]
+            chunks = [(r, pad, None) for r, pad in sampling.pad_batches(rows, self.size)]
         else:
-            packed, dropped = sampling.pack_units(idx, self.units[idx], self.size, self.micro)
+            packed, dropped = sampling.pack_units(rows, self.units[rows], self.size, self.micro)
             if dropped:
-                log.warning(
-                    "%d drawn examples beyond a microbatch per cell were left out.", dropped
-                )
+                log.warning("%d drawn rows beyond a microbatch per unit were left out.", dropped)
             chunks = [(b.rows, b.is_padding, b.segment_ids) for b in packed]
-        for rows, is_padding, segment_ids in chunks:
-            yield self._put(rows, is_padding, segment_ids)
+        for r, is_padding, segment_ids in chunks:
+            yield put_rows(self.rows, r, is_padding, self.mesh, segment_ids)
 
-    def _put(self, rows, is_padding, segment_ids=None):
-        batch = sharding.global_batch({"tokens": self.blocks}, rows, self.mesh)
-        per_row = {"is_padding": is_padding}
-        if segment_ids is not None:
-            per_row["segment_ids"] = segment_ids
-        batch.update(sharding.global_batch(per_row, np.arange(len(rows)), self.mesh))
-        return batch
+
+def put_rows(rows: data.UnitRows, r: np.ndarray, is_padding, mesh, segment_ids=None):
+    """The physical batch of rows `r` (tokens, padding, token mask, segments) on the mesh."""
+    batch = sharding.global_batch({"tokens": rows.tokens}, r, mesh)
+    per_row = {"is_padding": is_padding}
+    if rows.padded:
+        per_row["token_mask"] = rows.token_mask(r)  # [P, T], for these rows only
+    if segment_ids is not None:
+        per_row["segment_ids"] = segment_ids
+    batch.update(sharding.global_batch(per_row, np.arange(len(r)), mesh))
+    return batch
 
 
 def _check_step(plan: PrivacyPlan, metrics, done: int, ckpt) -> None:
@@ -713,15 +752,13 @@ def _check_step(plan: PrivacyPlan, metrics, done: int, ckpt) -> None:
         )
 
 
-def evaluate(eval_step, state, blocks: np.ndarray, batch_size: int, mesh) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy on held-out blocks (public data)."""
-    if len(blocks) == 0:
+def evaluate(eval_step, state, rows: data.UnitRows, batch_size: int, mesh) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy on held-out rows (public data)."""
+    if len(rows.lengths) == 0:
         return {}
     sums = {"loss_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
-    for rows, is_padding in sampling.pad_batches(np.arange(len(blocks)), batch_size):
-        batch = sharding.global_batch({"tokens": blocks}, rows, mesh)
-        batch.update(sharding.global_batch({"is_padding": is_padding}, np.arange(len(rows)), mesh))
-        out = eval_step(state.params, batch, state.frozen)
+    for r, is_padding in sampling.pad_batches(np.arange(len(rows.lengths)), batch_size):
+        out = eval_step(state.params, put_rows(rows, r, is_padding, mesh), state.frozen)
         for k in sums:
             sums[k] += float(out[k])
     loss = sums["loss_sum"] / sums["num_tokens"]
@@ -761,16 +798,22 @@ class SampleWriter:
                 log.info("Sample at step %d: %s|%s", step, prompt, text)
 
 
-def export_model(wd: Workdir, model: GPT2LMHeadModel, cfg, tokenizer) -> None:
-    """W/hf (LoRA merged: a plain GPT2LMHeadModel) and, for LoRA on a pretrained base, W/peft."""
+def export_model(wd: Workdir, model: GPT2LMHeadModel, cfg, tokenizer, record) -> None:
+    """W/hf (LoRA merged: a plain GPT2LMHeadModel) and, for LoRA on a pretrained base, W/peft;
+    each with a model card (README.md) stating the privacy guarantee of `record`."""
+    base = None
+    if cfg.model.init == "pretrained":
+        base = str(cfg.model.name_or_path)
+        if Path(base).expanduser().is_dir():  # a local base: where it is, for any cwd
+            base = str(Path(base).expanduser().resolve())
+    card = report.model_card(record, base_model=base)
     if lora.has_lora(model):
-        if cfg.train.export_peft and cfg.model.init == "pretrained":
-            base = str(cfg.model.name_or_path)
-            if Path(base).expanduser().is_dir():  # a local base: where it is, for any cwd
-                base = str(Path(base).expanduser().resolve())
+        if cfg.train.export_peft and base is not None:
             lora.save_peft_adapter(model, wd.peft, base_model_name_or_path=base)
+            (wd.peft / "README.md").write_text(card)
         model = lora.merge_lora(model)
     hf.save_pretrained(model, wd.hf, tokenizer=tokenizer)
+    (wd.hf / "README.md").write_text(card)
 
 
 def describe_result(summary: dict[str, Any]) -> str:

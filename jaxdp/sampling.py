@@ -158,15 +158,20 @@ def pad_batches(
 
 
 def default_physical_batch_size(
-    expected_batch_size: float, num_examples: int, microbatch_size: int = 1
+    expected_batch_size: float,
+    num_examples: int,
+    microbatch_size: int = 1,
+    rows_per_unit: np.ndarray | None = None,
 ) -> int:
-    """A physical batch size that holds a Poisson draw in one chunk with high probability.
+    """A physical batch size (rows) that holds a Poisson draw in one chunk with high probability.
 
-    ``ceil(mean + 4 * std)`` of ``Binomial(num_examples, q)`` with ``q = expected_batch_size /
-    num_examples``, rounded up to a multiple of ``microbatch_size`` and capped at ``num_examples``
-    (also rounded up). By a normal approximation a draw exceeds it with probability about 3e-5
-    per step; such a draw is split into more chunks by ``pad_batches``, never truncated, so this
-    choice affects speed only, not privacy.
+    ``ceil(mean + 4 * std)`` of the number of rows drawn: ``Binomial(num_examples, q)`` with
+    ``q = expected_batch_size / num_examples`` when every unit is one row, else the sum over the
+    units drawn of their ``rows_per_unit`` (mean ``q * sum(c)``, variance
+    ``q (1 - q) * sum(c^2)``); rounded up to a multiple of ``microbatch_size`` and capped at all
+    the rows (also rounded up). By a normal approximation a draw exceeds it with probability
+    about 3e-5 per step; such a draw is split into more chunks, never truncated, so this choice
+    affects speed only, not privacy.
     """
     if not (isinstance(num_examples, (int, np.integer)) and num_examples >= 1):
         raise ValueError(f"num_examples must be an integer >= 1, got {num_examples!r}.")
@@ -178,8 +183,9 @@ def default_physical_batch_size(
     if not (isinstance(microbatch_size, (int, np.integer)) and microbatch_size >= 1):
         raise ValueError(f"microbatch_size must be an integer >= 1, got {microbatch_size!r}.")
     q = expected_batch_size / num_examples
-    std = math.sqrt(num_examples * q * (1 - q))
-    size = min(math.ceil(expected_batch_size + 4 * std), num_examples)
+    c = np.ones(num_examples) if rows_per_unit is None else np.asarray(rows_per_unit, float)
+    mean, var = q * c.sum(), q * (1 - q) * np.square(c).sum()
+    size = min(math.ceil(mean + 4 * math.sqrt(var)), int(c.sum()))
     return max(1, math.ceil(size / microbatch_size)) * microbatch_size
 
 

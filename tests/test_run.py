@@ -482,7 +482,7 @@ def test_wrong_dataset_column_names_the_columns(tmp_path, shared_data):
     (ds_dir / "train.txt").write_text((shared_data / "wikitext-2" / "test.txt").read_text()[:5000])
     cfg = small(load_config("tiny_offline"))
     cfg.data.source, cfg.data.hf_dataset, cfg.data.hf_config = "hf", str(ds_dir), None
-    cfg.data.hf_eval_split, cfg.data.hf_text_field = "", "content"
+    cfg.data.hf_eval_split, cfg.data.text_field = "", "content"
     with pytest.raises(run_lib.ConfigError, match=r"no column 'content'.*\['text'\]"):
         run_lib.run(cfg, tmp_path / "w")
 
