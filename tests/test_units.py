@@ -255,3 +255,17 @@ def test_a_run_with_record_or_user_units_states_epsilon_per_unit(tmp_path, unit,
     assert "group_privacy" not in summary
     card = (tmp_path / "run" / "hf" / "README.md").read_text()
     assert f"per {unit}**" in card and f"{summary['epsilon']:.4g}" in card
+
+
+def test_dataset_split_with_text_and_user_columns(tmp_path, tokenizer_dir):
+    """A `datasets` split (here a local JSON dataset) with text and user columns."""
+    tok = data.load_tokenizer(tokenizer_dir)
+    ds_dir = tmp_path / "ds"
+    ds_dir.mkdir()
+    rows = [{"text": f"note {i} " * (i + 1), "user_id": f"p{i % 3}"} for i in range(7)]
+    (ds_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = data.TextSource("hf", dataset=str(ds_dir), split="train", user_field="user_id")
+    records = data.load_records(source, tok)
+    assert records.num_records == 7 and records.users.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    users = data.record_rows(records, 8, unit="user", max_blocks_per_unit=2)
+    assert users.num_units == 3 and users.max_rows_per_unit == 2
