@@ -45,9 +45,11 @@ Sampling modes (``sampling=``):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
+import threading
 import time
 from collections.abc import Callable
 
@@ -272,6 +274,24 @@ def _composed_accountant(
     return _compose(make_accountant(accountant, pld_discretization=interval), event)
 
 
+def single_flight(fn):
+    """Caches a pure function of hashable arguments, computing each at most once even when
+    many threads ask at the same time (a service planning many jobs): one lock for all calls,
+    since the work holds the GIL anyway, so the callers of a result being computed wait for it
+    instead of repeating it."""
+    cached = functools.lru_cache(maxsize=256)(fn)
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with lock:
+            return cached(*args, **kwargs)
+
+    wrapper.cache_info, wrapper.cache_clear = cached.cache_info, cached.cache_clear
+    return wrapper
+
+
+@single_flight  # a pure function of its (scalar) arguments, taking seconds each
 def calibrate_noise_multiplier(
     target_epsilon: float,
     target_delta: float,
@@ -644,12 +664,14 @@ class EpsilonCurve:
         self.pld_discretization = pld_discretization
         self._one_step = None
         self._cache: dict[int, float] = {}
+        self._lock = threading.Lock()  # shared between threads (`epsilon_curve`)
         make_accountant(accountant)  # validates the name
 
     def __call__(self, steps: int) -> float:
-        if steps not in self._cache:
-            self._cache[steps] = self._epsilon(steps)
-        return self._cache[steps]
+        with self._lock:
+            if steps not in self._cache:
+                self._cache[steps] = self._epsilon(steps)
+            return self._cache[steps]
 
     def _epsilon(self, steps: int) -> float:
         if steps == 0 or self.noise_multiplier == 0 or self.accountant != "pld":
@@ -673,3 +695,12 @@ class EpsilonCurve:
             )
         pld = self._one_step.self_compose(steps)
         return float(pld.get_epsilon_for_delta(self.target_delta))
+
+
+@single_flight
+def epsilon_curve(
+    noise_multiplier: float, sampling_prob: float, target_delta: float, accountant: str = "pld"
+) -> EpsilonCurve:
+    """One shared `EpsilonCurve` per setting: plans with equal settings (a service planning many
+    similar jobs) build the one-step privacy loss distribution once."""
+    return EpsilonCurve(noise_multiplier, sampling_prob, target_delta, accountant=accountant)

@@ -254,11 +254,11 @@ class PrivacyPlan:
 
     @functools.cached_property
     def _curve(self) -> accounting.EpsilonCurve:
-        return accounting.EpsilonCurve(
+        return accounting.epsilon_curve(
             self.accounting_noise_multiplier,
             self.sampling_prob,
             self.target_delta,
-            accountant=self.accountant,
+            self.accountant,
         )
 
     def epsilon(self, steps: int | None = None) -> float:
