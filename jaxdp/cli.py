@@ -1,4 +1,4 @@
-"""The `jaxdp` command: `jaxdp train | epsilon | export | audit | benchmark [ARGS]`.
+"""The `jaxdp` command: `jaxdp train | epsilon | export | audit | benchmark | serve [ARGS]`.
 
 Each subcommand is a module of `jaxdp.commands` with `main(argv) -> exit status`; `jaxdp
 COMMAND --help` describes its arguments. `scripts/*.py` run the same functions.
@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("jaxdp.commands.export", "export a run or HF model to a PyTorch directory"),
     "audit": ("jaxdp.commands.audit", "audit a config with canaries (exposure, epsilon bound)"),
     "benchmark": ("jaxdp.commands.benchmark", "speed and memory of the DP-SGD engines"),
+    "serve": ("jaxdp.commands.serve", "the private fine-tuning service (web page, API, workers)"),
 }
 
 

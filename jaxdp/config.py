@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "gpt2"  # HF id or local dir (vocab.json + merges.txt is enough)
     c.data.block_size = 128  # tokens per row (per example with block units)
     c.data.max_eval_examples = _optional(int)  # evaluate on the first k eval rows
+    # The number of privacy units a plan was made for in advance (the service calibrates at
+    # submission): a dataset with another count is refused rather than accounted wrongly.
+    c.data.expected_units = _optional(int)
 
     c.dp = ml_collections.ConfigDict()
     c.dp.enabled = True
@@ -60,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dp.noise_multiplier = _optional(float)  # None: calibrate to target_epsilon
     c.dp.target_epsilon = _optional(float, 8.0)  # None (with a noise_multiplier): no budget stop
     c.dp.target_delta = _optional(float)  # None: 1 / (10 * num_examples)
-    c.dp.expected_batch_size = 64  # B = q * N; also the batch size without DP
+    c.dp.expected_batch_size = 64.0  # B = q * N (may be fractional); the batch size without DP
     c.dp.microbatch_size = 8  # examples per device per vmap chunk (bounds memory)
     c.dp.physical_batch_size = _optional(int)  # None: fits the drawn batch w.h.p.
     c.dp.clipping = "flat"  # "flat" | "per_layer"

@@ -151,6 +151,11 @@ def run(
         train_rows = train_rows.append_blocks(extra_train_blocks)
     eval_rows = eval_rows.first_rows(cfg.data.max_eval_examples)
     N, T = train_rows.num_units, train_rows.block_size
+    if cfg.data.expected_units is not None and N != cfg.data.expected_units:
+        raise ConfigError(
+            f"The training data has {N} privacy units, but the plan was made for "
+            f"data.expected_units={cfg.data.expected_units}."
+        )
     if N == 0:
         what = "complete block" if cfg.data.privacy_unit == "block" else "record"
         raise ConfigError(
@@ -251,7 +256,8 @@ def run(
             save(step)
         metrics = evaluate(compiled.eval_step, state, eval_rows, eval_batch_size, mesh)
         samples.write((state.params, state.frozen), step)
-        notify(Event("eval", step, plan.num_steps, metrics))
+        if metrics:  # (no evaluation data: nothing to tell)
+            notify(Event("eval", step, plan.num_steps, metrics))
         return metrics
 
     is_eval_step = lambda step: step % cfg.train.eval_every == 0 or step == plan.num_steps

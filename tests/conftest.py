@@ -51,6 +51,18 @@ def tokenizer_dir(shared_data: Path) -> Path:
     return shared_data / "gpt2-tokenizer"
 
 
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory, tokenizer_dir) -> str:
+    """A tiny random GPT-2 saved as a Hugging Face directory with its tokenizer."""
+    from jaxdp import data, hf
+    from jaxdp.gpt2 import GPT2Config, init_model
+
+    path = tmp_path_factory.mktemp("base")
+    model = init_model(GPT2Config.preset("tiny"), seed=4)
+    hf.save_pretrained(model, path, tokenizer=data.load_tokenizer(tokenizer_dir))
+    return str(path)
+
+
 @pytest.fixture
 def tiny_config():
     from jaxdp.gpt2 import GPT2Config

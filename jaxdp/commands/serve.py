@@ -1,0 +1,131 @@
+"""`jaxdp serve`: the private fine-tuning service (see jaxdp/serve/).
+
+    jaxdp serve --workdir W [--db URL] [--host 127.0.0.1 --port 8000] [--workers 1]
+        the web page and REST API (uvicorn) plus worker processes on this host
+    jaxdp serve worker --workdir W --db URL
+        a worker alone: one per accelerator host, all on one database (PostgreSQL)
+    jaxdp serve admin create-tenant NAME --epsilon-cap E --workdir W [--db URL]
+        a tenant and its API key (printed once; only its hash is stored)
+    jaxdp serve build-embeddings --workdir W --corpus FILE [FILE ...] [--dim 50 --vocab 20000]
+        word2vec embeddings of a PUBLIC corpus for the page's perturbation
+
+The database defaults to SQLite in the workdir (W/service.db). Workers are started with the
+`spawn` method: JAX is multithreaded and must never run in a forked process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import sys
+from pathlib import Path
+
+WORKER_OPTIONS = ("poll_interval", "heartbeat_interval", "heartbeat_timeout")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, type=Path, help="the service's directory")
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in the workdir)")
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poll-interval", type=float, default=2.0, help="seconds between claims")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument(
+        "--heartbeat-timeout", type=float, default=60.0, help="a silent job is claimed again"
+    )
+
+
+def start_workers(workdir: Path, db_url: str, count: int, options: dict) -> list:
+    """`count` worker processes, started with the spawn method."""
+    from jaxdp.serve import jobs
+
+    context = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(count):
+        proc = context.Process(
+            target=jobs.worker_main,
+            args=(str(workdir), db_url, options),
+            name=f"jaxdp-worker-{i}",
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    command = argv[0] if argv and argv[0] in ("worker", "admin", "build-embeddings") else "serve"
+    if command != "serve":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog=f"jaxdp serve{'' if command == 'serve' else ' ' + command}"
+    )
+    if command == "admin":
+        parser.add_argument("action", choices=["create-tenant"])
+        parser.add_argument("name")
+        parser.add_argument("--epsilon-cap", type=float, required=True)
+    elif command == "build-embeddings":
+        parser.add_argument("--corpus", nargs="+", required=True, help="PUBLIC text files")
+        parser.add_argument("--dim", type=int, default=50)
+        parser.add_argument("--vocab", type=int, default=20_000)
+        parser.add_argument("--epochs", type=int, default=5)
+    else:
+        _worker_args(parser)
+    _common(parser)
+    if command == "serve":
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--workers", type=int, default=1, help="worker processes here")
+        parser.add_argument("--max-upload-mb", type=float, default=100.0)
+    args = parser.parse_args(argv)
+
+    from jaxdp.serve import db
+
+    workdir = args.workdir.expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    url = args.db or db.default_url(workdir)
+    if command == "admin":
+        try:
+            key = db.create_tenant(db.connect(url), args.name, args.epsilon_cap)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"Tenant {args.name!r} created (epsilon cap {args.epsilon_cap:g}). Its API key, "
+              f"shown once:\n{key}")  # fmt: skip
+        return 0
+    if command == "build-embeddings":
+        from jaxdp import perturb
+
+        emb = perturb.build_embeddings(
+            args.corpus, dim=args.dim, vocab_size=args.vocab, epochs=args.epochs
+        )
+        out = emb.save(workdir / "embeddings", corpus=[str(c) for c in args.corpus])
+        print(f"{len(emb.words)} words x {emb.dim} dimensions in {out}")
+        return 0
+    options = {k: getattr(args, k) for k in WORKER_OPTIONS}
+    if command == "worker":
+        from jaxdp.serve import jobs
+
+        jobs.run_worker(workdir, url, **options)
+        return 0
+    import uvicorn
+
+    from jaxdp.serve.app import create_app
+
+    procs = start_workers(workdir, url, args.workers, options)
+    try:
+        app = create_app(workdir, url, max_upload_bytes=int(args.max_upload_mb * 2**20))
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

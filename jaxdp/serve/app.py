@@ -1,0 +1,387 @@
+"""The service's web app: the page (upload, perturb in the browser, train, download) and the
+REST API (JSON; OpenAPI at /docs). Every /api call but /api/health needs a tenant's API key
+(`Authorization: Bearer jdp_...`); another tenant's dataset or job is a 404, as if it did not
+exist.
+
+Errors: a missing or wrong key is 401; an upload over the size limit 413; text that is not
+UTF-8, an empty dataset, a malformed JSONL record or an unattainable or over-the-cap target 422
+with the reason (and the numbers). Training never happens in a request: a job is queued and a
+worker process runs it (`jaxdp.serve.jobs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import insert, select
+from sse_starlette.sse import EventSourceResponse
+
+from jaxdp.serve import db, jobs
+
+STATIC = Path(__file__).parent / "static"
+UPLOAD_CHUNK = 1 << 20
+
+
+def current_tenant(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> db.Tenant:
+    """The tenant whose API key the request carries; 401 without a valid one."""
+    key = authorization.removeprefix("Bearer ").strip() if authorization else None
+    found = db.tenant_for_key(request.app.state.sessions, key)
+    if found is None:
+        raise HTTPException(
+            401,
+            "A valid API key is needed (Authorization: Bearer jdp_...).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return found
+
+
+Tenant = Annotated[db.Tenant, Depends(current_tenant)]
+
+
+def create_app(
+    workdir: str | Path,
+    db_url: str | None = None,
+    *,
+    max_upload_bytes: int = 100 * 2**20,
+    sse_poll_seconds: float = 0.5,
+) -> FastAPI:
+    """The app for the service in `workdir` (database: `db_url`, default SQLite in workdir)."""
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    sessions = db.connect(db_url or db.default_url(workdir))
+    app = FastAPI(
+        title="jaxdp serve",
+        description="Private fine-tuning: upload text, train a DP-LoRA model, download it.",
+        version="1",
+    )
+    app.state.sessions = sessions
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def own_dataset(s, t: db.Tenant, dataset_id: str) -> db.Dataset:
+        d = s.get(db.Dataset, dataset_id)
+        if d is None or d.tenant_id != t.id or d.deleted_at is not None:
+            raise HTTPException(404, f"No dataset {dataset_id!r}.")
+        return d
+
+    def own_job(s, t: db.Tenant, job_id: str) -> db.Job:
+        j = s.get(db.Job, job_id)
+        if j is None or j.tenant_id != t.id:
+            raise HTTPException(404, f"No job {job_id!r}.")
+        return j
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return (STATIC / "index.html").read_text()
+
+    @app.get("/embeddings/{name}", include_in_schema=False)
+    def embeddings(name: str) -> FileResponse:
+        path = workdir / "embeddings" / name
+        if name not in ("vocab.json", "vectors.f16", "meta.json") or not path.is_file():
+            raise HTTPException(404, "No embeddings: run `jaxdp serve build-embeddings`.")
+        return FileResponse(path)
+
+    @app.get("/api/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/me")
+    def me(t: Tenant) -> dict[str, Any]:
+        return {"tenant": t.name, "epsilon_cap": t.epsilon_cap}
+
+    # ---- Datasets ---------------------------------------------------------------------------
+
+    @app.post("/api/datasets", status_code=201)
+    async def upload(
+        t: Tenant,
+        file: Annotated[UploadFile, File(description="plain text or JSONL")],
+        format: Annotated[str, Form(description='"text" (a record per line) or "jsonl"')] = "text",
+        name: Annotated[str | None, Form()] = None,
+        local_epsilon: Annotated[float | None, Form(gt=0, description="if perturbed")] = None,
+    ) -> dict[str, Any]:
+        raw = bytearray()
+        while chunk := await file.read(UPLOAD_CHUNK):
+            raw += chunk
+            if len(raw) > max_upload_bytes:
+                raise HTTPException(413, f"The upload is over {max_upload_bytes} bytes.")
+        records = parse_records(bytes(raw), format)
+        body = "".join(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in records)
+        dataset_id = db.new_id()
+        path = workdir / "tenants" / t.id / "datasets" / f"{dataset_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
+        with sessions.begin() as s:
+            d = db.Dataset(
+                id=dataset_id,
+                tenant_id=t.id,
+                name=name or file.filename or dataset_id,
+                path=str(path),
+                num_records=len(records),
+                num_bytes=len(raw),
+                content_sha256=hashlib.sha256(body.encode()).hexdigest(),
+                local_epsilon=local_epsilon,
+            )
+            s.add(d)
+            s.flush()
+            digests = db.record_digests(s.get(db.Tenant, t.id), records)
+            s.execute(
+                insert(db.DatasetRecord),
+                [{"dataset_id": d.id, "digest": x, "tenant_id": t.id} for x in digests],
+            )
+        return dataset_json(d)
+
+    @app.get("/api/datasets")
+    def list_datasets(t: Tenant) -> list[dict[str, Any]]:
+        with sessions() as s:
+            rows = s.scalars(
+                select(db.Dataset)
+                .where((db.Dataset.tenant_id == t.id) & db.Dataset.deleted_at.is_(None))
+                .order_by(db.Dataset.created_at)
+            )
+            return [dataset_json(d) for d in rows]
+
+    @app.get("/api/datasets/{dataset_id}")
+    def get_dataset(t: Tenant, dataset_id: str) -> dict[str, Any]:
+        with sessions() as s:
+            return dataset_json(own_dataset(s, t, dataset_id))
+
+    @app.delete("/api/datasets/{dataset_id}", status_code=204)
+    def delete_dataset(t: Tenant, dataset_id: str) -> Response:
+        with sessions.begin() as s:
+            d = own_dataset(s, t, dataset_id)
+            Path(d.path).unlink(missing_ok=True)  # the text is gone; the ledger is kept
+            d.deleted_at = db.now()
+        return Response(status_code=204)
+
+    # ---- Jobs -------------------------------------------------------------------------------
+
+    @app.post("/api/jobs", status_code=201)
+    def create_job(t: Tenant, spec: jobs.JobSpec) -> dict[str, Any]:
+        with sessions() as s:
+            dataset = own_dataset(s, t, spec.dataset_id)
+            if spec.eval_dataset_id:
+                own_dataset(s, t, spec.eval_dataset_id)
+        check_base_model(spec.base_model)
+        try:  # calibration: seconds, in the request's worker thread, never training
+            plan = jobs.plan_job(spec, dataset.num_records)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        delta = jobs.ledger_delta(dataset.num_records)
+        new = (plan.accounting_noise_multiplier, plan.sampling_prob, plan.num_steps)
+        with sessions.begin() as s:
+            # Lock the dataset (PostgreSQL: row lock; SQLite: BEGIN IMMEDIATE) so that two
+            # submissions cannot both pass the cap check.
+            s.execute(select(db.Dataset).where(db.Dataset.id == dataset.id).with_for_update())
+            groups = jobs.ledger_groups(s, t.id, dataset.id)
+            spent = jobs.worst_record_epsilon(groups, delta)
+            total = jobs.worst_record_epsilon(groups, delta, new)
+            if total > t.epsilon_cap:
+                raise HTTPException(422, jobs.cap_message(spent, total, t.epsilon_cap, delta))
+            job = db.Job(
+                tenant_id=t.id,
+                dataset_id=dataset.id,
+                spec=spec.model_dump(),
+                plan=plan.record(randomness="secret: drawn when the job starts"),
+            )
+            s.add(job)
+            s.flush()
+            s.add(
+                db.LedgerEntry(
+                    tenant_id=t.id,
+                    dataset_id=dataset.id,
+                    job_id=job.id,
+                    noise_multiplier=new[0],
+                    sampling_prob=new[1],
+                    steps=new[2],
+                )
+            )
+        return job_json(job, ledger={"spent_before": spent, "after": total, "delta": delta})
+
+    @app.get("/api/jobs")
+    def list_jobs(t: Tenant) -> list[dict[str, Any]]:
+        with sessions() as s:
+            rows = s.scalars(
+                select(db.Job).where(db.Job.tenant_id == t.id).order_by(db.Job.created_at)
+            )
+            return [job_json(j) for j in rows]
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(t: Tenant, job_id: str) -> dict[str, Any]:
+        with sessions() as s:
+            job = own_job(s, t, job_id)
+            dataset = s.get(db.Dataset, job.dataset_id)
+            return job_json(job, local_epsilon=dataset.local_epsilon)
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel_job(t: Tenant, job_id: str) -> dict[str, Any]:
+        with sessions.begin() as s:
+            job = own_job(s, t, job_id)
+            if job.state in db.TERMINAL:
+                raise HTTPException(409, f"Job {job_id} has ended ({job.state}).")
+            job.cancel_requested = True
+            if job.state == "queued":  # never ran: it spent nothing
+                job.state, job.finished_at = "cancelled", db.now()
+                entry = s.scalar(select(db.LedgerEntry).where(db.LedgerEntry.job_id == job_id))
+                entry.steps, entry.final = 0, True
+                s.add(db.JobEvent(job_id=job_id, kind="end", data={"state": "cancelled"}))
+            return job_json(job)
+
+    @app.get("/api/jobs/{job_id}/events")
+    async def job_events(
+        t: Tenant, job_id: str, request: Request, last_event_id: Annotated[int, Header()] = 0
+    ) -> EventSourceResponse:
+        """Server-sent events: "step" (step, num_steps, epsilon, loss), "eval" (eval loss),
+        "end" (the final state); the stream closes after "end"."""
+        with sessions() as s:
+            own_job(s, t, job_id)
+
+        def fetch(after: int):
+            with sessions() as s:
+                rows = s.scalars(
+                    select(db.JobEvent)
+                    .where((db.JobEvent.job_id == job_id) & (db.JobEvent.id > after))
+                    .order_by(db.JobEvent.id)
+                )
+                return [(e.id, e.kind, e.data) for e in rows]
+
+        async def stream():
+            after = last_event_id
+            while not await request.is_disconnected():
+                for event_id, kind, data in await asyncio.to_thread(fetch, after):
+                    after = event_id
+                    yield {"id": str(event_id), "event": kind, "data": json.dumps(data)}
+                    if kind == "end":
+                        return
+                await asyncio.sleep(sse_poll_seconds)
+
+        return EventSourceResponse(stream())
+
+    @app.get("/api/jobs/{job_id}/artifacts/{name}")
+    def artifact(t: Tenant, job_id: str, name: str) -> FileResponse:
+        with sessions() as s:
+            job = own_job(s, t, job_id)
+        if name not in (job.artifacts or {}):
+            raise HTTPException(404, f"Job {job_id} has no artifact {name!r} (yet).")
+        path = jobs.job_dir(workdir, job) / "artifacts" / name
+        return FileResponse(
+            path, filename=name, headers={"X-Content-SHA256": job.artifacts[name]["sha256"]}
+        )
+
+    @app.get("/api/ledger")
+    def ledger(t: Tenant) -> list[dict[str, Any]]:
+        """Per dataset (deleted ones too): the epsilon of its worst-off record, composed over
+        every job on any dataset holding that record (PLD), at delta = 1 / (10 N)."""
+        with sessions() as s:
+            datasets = s.scalars(
+                select(db.Dataset)
+                .where(db.Dataset.tenant_id == t.id)
+                .order_by(db.Dataset.created_at)
+            ).all()
+            out = []
+            for d in datasets:
+                delta = jobs.ledger_delta(d.num_records)
+                groups = jobs.ledger_groups(s, t.id, d.id)
+                jobs_on = s.scalars(
+                    select(db.LedgerEntry.job_id).where(db.LedgerEntry.dataset_id == d.id)
+                ).all()
+                out.append(
+                    {
+                        "dataset_id": d.id,
+                        "deleted": d.deleted_at is not None,
+                        "epsilon": jobs.worst_record_epsilon(groups, delta),
+                        "delta": delta,
+                        "epsilon_cap": t.epsilon_cap,
+                        "jobs": len(jobs_on),
+                        "jobs_on_shared_records": max(len(g) for g in groups),
+                    }
+                )
+            return out
+
+    @app.exception_handler(ValueError)
+    def value_error(_: Request, e: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=422)
+
+    return app
+
+
+def parse_records(raw: bytes, format: str) -> list[str]:
+    """The upload's records: non-blank lines ("text") or the "text" of each JSONL object."""
+    if format not in ("text", "jsonl"):
+        raise HTTPException(422, f'Unknown format {format!r}: use "text" or "jsonl".')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HTTPException(422, f"The file is not UTF-8 text (byte {e.start}).") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if format == "text":
+            records.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HTTPException(422, f"Line {n} is not JSON ({e.msg}).") from None
+        value = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise HTTPException(422, f'Line {n} has no non-empty "text" field.')
+        records.append(value)
+    if not records:
+        raise HTTPException(422, "The dataset is empty: no record with text.")
+    return records
+
+
+def check_base_model(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise HTTPException(422, f"{name} is a directory without config.json: not a HF model.")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise HTTPException(422, f"Base model directory not found: {name}.")
+
+
+def dataset_json(d: db.Dataset) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "name": d.name,
+        "records": d.num_records,
+        "bytes": d.num_bytes,
+        "local_epsilon_per_word": d.local_epsilon,
+        "created_at": d.created_at,
+    }
+
+
+def job_json(job: db.Job, **extra: Any) -> dict[str, Any]:
+    plan = job.plan or {}
+    return {
+        "id": job.id,
+        "dataset_id": job.dataset_id,
+        "state": job.state,
+        "cancel_requested": job.cancel_requested,
+        "progress": job.progress or {},
+        "plan": {
+            k: plan.get(k)
+            for k in (
+                "epsilon",
+                "delta",
+                "noise_multiplier",
+                "steps",
+                "sampling_prob",
+                "privacy_unit",
+            )
+        },  # fmt: skip
+        "result": job.result,
+        "artifacts": job.artifacts or {},
+        "error": job.error,
+        "claims": job.claims,
+        "spec": job.spec,
+        **extra,
+    }

@@ -1,0 +1,268 @@
+"""The service's database: tenants, API keys (hashed), datasets, jobs, events and the ledger.
+
+SQLite in the service's workdir by default (`sqlite:///W/service.db`, WAL mode, every
+transaction BEGIN IMMEDIATE so that a read-check-write such as the ledger's cap check cannot
+interleave with another), or any SQLAlchemy URL (PostgreSQL for several worker hosts: the row
+locks of `with_for_update` then serialize the same checks). Jobs are claimed with a conditional
+UPDATE (`claim_job`), which is atomic on either: two workers never run the same job, and a job
+whose worker stopped heart-beating is claimed again after a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+KEY_PREFIX = "jdp_"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def now() -> float:
+    return time.time()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def new_record_key() -> str:
+    return secrets.token_hex(32)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    epsilon_cap: Mapped[float] = mapped_column(Float)
+    # The key of the tenant's record digests (HMAC-SHA256): see `record_digests`.
+    record_key: Mapped[str] = mapped_column(String(64), default=new_record_key)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # never the key itself
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(300))
+    path: Mapped[str] = mapped_column(Text)  # a JSONL file of {"text": ...} records
+    num_records: Mapped[int] = mapped_column(Integer)
+    num_bytes: Mapped[int] = mapped_column(Integer)
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    local_epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)  # per word
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class DatasetRecord(Base):
+    """A keyed digest of one record of a dataset: the ledger's way to find the same record in
+    several datasets (kept when the dataset is deleted; the text itself is not)."""
+
+    __tablename__ = "dataset_records"
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+
+
+def record_digests(tenant: Tenant, records: list[str]) -> set[str]:
+    """HMAC-SHA256 of each record under the tenant's own key: equal records, equal digests;
+    without the key (which never leaves the database) a digest confirms no guessed text."""
+    key = bytes.fromhex(tenant.record_key)
+    return {hmac.new(key, r.encode(), hashlib.sha256).hexdigest() for r in records}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    spec: Mapped[dict] = mapped_column(JSON)  # what the tenant asked for
+    plan: Mapped[dict] = mapped_column(JSON)  # the privacy plan's record at submission
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    claims: Mapped[int] = mapped_column(Integer, default=0)  # times a worker took it
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # privacy.json
+    artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> {sha256, bytes}
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class LedgerEntry(Base):
+    """One job's DP event on one dataset (its noise multiplier as accounted, its sampling
+    probability and the steps it ran or may run). Never deleted."""
+
+    __tablename__ = "ledger"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    noise_multiplier: Mapped[float] = mapped_column(Float)  # accounting noise multiplier
+    sampling_prob: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)  # False: planned (reserved)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+def default_url(workdir: str | Path) -> str:
+    return f"sqlite:///{Path(workdir).expanduser().resolve() / 'service.db'}"
+
+
+def connect(url: str) -> sessionmaker[Session]:
+    """A session factory for `url`, with the tables created."""
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(
+        url,
+        connect_args={"timeout": 60, "check_same_thread": False} if sqlite else {},
+        pool_pre_ping=not sqlite,
+    )
+    if sqlite:
+        _sqlite_pragmas(engine)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _):
+        dbapi_connection.isolation_level = None  # SQLAlchemy issues BEGIN itself (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# ---- Tenants and keys -----------------------------------------------------------------------
+
+
+def hash_key(key: str) -> str:
+    """Keys are 256 random bits: a plain sha256 of them cannot be brute-forced."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_tenant(sessions: sessionmaker[Session], name: str, epsilon_cap: float) -> str:
+    """Creates a tenant and returns its API key (shown once; only its hash is stored)."""
+    if not (epsilon_cap > 0):
+        raise ValueError(f"The epsilon cap must be positive, got {epsilon_cap}.")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    with sessions.begin() as s:
+        if s.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+            raise ValueError(f"A tenant named {name!r} exists already.")
+        tenant = Tenant(name=name, epsilon_cap=float(epsilon_cap))
+        s.add(tenant)
+        s.flush()
+        s.add(ApiKey(tenant_id=tenant.id, key_sha256=hash_key(key)))
+    return key
+
+
+def tenant_for_key(sessions: sessionmaker[Session], key: str | None) -> Tenant | None:
+    if not key:
+        return None
+    with sessions() as s:
+        api_key = s.scalar(select(ApiKey).where(ApiKey.key_sha256 == hash_key(key)))
+        return None if api_key is None else s.get(Tenant, api_key.tenant_id)
+
+
+# ---- Jobs -----------------------------------------------------------------------------------
+
+
+def claim_job(sessions: sessionmaker[Session], worker: str, heartbeat_timeout: float) -> Job | None:
+    """Atomically takes the oldest queued job, or a running one whose worker went silent for
+    `heartbeat_timeout` seconds (it will resume from its checkpoint, and stop there at once if
+    it was cancelled meanwhile: that records the steps it ran). None if there is none."""
+    claimable = or_(
+        Job.state == "queued",
+        (Job.state == "running") & (Job.heartbeat_at < now() - heartbeat_timeout),
+    )
+    with sessions() as s:
+        candidates = s.scalars(select(Job.id).where(claimable).order_by(Job.created_at).limit(8))
+        candidates = list(candidates)
+    for job_id in candidates:
+        with sessions.begin() as s:
+            taken = s.execute(
+                update(Job)
+                .where((Job.id == job_id) & claimable)
+                .values(
+                    state="running",
+                    worker=worker,
+                    heartbeat_at=now(),
+                    claims=Job.claims + 1,
+                    started_at=now(),
+                )
+            )
+            if taken.rowcount == 1:
+                return s.get(Job, job_id)
+    return None
+
+
+def heartbeat(sessions: sessionmaker[Session], job_id: str, worker: str) -> bool:
+    """Refreshes the job's heartbeat; False if another worker has taken it since."""
+    with sessions.begin() as s:
+        done = s.execute(
+            update(Job)
+            .where((Job.id == job_id) & (Job.worker == worker) & (Job.state == "running"))
+            .values(heartbeat_at=now())
+        )
+        return done.rowcount == 1
+
+
+def add_event(sessions: sessionmaker[Session], job_id: str, kind: str, data: dict[str, Any]):
+    with sessions.begin() as s:
+        s.add(JobEvent(job_id=job_id, kind=kind, data=json.loads(json.dumps(data))))
+        if kind in ("step", "eval"):
+            job = s.get(Job, job_id)
+            job.progress = {**(job.progress or {}), **data}

@@ -1,0 +1,351 @@
+"""Jobs of the service: what one is, its privacy plan and ledger check, and the worker.
+
+A job fine-tunes a base model (a local Hugging Face directory or a Hub id) on one uploaded
+dataset with DP-SGD: LoRA adapters (or the parameters matching `trainable` regexes), one record
+= one privacy unit. At submission (`plan_job`) the noise multiplier is calibrated to the job's
+target epsilon for the dataset's record count, and the job's DP event is composed with every
+earlier job's on every dataset that holds one of the same records (dp-accounting's PLD
+accountant, `ledger_epsilon`; records are matched by keyed digest, so a re-upload or an
+overlapping dataset carries what was spent): a job that would take any record over its
+tenant's cap is refused with the numbers, and an accepted one reserves its planned steps. When
+it ends, its entry is set to the steps it actually ran (a failed or cancelled job counts them;
+nothing is ever refunded, not even when the dataset is deleted).
+
+The worker (`run_worker`, one process per accelerator host, started with the `spawn` method)
+claims jobs from the database, heart-beats while it runs one, and runs it with `jaxdp.run.run`
+in W/tenants/<tenant>/jobs/<id>/: progress events go to the database (server-sent to the
+page), cancellation is read from it between steps. A worker that dies leaves its job to be
+claimed again after the heartbeat timeout; the job then resumes from its checkpoint with its
+stored secrets and ends with the parameters and epsilon of an uninterrupted job.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+import traceback
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+from pydantic import BaseModel, Field, model_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from jaxdp import accounting
+from jaxdp import run as run_lib
+from jaxdp.config import default_config
+from jaxdp.plan import PrivacyPlan
+from jaxdp.serve import db
+from jaxdp.tracking import Event
+
+log = logging.getLogger("jaxdp.serve")
+ARTIFACTS = ("peft.zip", "hf.zip", "privacy.json", "report.png")
+
+
+class JobSpec(BaseModel):
+    """What a tenant asks for (the API's job body)."""
+
+    dataset_id: str
+    base_model: str = Field(description="a local Hugging Face model directory or a Hub id")
+    lora_rank: int = Field(8, ge=0, description="0: train the `trainable` parameters instead")
+    lora_targets: list[str] = ["attn.c_attn", "attn.c_proj"]
+    trainable: list[str] = Field([], description="regexes of parameter paths to train")
+    target_epsilon: float = Field(gt=0)
+    target_delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N)")
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=1)
+    expected_batch_size: float = Field(16, ge=1)
+    l2_clip_norm: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    block_size: int = Field(128, ge=2)
+    max_blocks_per_record: int = Field(1, ge=1, le=64)
+    microbatch_size: int = Field(8, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    eval_dataset_id: str | None = None
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> JobSpec:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give the number of steps or of epochs (one of them)")
+        if self.lora_rank == 0 and not self.trainable:
+            raise ValueError("with lora_rank 0, name the trainable parameters (regexes)")
+        return self
+
+
+def plan_job(spec: JobSpec, num_records: int) -> PrivacyPlan:
+    """The job's privacy plan: the noise multiplier for its target, on record units."""
+    return PrivacyPlan.create(
+        num_examples=num_records,
+        expected_batch_size=spec.expected_batch_size,
+        steps=spec.steps,
+        epochs=spec.epochs,
+        l2_clip_norm=spec.l2_clip_norm,
+        target_epsilon=spec.target_epsilon,
+        target_delta=spec.target_delta,
+        unit=f"record (one uploaded record, up to {spec.max_blocks_per_record} blocks of "
+        f"{spec.block_size} tokens)",
+        unit_kind="record",
+    )
+
+
+def ledger_delta(num_records: int) -> float:
+    """The delta at which a dataset's ledger (and its tenant's cap) is stated: 1 / (10 N)."""
+    return 1.0 / (10 * num_records)
+
+
+Entry = tuple[float, float, int]  # (accounting noise multiplier, sampling probability, steps)
+
+
+def ledger_epsilon(entries: list[Entry], delta: float) -> float:
+    """Epsilon of composing jobs' DP events (accounting noise multiplier, q, steps): PLD, at
+    the discretization `accounting.pld_interval` gives the smallest noise multiplier (as the
+    jobs' own plans were calibrated). The composition of each set of events is computed once."""
+    return _composed_epsilon(tuple(sorted(e for e in entries if e[2] > 0)), delta)
+
+
+@accounting.single_flight
+def _composed_epsilon(entries: tuple[Entry, ...], delta: float) -> float:
+    if not entries:
+        return 0.0
+    events = [accounting.dpsgd_event(s, q, n) for s, q, n in entries]
+    interval = accounting.pld_interval(min(s for s, _, _ in entries))
+    acc = accounting.make_accountant("pld", pld_discretization=interval)
+    return float(acc.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta))
+
+
+def ledger_groups(s: Session, tenant_id: str, dataset_id: str) -> list[list[Entry]]:
+    """The DP events each record of a dataset is in, grouped: a record's events are those of
+    every job on every dataset (of this tenant, deleted or not) that holds the same record. One
+    group per distinct set of such datasets, keeping only the sets no other set contains."""
+    mine, other = aliased(db.DatasetRecord), aliased(db.DatasetRecord)
+    rows = s.execute(
+        select(mine.digest, other.dataset_id)
+        .join(other, (other.digest == mine.digest) & (other.tenant_id == tenant_id))
+        .where(mine.dataset_id == dataset_id)
+    )
+    holders: dict[str, set[str]] = collections.defaultdict(set)
+    for digest, holder in rows:
+        holders[digest].add(holder)
+    sets = {frozenset(h) for h in holders.values()} or {frozenset([dataset_id])}
+    maximal = [g for g in sets if not any(g < h for h in sets)]
+    entries = s.scalars(
+        select(db.LedgerEntry).where(db.LedgerEntry.dataset_id.in_(set().union(*maximal)))
+    ).all()
+    return [
+        [(e.noise_multiplier, e.sampling_prob, e.steps) for e in entries if e.dataset_id in g]
+        for g in maximal
+    ]
+
+
+def worst_record_epsilon(groups: list[list[Entry]], delta: float, *new: Entry) -> float:
+    """Epsilon of the dataset's worst-off record, with the events `new` added to each group."""
+    return max(ledger_epsilon([*g, *new], delta) for g in groups)
+
+
+# ---- The run of one job -------------------------------------------------------------------------
+
+
+def job_dir(workdir: Path, job: db.Job) -> Path:
+    return Path(workdir) / "tenants" / job.tenant_id / "jobs" / job.id
+
+
+def job_config(spec: JobSpec, plan: dict[str, Any], data_file: str, eval_file: str | None):
+    """The `jaxdp.run` config of a job: the plan's noise multiplier and steps, fixed."""
+    c = default_config()
+    base = spec.base_model
+    c.model.init, c.model.name_or_path, c.model.dropout = "pretrained", base, 0.0
+    c.model.lora_rank = spec.lora_rank
+    c.model.lora_targets = tuple(spec.lora_targets)
+    c.model.trainable = tuple(spec.trainable)
+    c.data.source = "jsonl"
+    c.data.train_files = (data_file,)
+    c.data.eval_files = (eval_file,) if eval_file else ()
+    c.data.tokenizer = base
+    c.data.block_size = spec.block_size
+    c.data.privacy_unit = "record"
+    c.data.max_blocks_per_unit = spec.max_blocks_per_record
+    c.data.expected_units = plan["num_examples"]
+    c.dp.noise_multiplier = plan["noise_multiplier"]
+    c.dp.target_epsilon = None
+    c.dp.target_delta = plan["delta"]
+    c.dp.expected_batch_size = spec.expected_batch_size
+    c.dp.l2_clip_norm = spec.l2_clip_norm
+    c.dp.microbatch_size = max(spec.microbatch_size, spec.max_blocks_per_record)
+    c.optim.name, c.optim.learning_rate = "adamw", spec.learning_rate
+    steps = plan["steps"]
+    c.train.num_steps = steps
+    c.train.eval_every = steps
+    c.train.log_every = 1
+    c.train.checkpoint_every = spec.checkpoint_every or max(1, steps // 10)
+    c.train.sample_prompts = ()
+    c.train.progress = False
+    c.train.tensorboard = False
+    return c
+
+
+class LeaseLost(RuntimeError):
+    """Another worker claimed the job (this one stopped heart-beating for too long)."""
+
+
+class _Heartbeat:
+    """Refreshes the job's heartbeat from a thread; reads the job's cancel flag."""
+
+    def __init__(self, sessions: sessionmaker, job_id: str, worker: str, interval: float):
+        self.sessions, self.job_id, self.worker, self.interval = sessions, job_id, worker, interval
+        self.lost = False
+        with sessions() as s:
+            self.cancel = bool(s.get(db.Job, job_id).cancel_requested)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not db.heartbeat(self.sessions, self.job_id, self.worker):
+                    self.lost = True
+                with self.sessions() as s:
+                    self.cancel = bool(s.get(db.Job, self.job_id).cancel_requested)
+            except Exception:  # a database hiccup: the next beat tries again
+                log.exception("Heartbeat of job %s failed.", self.job_id)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def should_stop(self) -> bool:
+        if self.lost:  # never write into a workdir another worker now owns
+            raise LeaseLost(f"Job {self.job_id} was claimed by another worker.")
+        return self.cancel
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _zip_dir(directory: Path, out: Path) -> None:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(directory))
+
+
+def collect_artifacts(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The job's downloads (everything publishable: never W/private), each with its sha256."""
+    out_dir = run_dir / "artifacts"
+    out_dir.mkdir(exist_ok=True)
+    for name in ("peft", "hf"):
+        if (run_dir / name).is_dir():
+            _zip_dir(run_dir / name, out_dir / f"{name}.zip")
+    for name in ("privacy.json", "report.png"):
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, out_dir / name)
+    return {
+        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(out_dir.iterdir())
+        if p.name in ARTIFACTS
+    }
+
+
+def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, interval: float):
+    """Runs (or resumes) one claimed job to its end, recording progress and the ledger."""
+    spec = JobSpec.model_validate(job.spec)
+    with sessions() as s:
+        dataset = s.get(db.Dataset, job.dataset_id)
+        eval_set = s.get(db.Dataset, spec.eval_dataset_id) if spec.eval_dataset_id else None
+    run_dir = job_dir(workdir, job)
+    steps_run, state, error, summary = int(job.progress.get("step", 0)), "failed", None, None
+
+    def observe(event: Event) -> None:
+        nonlocal steps_run
+        if event.kind == "step":
+            steps_run = event.step
+            data = {
+                "step": event.step,
+                "num_steps": event.num_steps,
+                "epsilon": event.public.get("epsilon"),
+                "loss": event.private.get("train_loss"),
+            }
+            db.add_event(sessions, job.id, "step", data)
+        elif event.kind == "eval":
+            db.add_event(sessions, job.id, "eval", {"step": event.step, **event.public})
+
+    try:
+        if dataset is None or dataset.deleted_at is not None:
+            raise FileNotFoundError("The job's dataset was deleted before the job ran.")
+        cfg = job_config(spec, job.plan, dataset.path, eval_set.path if eval_set else None)
+        with _Heartbeat(sessions, job.id, worker, interval) as beat:
+            summary = run_lib.run(cfg, run_dir, callbacks=[observe], cancel=beat.should_stop)
+        steps_run = summary["steps"]
+        state = "cancelled" if summary.get("cancelled") else "succeeded"
+    except LeaseLost:
+        log.warning("Job %s: claimed by another worker; this one stops.", job.id)
+        return
+    except Exception as e:  # the job failed: record why, and what it spent
+        error = f"{type(e).__name__}: {e}"
+        log.error("Job %s failed: %s\n%s", job.id, error, traceback.format_exc())
+    artifacts = collect_artifacts(run_dir) if state == "succeeded" else {}
+    with sessions.begin() as s:
+        row = s.get(db.Job, job.id)
+        row.state, row.error, row.finished_at = state, error, db.now()
+        row.result, row.artifacts = summary, artifacts
+        entry = s.scalar(select(db.LedgerEntry).where(db.LedgerEntry.job_id == job.id))
+        entry.steps, entry.final = steps_run, True  # what it actually ran
+        s.add(db.JobEvent(job_id=job.id, kind="end", data={"state": state, "error": error}))
+
+
+def run_worker(
+    workdir: str | Path,
+    db_url: str,
+    *,
+    worker_id: str | None = None,
+    poll_interval: float = 2.0,
+    heartbeat_interval: float = 5.0,
+    heartbeat_timeout: float = 60.0,
+    max_jobs: int | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Claims and runs jobs until stopped (or until `max_jobs` have run)."""
+    workdir = Path(workdir).expanduser().resolve()
+    # Jobs of all tenants share the compiled programs (JAX's persistent compilation cache).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "cache" / "jax"))
+    worker = worker_id or f"{os.uname().nodename}:{os.getpid()}"
+    sessions = db.connect(db_url)
+    done = 0
+    log.info("Worker %s started on %s.", worker, db_url)
+    while not (stop is not None and stop.is_set()) and (max_jobs is None or done < max_jobs):
+        job = db.claim_job(sessions, worker, heartbeat_timeout)
+        if job is None:
+            time.sleep(poll_interval)
+            continue
+        log.info("Worker %s runs job %s (claim %d).", worker, job.id, job.claims)
+        run_job(sessions, workdir, job, worker, heartbeat_interval)
+        done += 1
+
+
+def worker_main(workdir: str, db_url: str, options: dict[str, Any]) -> None:
+    """The entry point of a spawned worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_worker(workdir, db_url, **options)
+
+
+def cap_message(spent: float, planned: float, cap: float, delta: float) -> str:
+    return (
+        f"This job would take the dataset to epsilon = {planned:.4g} (spent so far: {spent:.4g}) "
+        f"at delta = {delta:.3g}, over the tenant's cap of {cap:g}. Lower the target epsilon, "
+        f"train fewer epochs, or upload new data."
+    )
