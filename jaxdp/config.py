@@ -67,7 +67,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.dp.microbatch_size = 8  # examples per device per vmap chunk (bounds memory)
     c.dp.physical_batch_size = _optional(int)  # None: fits the drawn batch w.h.p.
     c.dp.clipping = "flat"  # "flat" | "per_layer"
-    c.dp.engine = "vmap"  # "vmap" | "ghost" (exact norms without per-example gradients)
+    # "vmap" | "ghost" (exact norms without per-example gradients) | "fused" (per-layer
+    # clipping inside backpropagation: about the cost of a non-private step)
+    c.dp.engine = "vmap"
+    # Adaptive clipping (jaxdp/adaptive.py): the clip norm (flat) or the per-layer thresholds
+    # follow a target quantile of the gradient norms, from a count released with its own noise.
+    c.dp.adaptive = ml_collections.ConfigDict()
+    c.dp.adaptive.enabled = False
+    c.dp.adaptive.target_quantile = 0.5
+    c.dp.adaptive.learning_rate = 0.2
+    c.dp.adaptive.count_noise_multiplier = _optional(float)  # None: expected_batch_size / 20
+    c.dp.adaptive.min_clip_norm = 1e-3
+    c.dp.adaptive.max_clip_norm = 1e3
+    # Noise-free gradient diagnostics in W/private (m-coherence, norm quantiles, SNR): NOT
+    # covered by epsilon. DP estimates (SNR from the noisy sum, sigma/B) are always public.
+    c.dp.diagnostics = False
     c.dp.ghost_strategy = "auto"  # ghost engine, per dense layer: "auto" | "ghost" | "instantiate"
     c.dp.group_size = 1  # > 1: micro-batch clipping of fixed groups; costs 2x in accounting
     c.dp.accountant = "pld"  # "pld" | "rdp"

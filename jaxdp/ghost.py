@@ -55,6 +55,7 @@ from flax import nnx
 from jaxdp.clipping import (
     CLIPPING_MODES,
     ClipStats,
+    UnitStats,
     chunk_stats,
     clip_factors,
     scan_microbatches,
@@ -356,6 +357,7 @@ def ghost_clipped_grad(
     frozen: PyTree = None,
     strategy: str = "auto",
     clipping: str = "flat",
+    with_raw_sum: bool = False,
 ) -> Callable[..., tuple[PyTree, ClipStats]]:
     """The ghost-clipping counterpart of `clipping.clipped_grad` for `jaxdp.gpt2` models.
 
@@ -365,7 +367,8 @@ def ghost_clipped_grad(
     several rows, laid out by `jaxdp.sampling.pack_units` (see the module docstring).
     `strategy` chooses how dense layers' norms are computed ("auto", "ghost", "instantiate").
     `clipping` is "flat" (one norm per example) or "per_layer" (each parameter tensor clipped
-    to C / sqrt(K) of K, as in `clipping.clip_and_sum`); sensitivity C either way.
+    to its threshold, C / sqrt(K) of K by default, as in `clipping.clip_and_sum`); sensitivity C
+    either way. `fn(..., thresholds=[K_c])` and `with_raw_sum` as in `clipping.clipped_grad`.
     Dropout, if any, uses one key per microbatch.
     """
     if l2_clip_norm <= 0:
@@ -374,7 +377,13 @@ def ghost_clipped_grad(
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
 
-    def chunk_fn(params, chunk, pad, keys, segment_ids):
+    def make_chunk_fn(thresholds):
+        def chunk_fn(params, chunk, pad, keys, segment_ids):
+            return _chunk(params, chunk, pad, keys, segment_ids, thresholds)
+
+        return chunk_fn
+
+    def _chunk(params, chunk, pad, keys, segment_ids, thresholds):
         key = None if keys is None else keys[0]
         recorded = _Pass(graphdef, params, chunk, key, frozen, strategy)
         groups = _groups(params)
@@ -383,42 +392,69 @@ def ghost_clipped_grad(
             norms = _total_norms(sq, groups)
             real, finite = ~pad, jnp.isfinite(norms)
             keep = real & finite
+            first = jnp.ones_like(real)  # every row is its unit's first row
         else:  # rows with one segment id form one unit: its norm from pairs of rows
             pairs, kept = recorded.pair_products()
             diagonal = {g: jnp.diagonal(p) for g, p in pairs.items()}
             norms = _total_norms(diagonal, groups)  # each row's own gradient norm (stats)
             real, finite = ~pad, jnp.isfinite(norms)
             keep = real & finite
-            unit = (segment_ids[:, None] == segment_ids[None, :]) & keep[:, None] & keep[None, :]
-            unit = unit.astype(jnp.float32)  # [B, B]: rows i and j are kept members of one unit
+            # [B, B]: row j is a kept member of row i's unit (row i itself kept or not, so every
+            # row carries its unit's norm)
+            unit = ((segment_ids[:, None] == segment_ids[None, :]) & keep[None, :]).astype(
+                jnp.float32
+            )
             ok = keep[:, None] & keep[None, :]
             sq = {  # ||g_u||^2 of each row's unit: sum over its unit's pairs
                 g: jnp.einsum("ik,kl,il->i", unit, jnp.where(ok, pairs[g], 0.0), unit)
                 for _, g in groups
             }
-        factors, scaled = clip_factors([sq[g] for _, g in groups], l2_clip_norm, clipping)
+            first = segment_ids == jnp.arange(segment_ids.shape[0])  # (pack_units' ids)
+        group_sq = [sq[g] for _, g in groups]
+        factors, scaled, below = clip_factors(group_sq, l2_clip_norm, clipping, thresholds)
         weights = [jnp.where(keep, f, 0.0) for f in factors]
         clipped = keep & scaled
+        # Unit statistics from each unit's first row (every row carries its unit's norms): a
+        # unit counts as kept when any of its rows is (as in `clipping.clip_and_sum`).
+        if segment_ids is None:
+            unit_keep = keep
+        else:
+            same = segment_ids[:, None] == segment_ids[None, :]
+            unit_keep = jnp.any(same & keep[None, :], axis=1)
+        units = UnitStats.of(
+            [jnp.where(unit_keep, x, 0.0) for x in group_sq],
+            below & unit_keep[:, None],
+            first & real,
+        )
+        ones = [keep.astype(jnp.float32)] * len(groups)
 
-        def sums(t: _Pass, kept):
-            return [t.weighted_sum(g, w, kept) for (_, g), w in zip(groups, weights, strict=True)]
+        def sums(t: _Pass, kept, ws):
+            return [t.weighted_sum(g, w, kept) for (_, g), w in zip(groups, ws, strict=True)]
 
-        def sanitized_sums(t: _Pass, kept):
+        def sanitized_sums(t: _Pass, kept, ws):
             kept = jax.tree.map(lambda x: jnp.where(keep[:, None, None], x, 0), kept)
-            return sums(t.sanitized(keep), kept)
+            return sums(t.sanitized(keep), kept, ws)
+
+        def as_tree(leaves):
+            return nnx.from_flat_state(
+                [
+                    (path, var.replace(leaf.astype(var.get_value().dtype)))
+                    for (path, var), leaf in zip(nnx.to_flat_state(params), leaves, strict=True)
+                ]
+            )
 
         # Zeroing dropped examples costs a pass over every saved activation: do it only when a
         # non-finite example occurs (0 * NaN would otherwise poison the sums).
-        leaves = jax.lax.cond(
-            jnp.all(finite), lambda: sums(recorded, kept), lambda: sanitized_sums(recorded, kept)
+        def all_sums(fn):
+            return (fn(recorded, kept, weights), fn(recorded, kept, ones) if with_raw_sum else [])
+
+        leaves, raw = jax.lax.cond(
+            jnp.all(finite), lambda: all_sums(sums), lambda: all_sums(sanitized_sums)
         )
-        summed = nnx.from_flat_state(
-            [
-                (path, var.replace(leaf.astype(var.get_value().dtype)))
-                for (path, var), leaf in zip(nnx.to_flat_state(params), leaves, strict=True)
-            ]
-        )
-        return summed, chunk_stats(recorded.losses, norms, real, finite, clipped)
+        stats = chunk_stats(recorded.losses, norms, real, finite, clipped, units)
+        if with_raw_sum:
+            return (as_tree(leaves), as_tree(raw)), stats
+        return as_tree(leaves), stats
 
     def fn(
         params: PyTree,
@@ -426,9 +462,10 @@ def ghost_clipped_grad(
         is_padding: jax.Array,
         key: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        thresholds: jax.Array | None = None,
     ):
         return scan_microbatches(
-            chunk_fn, params, batch, is_padding, key, microbatch_size, segment_ids
+            make_chunk_fn(thresholds), params, batch, is_padding, key, microbatch_size, segment_ids
         )
 
     return fn

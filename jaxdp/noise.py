@@ -28,16 +28,26 @@ costs four noise draws per step instead of one.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdp import fused
+from jaxdp.adaptive import AdaptiveClipping, initial_thresholds, update_thresholds
+
 
 class GaussianNoiseState(NamedTuple):
     key: jax.Array  # uint32 key data of the (secret) noise key
     count: jax.Array  # int32 scalar: noisy updates emitted so far
+    # Released with noise, so public (covered by epsilon):
+    # Adaptive clipping only (None otherwise: the engines use the fixed clip norm):
+    clip_norms: jax.Array | None = None  # [K_c] the next step's thresholds
+    noisy_fraction: jax.Array | None = None  # [K_c] the last released b~
+    noisy_sq_norm: jax.Array | None = None  # ||noisy sum||^2 of the last step (set by init)
 
 
 def leaf_keys(key: jax.Array, count: jax.Array | int, num_leaves: int) -> list[jax.Array]:
@@ -60,10 +70,21 @@ def add_gaussian_noise(
     key: jax.Array,
     *,
     secure: bool = False,
-) -> optax.GradientTransformation:
+    adaptive: AdaptiveClipping | None = None,
+    clipping: str = "flat",
+    group_names: Callable[[Any], list[str]] | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Optax transform: clipped-gradient sum -> noisy mean gradient (see module docstring).
 
-    `key` is a JAX PRNG key (e.g. `jaxdp.randomness.Secrets.generate().noise_key()`)."""
+    `key` is a JAX PRNG key (e.g. `jaxdp.randomness.Secrets.generate().noise_key()`).
+
+    With `adaptive` (`jaxdp.adaptive`), `noise_multiplier` is the GRADIENT's share sigma_D, the
+    state holds the clipping thresholds (`clip_norms`: [C_t] flat, or one per group named by
+    `group_names(params)` per layer), `update` needs the extra argument `below` [K_c] (the
+    clipped engines' `ClipStats.below`), and each update adds N(0, (sigma_D C_t)^2) to the sum
+    (C fixed per layer), releases the counts with noise sigma_b (sigma_b sqrt(K) per layer)
+    drawn from its own key (`fold_in(step key, number of leaves)`, distinct from the leaves'),
+    and moves the thresholds (`jaxdp.adaptive.update_thresholds`)."""
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
     if noise_multiplier < 0:
@@ -76,20 +97,56 @@ def add_gaussian_noise(
     # Only the key's data (state) and implementation (threefry2x32 for jaxdp's keys) are kept.
     key_data, impl = jax.random.key_data(key), jax.random.key_impl(key)
 
-    def init_fn(params):
-        del params
-        return GaussianNoiseState(key=key_data, count=jnp.zeros((), jnp.int32))
+    if adaptive is not None and clipping != "flat" and group_names is None:
+        raise ValueError("Per-layer adaptive clipping needs group_names (the clipping groups).")
+    names_of = group_names or (lambda params: [])
 
-    def update_fn(updates, state, params=None):
-        del params
+    def init_fn(params):
+        state = GaussianNoiseState(
+            key=key_data, count=jnp.zeros((), jnp.int32), noisy_sq_norm=jnp.zeros((), jnp.float32)
+        )
+        if adaptive is None:
+            return state
+        thresholds = initial_thresholds(l2_clip_norm, clipping, names_of(params))
+        return state._replace(clip_norms=thresholds, noisy_fraction=jnp.zeros_like(thresholds))
+
+    def update_fn(updates, state, params=None, *, below=None, thresholds=None, **extra_args):
+        del extra_args
         leaves, treedef = jax.tree.flatten(updates)
         key = jax.random.wrap_key_data(state.key, impl=impl)
         keys = leaf_keys(key, state.count, len(leaves))
+        std = stddev
+        if adaptive is not None:
+            if below is None or thresholds is None:
+                raise ValueError(
+                    "Adaptive clipping: pass update(..., below=ClipStats.below, thresholds=the "
+                    "thresholds the sum was clipped with)."
+                )
+            # The gradient's noise scales with the sensitivity of the sum it is added to: that
+            # of the thresholds it was clipped with, never less than this state's (which they
+            # equal when the caller follows `steps`; larger ones would need more noise).
+            names = names_of(params)
+            if clipping == "flat":
+                c = jnp.maximum(thresholds[0], state.clip_norms[0])
+            else:
+                c = jnp.maximum(fused.sensitivity(thresholds, names), l2_clip_norm)
+            std = noise_multiplier * c
         noisy = [
-            (g + stddev * _normal(k, g.shape, secure).astype(g.dtype)) / expected_batch_size
+            (g + std * _normal(k, g.shape, secure).astype(g.dtype)) / expected_batch_size
             for g, k in zip(leaves, keys, strict=True)
         ]
-        new_state = GaussianNoiseState(key=state.key, count=state.count + 1)
+        sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32) * expected_batch_size)) for g in noisy)
+        new_state = state._replace(count=state.count + 1, noisy_sq_norm=jnp.asarray(sq))
+        if adaptive is not None:
+            k = state.clip_norms.shape[0]
+            count_key = jax.random.fold_in(jax.random.fold_in(key, state.count), len(leaves))
+            count_std = adaptive.count_noise_multiplier * math.sqrt(k)
+            noisy_count = below + count_std * _normal(count_key, (k,), secure)
+            fraction = noisy_count / expected_batch_size + 0.5
+            new_thresholds = update_thresholds(
+                state.clip_norms, fraction, adaptive, clipping, l2_clip_norm, names
+            )
+            new_state = new_state._replace(clip_norms=new_thresholds, noisy_fraction=fraction)
         return jax.tree.unflatten(treedef, noisy), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -36,6 +36,7 @@ import dp_accounting
 import optax
 
 from jaxdp import accounting, sampling
+from jaxdp.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from jaxdp.clipping import CLIPPING_MODES
 from jaxdp.noise import add_gaussian_noise
 
@@ -64,6 +65,16 @@ PUBLIC_PARAMETERS = (
     "micro-batch clipping, num_cells: the guarantee is for neighbouring datasets under these "
     "fixed parameters"
 )
+ADAPTIVE_NOTE = {
+    "flat": "the clip norm follows the target quantile of the per-unit gradient norms, from a "
+    "count released with Gaussian noise (count_noise_multiplier); gradient and count together "
+    "are one Gaussian mechanism with noise_multiplier, which the accountant uses; the clip "
+    "norm's trajectory is in metrics.jsonl",
+    "per_layer": "every parameter group's threshold follows the target quantile of that group's "
+    "per-unit gradient norms (counts released with noise count_noise_multiplier * sqrt(K)), "
+    "rescaled so the clipped sum's sensitivity stays l2_clip_norm; the accountant uses "
+    "noise_multiplier",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +99,7 @@ class PrivacyPlan:
     unit: str = DEFAULT_UNIT
     unit_kind: str = "example"  # "example" | "block" | "record" | "user": what epsilon is per
     enabled: bool = True
+    adaptive: AdaptiveClipping | None = None  # adaptive clipping (jaxdp.adaptive)
 
     # ------------------------------------------------------------------------------ create ---
 
@@ -110,6 +122,7 @@ class PrivacyPlan:
         secure_noise: bool = False,
         unit: str = DEFAULT_UNIT,
         unit_kind: str = "example",
+        adaptive: AdaptiveClipping | None = None,
     ) -> PrivacyPlan:
         """Validates the settings and resolves them into a plan.
 
@@ -117,6 +130,8 @@ class PrivacyPlan:
         multiplier whose epsilon after the planned steps is at most the target), or both: then
         the run stops before the target would be exceeded (`num_steps` is shortened). `steps`
         or `epochs` (epochs / sampling_prob steps). `target_delta` defaults to 1 / (10 N).
+        With `adaptive`, the noise multiplier is that of the pair (gradient, count) and is
+        what the accountant uses; the gradient gets `gradient_noise_multiplier`.
         Raises ValueError with a message naming the setting to change.
         """
         N, B, q, steps, delta = _check_common(
@@ -187,7 +202,12 @@ class PrivacyPlan:
             secure_noise=secure_noise,
             unit=unit,
             unit_kind=unit_kind,
+            adaptive=adaptive,
         )
+        if adaptive is not None:
+            if group_size > 1:
+                raise ValueError("Adaptive clipping needs group_size=1.")
+            gradient_noise_multiplier(sigma, adaptive.count_noise_multiplier)  # sigma < 2 sigma_b
         # The epsilon the run reports (`epsilon`, a cached PLD self-composition) can differ from
         # the accountant call the search used in the last digits: make the reported one meet
         # the target too.
@@ -243,6 +263,16 @@ class PrivacyPlan:
         return self.noise_multiplier / _sensitivity_factor(self.group_size)
 
     @property
+    def gradient_noise_multiplier(self) -> float:
+        """The gradient's noise multiplier: sigma, or sigma_D < sigma with adaptive clipping (the
+        count takes the rest; `jaxdp.adaptive`)."""
+        if self.adaptive is None or not self.private:
+            return self.noise_multiplier
+        return gradient_noise_multiplier(
+            self.noise_multiplier, self.adaptive.count_noise_multiplier
+        )
+
+    @property
     def approximate(self) -> bool:
         """True when epsilon is computed as if batches were Poisson-sampled, but they were not."""
         return self.enabled and self.sampling != "poisson"
@@ -280,25 +310,30 @@ class PrivacyPlan:
         batch = min(self.num_examples, max(1, int(round(self.expected_batch_size))))
         return sampling.ShuffleSampler(self.num_examples, batch, seed)
 
-    def noise_transform(self, key) -> optax.GradientTransformation:
-        """clipped sum -> (sum + N(0, sigma^2 C^2)) / B, keyed by the SECRET `key`."""
+    def noise_transform(self, key, group_names=None) -> optax.GradientTransformation:
+        """clipped sum -> (sum + N(0, sigma^2 C^2)) / B, keyed by the SECRET `key` (with
+        adaptive clipping also the count release and the thresholds' update; `group_names`
+        (params -> clipping groups) for per-layer adaptive clipping)."""
         if not self.enabled:
             raise ValueError("A non-private plan adds no noise.")
         return add_gaussian_noise(
             self.l2_clip_norm,
-            self.noise_multiplier,
+            self.gradient_noise_multiplier,
             self.expected_batch_size,
             key,
             secure=self.secure_noise,
+            adaptive=self.adaptive,
+            clipping=self.clipping,
+            group_names=group_names,
         )
 
-    def optimizer(self, base: optax.GradientTransformation, noise_key=None):
+    def optimizer(self, base: optax.GradientTransformation, noise_key=None, group_names=None):
         """`base` preceded, under DP, by the noise transform (which also divides by B)."""
         if not self.enabled:
             return base
         if noise_key is None:
             raise ValueError("DP-SGD needs a secret noise key (jaxdp.randomness.Secrets).")
-        return optax.chain(self.noise_transform(noise_key), base)
+        return optax.chain(self.noise_transform(noise_key, group_names), base)
 
     # ------------------------------------------------------------------------- describing ---
 
@@ -357,6 +392,14 @@ class PrivacyPlan:
             "group_size": self.group_size,
             "num_cells": self.num_cells,
             "secure_noise": self.secure_noise,
+            "adaptive_clipping": None
+            if self.adaptive is None
+            else {
+                **dataclasses.asdict(self.adaptive),
+                "gradient_noise_multiplier": self.gradient_noise_multiplier,
+                "initial_l2_clip_norm": self.l2_clip_norm,
+                "note": ADAPTIVE_NOTE[self.clipping],
+            },
             "target_epsilon": self.target_epsilon,
             "sampling_method": self.sampling,
             "neighbouring_relation": self.neighbouring_relation(),
@@ -389,6 +432,7 @@ class PrivacyPlan:
         "clipping",
         "group_size",
         "secure_noise",
+        "adaptive_clipping",
         "sampling_method",
     )
 

@@ -31,6 +31,7 @@ import optax
 
 from jaxdp import accounting, randomness, sampling
 from jaxdp import steps as steps_lib
+from jaxdp.adaptive import AdaptiveClipping
 from jaxdp.plan import PrivacyPlan
 from jaxdp.randomness import Secrets
 
@@ -49,6 +50,7 @@ class PrivateTraining:
     engine: steps_lib.Engine
     physical_batch_size: int
     initial_state: steps_lib.TrainState
+    zero_accum: Callable[..., steps_lib.GradAccum]  # jitted (params, thresholds) -> acc
     grad_step: Callable[..., steps_lib.GradAccum]  # jitted (params, batch, key, acc) -> acc
     update_step: Callable[..., tuple[steps_lib.TrainState, dict]]  # jitted (state, acc)
 
@@ -69,7 +71,7 @@ class PrivateTraining:
             yield {**{k: np.asarray(v)[rows] for k, v in data.items()}, "is_padding": is_padding}
 
     def zero_grads(self, state: steps_lib.TrainState) -> steps_lib.GradAccum:
-        return steps_lib.zero_accum(state.params)
+        return self.zero_accum(state.params, steps_lib.clip_thresholds(state))
 
     def accumulate(
         self,
@@ -133,6 +135,8 @@ def make_private(
     microbatch_size: int | None = None,
     physical_batch_size: int | None = None,
     secure_noise: bool = False,
+    adaptive: AdaptiveClipping | None = None,
+    diagnostics: bool = False,
     secrets: Secrets | None = None,
 ) -> PrivateTraining:
     """DP-SGD for a per-example `loss_fn(params, example, key)` and an optax `optimizer`.
@@ -140,7 +144,10 @@ def make_private(
     Give `noise_multiplier`, or `target_epsilon` to calibrate it (both: a budget that ends the
     run early); `steps` or `epochs`; `target_delta` defaults to 1 / (10 num_examples). The
     privacy unit is one example (one row of the arrays you pass to `batches`); the neighbouring
-    relation is add-or-remove-one example. `secrets` default to fresh OS randomness."""
+    relation is add-or-remove-one example. `adaptive` (`jaxdp.adaptive.AdaptiveClipping`):
+    the clip norm (or per-layer thresholds) follow a quantile of the gradient norms;
+    `diagnostics`: noise-free gradient diagnostics in the metrics (`steps.make_update_step`).
+    `secrets` default to fresh OS randomness."""
     return _make_private(
         loss_fn,
         params,
@@ -157,15 +164,16 @@ def make_private(
             accountant=accountant,
             clipping=clipping,
             secure_noise=secure_noise,
+            adaptive=adaptive,
         ),
-        steps_lib.Engine("vmap", microbatch_size=microbatch_size),
+        steps_lib.Engine("vmap", microbatch_size=microbatch_size, diagnostics=diagnostics),
         physical_batch_size,
         Secrets.generate() if secrets is None else secrets,
     )
 
 
 def _make_private(loss_fn, params, optimizer, plan, engine, physical_batch_size, secrets):
-    tx = plan.optimizer(optimizer, secrets.noise_key())
+    tx = plan.optimizer(optimizer, secrets.noise_key(), steps_lib.group_names(engine))
     micro = engine.microbatch_size or 1
     size = physical_batch_size or sampling.default_physical_batch_size(
         plan.expected_batch_size, plan.num_examples, micro
@@ -182,8 +190,9 @@ def _make_private(loss_fn, params, optimizer, plan, engine, physical_batch_size,
         engine=engine,
         physical_batch_size=size,
         initial_state=state,
+        zero_accum=jax.jit(steps_lib.make_zero_accum(plan, engine)),
         grad_step=jax.jit(
             steps_lib.make_grad_step(plan, engine, loss_fn=loss_fn), donate_argnums=(3,)
         ),
-        update_step=jax.jit(steps_lib.make_update_step(tx, plan)),
+        update_step=jax.jit(steps_lib.make_update_step(tx, plan, engine)),
     )

@@ -20,10 +20,16 @@ def plot_public(
     title: str = "",
     target_epsilon: float | None = None,
 ) -> Path:
-    """Eval loss (held-out data) and epsilon against steps: both covered by the run's epsilon."""
+    """Eval loss (held-out data) and epsilon against steps, and (DP runs) the noisy gradient
+    statistics: the SNR estimated from the noisy sum and the adaptive clip norm(s). All are
+    covered by the run's epsilon."""
     records = read_metrics(metrics_path, PUBLIC)
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_eps = fig.subplots(1, 2)
+    dp_stats = any(r.get("snr_estimate") is not None for r in records)
+    fig = Figure(figsize=(16 if dp_stats else 11, 4))
+    axes = fig.subplots(1, 3 if dp_stats else 2)
+    ax_loss, ax_eps = axes[0], axes[1]
+    if dp_stats:
+        _plot_dp_gradients(axes[2], records)
     evals = [r for r in records if r.get("eval_loss") is not None]
     if evals:
         steps = [r["step"] for r in evals]
@@ -50,8 +56,12 @@ def plot_private(
     """Noise-free training diagnostics (NOT covered by epsilon) beside the eval loss."""
     records = read_metrics(metrics_path, PRIVATE)
     public = read_metrics(public_metrics_path, PUBLIC)
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_clip = fig.subplots(1, 2)
+    diagnostics = any(r.get("norm_p50") is not None for r in records)
+    fig = Figure(figsize=(16 if diagnostics else 11, 4))
+    axes = fig.subplots(1, 3 if diagnostics else 2)
+    ax_loss, ax_clip = axes[0], axes[1]
+    if diagnostics:
+        _plot_diagnostics(axes[2], records)
     steps = [r["step"] for r in records]
     ax_loss.plot(steps, [r["train_loss"] for r in records], label="train loss (noise-free)")
     evals = [r for r in public if r.get("eval_loss") is not None]
@@ -75,6 +85,51 @@ def plot_private(
     )
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+def _plot_dp_gradients(ax, records: list[dict]) -> None:
+    """SNR estimated from the noisy sum; adaptive clipping's clip norm (or the thresholds'
+    root mean square, per layer) on a second axis."""
+    snr = [(r["step"], r["snr_estimate"]) for r in records if r.get("snr_estimate") is not None]
+    if snr:
+        ax.plot(*zip(*snr, strict=True), color="tab:green", label="SNR (noisy estimate)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("||clipped sum|| / (sigma C sqrt(d))")
+    ax.grid(alpha=0.3)
+    clip = [
+        (r["step"], r["clip_norm"] if "clip_norm" in r else _rms(r["clip_thresholds"]))
+        for r in records
+        if r.get("clip_norm") is not None or r.get("clip_thresholds") is not None
+    ]
+    if clip:
+        per_layer = "clip_norm" not in next(r for r in records if r.get("step") == clip[0][0])
+        twin = ax.twinx()
+        twin.plot(*zip(*clip, strict=True), color="tab:orange", label="clip norm")
+        twin.set_ylabel("per-layer threshold (rms)" if per_layer else "adaptive clip norm C_t")
+    ax.set_title("DP releases (covered by epsilon)")
+    ax.legend(loc="upper left")
+
+
+def _rms(values: list[float]) -> float:
+    return (sum(v * v for v in values) / len(values)) ** 0.5
+
+
+def _plot_diagnostics(ax, records: list[dict]) -> None:
+    """Noise-free: per-unit gradient norm quantiles and m-coherence."""
+    steps = [r["step"] for r in records if r.get("norm_p50") is not None]
+    for q, style in (("50", "-"), ("90", "--"), ("99", ":")):
+        values = [r[f"norm_p{q}"] for r in records if r.get("norm_p50") is not None]
+        ax.plot(steps, values, style, color="tab:blue", label=f"grad norm p{q}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("per-unit gradient norm")
+    ax.grid(alpha=0.3)
+    coherence = [(r["step"], r["m_coherence"]) for r in records if r.get("m_coherence")]
+    if coherence:
+        twin = ax.twinx()
+        twin.plot(*zip(*coherence, strict=True), color="tab:red", label="m-coherence")
+        twin.set_ylabel("m-coherence ||sum g||^2 / sum ||g||^2")
+    ax.legend(loc="upper left")
 
 
 def _plot_epsilon(ax, records: list[dict], target_epsilon: float | None) -> None:

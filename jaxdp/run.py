@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from jaxdp import checkpoint, data, ghost, hf, lora, randomness, report, sampling, sharding, steps
+from jaxdp.adaptive import AdaptiveClipping
 from jaxdp.clipping import CLIPPING_MODES
 from jaxdp.generate import generate
 from jaxdp.gpt2 import PRESETS, GPT2Config, GPT2LMHeadModel, init_model
@@ -182,6 +183,7 @@ def run(
         cfg.dp.engine,
         cfg.dp.ghost_strategy,
         cfg.dp.microbatch_size if plan.enabled else None,
+        diagnostics=cfg.dp.diagnostics and plan.enabled,
     )
 
     # ---- Model.
@@ -196,7 +198,9 @@ def run(
 
     # ---- Optimizer and train state, sharded over the mesh.
     noise_key = secrets.noise_key() if plan.enabled else None
-    tx = plan.optimizer(build_optimizer(cfg.optim, plan.num_steps), noise_key)
+    tx = plan.optimizer(
+        build_optimizer(cfg.optim, plan.num_steps), noise_key, steps.group_names(engine)
+    )
     try:
         graphdef, state = steps.init_state(model, tx, trainable_patterns(cfg.model))
     except ValueError as e:
@@ -242,10 +246,22 @@ def run(
     def public_metrics(step: int) -> dict[str, Any]:
         return {**plan.metrics(step), "noise_seed_fixed_by_user": secrets.fixed_by_user}
 
+    # Public records (epsilon, eval metrics, and the per-step DP releases: SNR estimate,
+    # adaptive clip norms, released fractions) go to metrics.jsonl only once a checkpoint
+    # covers their step: a step replayed after a crash (with other performance settings, hence
+    # other rounding) reuses its noise, and must never publish a second, differently computed
+    # release of it. (Private records are written at once.)
+    pending_public: list[tuple[int, dict[str, Any]]] = []
+
+    def publish(upto: int) -> None:
+        while pending_public and pending_public[0][0] <= upto:
+            writer.write(*pending_public.pop(0), {})
+
     def save(step: int) -> None:
         privacy = plan.record(step, randomness=secrets.label)
         ckpt.save(step, state, {"privacy": privacy, "examples_seen": examples_seen, **ledger})
         notify(Event("checkpoint", step, plan.num_steps))
+        publish(step)
 
     def release_eval(step: int) -> dict[str, float]:
         """Eval metrics and samples: computed only from a CHECKPOINTED state, so that a crash
@@ -281,7 +297,7 @@ def run(
                 break
             idx = sampler.sample(step)
             step_key = randomness.dropout_step_key(dropout_key, step)
-            acc = compiled.zero_accum(state.params)
+            acc = compiled.zero_accum(state.params, steps.clip_thresholds(state))
             for j, batch in enumerate(batches.physical(idx)):
                 key = jax.random.fold_in(step_key, j)
                 acc = compiled.grad_step(state.params, batch, key, acc, state.frozen)
@@ -291,7 +307,8 @@ def run(
             tokens_since += int(train_rows.lengths[train_rows.rows_of(idx)].sum())
             _check_step(plan, metrics, done, ckpt)
             public = public_metrics(done)
-            private = {k: float(v) for k, v in metrics.items()}
+            released = _host_values(metrics.pop("public", {}))  # DP releases (covered)
+            private = _host_values(metrics)
             if done % cfg.train.log_every == 0 or is_eval_step(done) or done == 1:
                 now = time.perf_counter()
                 private.update(
@@ -301,8 +318,11 @@ def run(
                 t_last, tokens_since = now, 0
                 if is_eval_step(done):
                     public.update(release_eval(done))
-                writer.write(done, public, private)
-            notify(Event("step", done, plan.num_steps, public, private))
+                writer.write(done, {}, private)
+                pending_public.append((done, {**public, **released}))
+                if ckpt.latest_step() == done:
+                    publish(done)
+            notify(Event("step", done, plan.num_steps, {**public, **released}, private))
             if done % cfg.train.checkpoint_every == 0 or done == plan.num_steps:
                 if ckpt.latest_step() != done:
                     save(done)
@@ -400,6 +420,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
     if dp.engine == "ghost" and dp.group_size != 1:
         raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
+    if dp.engine == "fused" and dp.enabled:
+        if dp.clipping != "per_layer":
+            raise ConfigError("dp.engine='fused' clips per layer: set dp.clipping='per_layer'.")
+        if dp.group_size != 1 or (d.privacy_unit != "block" and d.max_blocks_per_unit != 1):
+            raise ConfigError(
+                "dp.engine='fused' clips one row per privacy unit: use data.privacy_unit="
+                "'block', or data.max_blocks_per_unit=1, and dp.group_size=1 (or the vmap or "
+                "ghost engine)."
+            )
     if dp.enabled and dp.noise_multiplier is None and dp.target_epsilon is None:
         raise ConfigError("Set dp.noise_multiplier or dp.target_epsilon (or both).")
     for name in ("noise_multiplier", "target_epsilon", "target_delta"):
@@ -525,11 +554,36 @@ def privacy_plan(
             clipping=dp.clipping,
             group_size=dp.group_size,
             secure_noise=dp.secure_noise,
+            adaptive=adaptive_clipping(dp),
             **units,
             **steps_or_epochs,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _host_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars as floats, vectors (per-group values) as lists of floats."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v.ravel()]
+    return out
+
+
+def adaptive_clipping(dp: ml_collections.ConfigDict) -> AdaptiveClipping | None:
+    """dp.adaptive as settings (None when off); sigma_b defaults to expected_batch_size / 20."""
+    a = dp.adaptive
+    if not a.enabled:
+        return None
+    sigma_b = a.count_noise_multiplier
+    return AdaptiveClipping(
+        target_quantile=a.target_quantile,
+        learning_rate=a.learning_rate,
+        count_noise_multiplier=dp.expected_batch_size / 20 if sigma_b is None else sigma_b,
+        min_clip_norm=a.min_clip_norm,
+        max_clip_norm=a.max_clip_norm,
+    )
 
 
 def _warn_about_hopeless_settings(plan: PrivacyPlan, m: ml_collections.ConfigDict) -> None:
@@ -619,13 +673,18 @@ def config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run_fingerprint(cfg, plan: PrivacyPlan, train_rows: data.UnitRows) -> dict[str, Any]:
     """What a run is: its settings, its training data (a hash: kept private), its plan."""
-    return {
+    out = {
         "config": config_fingerprint(cfg),
         "data_sha256": train_rows.sha256(),
         "plan": plan.fingerprint(),
         # A cosine schedule's horizon shapes every step; a constant one does not depend on it.
         "lr_schedule_steps": plan.num_steps if cfg.optim.schedule == "cosine" else None,
     }
+    if plan.adaptive is not None and plan.clipping == "per_layer":
+        # Per-layer adaptive thresholds are kept per clipping group, which the engine defines
+        # (the fused engine splits the tied embedding): the engine cannot change on resume.
+        out["clipping_groups"] = "fused" if cfg.dp.engine == "fused" else "tensors"
+    return out
 
 
 def _check_same_run(wd: Workdir, fingerprint, cfg, *, partial: bool = False) -> None:

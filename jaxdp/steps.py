@@ -21,6 +21,7 @@ choice that never changes the result beyond float rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,15 +31,16 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxdp import clipping, ghost, sharding
-from jaxdp.clipping import ClipStats
+from jaxdp import clipping, fused, ghost, sharding
+from jaxdp.clipping import NORM_BINS, ClipStats
 from jaxdp.loss import example_loss, model_example_loss, next_token_losses, token_accuracy
 from jaxdp.noise import GaussianNoiseState
 from jaxdp.params import merge, split
 from jaxdp.plan import PrivacyPlan
 
 PyTree = Any
-ENGINES = ("vmap", "ghost")  # per-example clipping engines (jaxdp.clipping, jaxdp.ghost)
+# Per-example clipping engines (jaxdp.clipping, jaxdp.ghost, jaxdp.fused).
+ENGINES = ("vmap", "ghost", "fused")
 # {"tokens": [P, T] int32, "is_padding": [P] bool, optional "segment_ids": [P] int32}
 Batch = dict[str, jax.Array]
 
@@ -47,15 +49,23 @@ Batch = dict[str, jax.Array]
 class Engine:
     """How the clipped per-example gradient sum is computed: a speed/memory choice only.
 
-    name: "vmap" (per-example gradients by `jax.vmap`, `jaxdp.clipping`) or "ghost" (norms from
-      layer inputs and output gradients, book-kept sums, `jaxdp.ghost`; GPT-2 models only).
+    name: "vmap" (per-example gradients by `jax.vmap`, `jaxdp.clipping`), "ghost" (norms from
+      layer inputs and output gradients, book-kept sums, `jaxdp.ghost`; GPT-2 models only) or
+      "fused" (per-layer clipping inside backpropagation, `jaxdp.fused`; GPT-2 models,
+      per-layer clipping, one row per unit).
     ghost_strategy: the ghost engine's per-layer choice, "auto" | "ghost" | "instantiate".
     microbatch_size: examples per DEVICE in one vectorised chunk (None: the whole batch).
+    diagnostics: the noise-free gradient diagnostics of `make_update_step` (norm quantiles,
+      signal to noise, and with the vmap and ghost engines m-coherence, for which the UNCLIPPED
+      gradient sum is accumulated too: a parameter-sized accumulator and, for ghost, a second
+      book-keeping sum). The fused engine has no m-coherence: it never forms a whole
+      per-example gradient (the tied embedding's two sides are clipped apart).
     """
 
     name: str = "vmap"
     ghost_strategy: str = "auto"
     microbatch_size: int | None = None
+    diagnostics: bool = False
 
     def __post_init__(self):
         if self.name not in ENGINES:
@@ -84,10 +94,17 @@ class TrainState(struct.PyTreeNode):
 class GradAccum(struct.PyTreeNode):
     grad_sum: PyTree  # DP: sum of clipped per-unit grads; else sum of per-example grads
     stats: ClipStats
+    # This step's clipping thresholds [K_c] (adaptive clipping); empty: the plan's fixed norm.
+    thresholds: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((0,)))
+    raw_sum: PyTree = None  # the UNCLIPPED sum (Engine.diagnostics), else None
 
 
 def _dp(plan: PrivacyPlan | None) -> bool:
     return plan is not None and plan.enabled
+
+
+def _raw_sum(plan: PrivacyPlan | None, engine: Engine) -> bool:
+    return _dp(plan) and engine.diagnostics and engine.name != "fused"
 
 
 def init_state(
@@ -113,8 +130,61 @@ def noise_key_matches(state: TrainState, key: jax.Array) -> bool:
     return bool(np.array_equal(stored, np.asarray(jax.random.key_data(key))))
 
 
-def zero_accum(params: PyTree) -> GradAccum:
-    return GradAccum(grad_sum=jax.tree.map(jnp.zeros_like, params), stats=ClipStats.zeros())
+def zero_accum(
+    params: PyTree,
+    thresholds: jax.Array | None = None,
+    raw_sum: bool = False,
+    num_groups: int = 1,
+    num_thresholds: int = 1,
+) -> GradAccum:
+    """An empty accumulator for one logical step. `thresholds`: the step's clipping thresholds
+    (`clip_thresholds(state)`; needed with adaptive clipping); `raw_sum`: Engine.diagnostics;
+    the stats' sizes (`make_zero_accum` knows them; else they grow on the first `grad_step`)."""
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return GradAccum(
+        grad_sum=zeros(),
+        stats=ClipStats.zeros(num_thresholds, num_groups),
+        thresholds=jnp.zeros((0,), jnp.float32) if thresholds is None else thresholds,
+        raw_sum=zeros() if raw_sum else None,
+    )
+
+
+def make_zero_accum(plan: PrivacyPlan | None, engine: Engine = Engine()):
+    """zero_accum(params, thresholds=None) with the stats' sizes of `plan` and `engine`."""
+
+    def fn(params: PyTree, thresholds: jax.Array | None = None) -> GradAccum:
+        if not _dp(plan):
+            return zero_accum(params)
+        k = len(group_names(engine)(params))
+        return zero_accum(
+            params,
+            thresholds,
+            raw_sum=_raw_sum(plan, engine),
+            num_groups=k,
+            num_thresholds=k if plan.clipping == "per_layer" else 1,
+        )
+
+    return fn
+
+
+def clip_thresholds(state: TrainState) -> jax.Array:
+    """The clipping thresholds the next step uses: adaptive clipping keeps them in the noise
+    transform's state ([C_t], or one per group); empty when the clip norm is fixed."""
+    is_noise = lambda x: isinstance(x, GaussianNoiseState)
+    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_noise) if is_noise(x)]
+    if not found or found[0].clip_norms is None:
+        return jnp.zeros((0,), jnp.float32)
+    return found[0].clip_norms
+
+
+def group_names(engine: Engine) -> Callable[[PyTree], list[str]]:
+    """params -> the names of the engine's per-layer clipping groups (`jaxdp.fused.groups` for
+    the fused engine, one per parameter tensor otherwise)."""
+    if engine.name == "fused":
+        return fused.groups
+    return lambda params: [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
 
 
 def make_grad_step(
@@ -134,9 +204,14 @@ def make_grad_step(
     `segment_ids` value) contributes at most `plan.l2_clip_norm`."""
     if (graphdef is None) == (loss_fn is None):
         raise ValueError("Give the model's graphdef or a per-example loss_fn (one of them).")
-    if engine.name == "ghost" and graphdef is None:
-        raise ValueError("The ghost engine needs a jaxdp GPT-2 model (graphdef), not a loss_fn.")
+    if engine.name in ("ghost", "fused") and graphdef is None:
+        raise ValueError(
+            f"The {engine.name} engine needs a jaxdp GPT-2 model (graphdef), not a loss_fn."
+        )
+    if _dp(plan) and engine.name == "fused" and plan.clipping != "per_layer":
+        raise ValueError("The fused engine clips per layer: use clipping='per_layer'.")
     microbatch = engine.per_step_microbatch(num_devices)
+    raw = _raw_sum(plan, engine)
 
     def example_loss_fn(frozen):
         return loss_fn if loss_fn is not None else model_example_loss(graphdef, frozen)
@@ -144,30 +219,47 @@ def make_grad_step(
     def grad_step(params, batch: Batch, key, acc: GradAccum, frozen=None) -> GradAccum:
         is_padding, segment_ids = batch["is_padding"], batch.get("segment_ids")
         examples = {k: v for k, v in batch.items() if k not in ("is_padding", "segment_ids")}
-        if _dp(plan) and engine.name == "ghost":
-            clipped = ghost.ghost_clipped_grad(
-                graphdef,
-                plan.l2_clip_norm,
-                microbatch_size=microbatch,
-                frozen=frozen,
-                strategy=engine.ghost_strategy,
-                clipping=plan.clipping,
+        thresholds = acc.thresholds if acc.thresholds.shape[0] else None
+        if _dp(plan) and plan.adaptive is not None and thresholds is None:
+            raise ValueError(
+                "Adaptive clipping: start each step's accumulator with the state's thresholds, "
+                "zero_accum(params, clip_thresholds(state)) (make_zero_accum)."
             )
-            grad_sum, stats = clipped(params, examples, is_padding, key, segment_ids)
-        elif _dp(plan):
-            clipped = clipping.clipped_grad(
-                example_loss_fn(frozen),
-                plan.l2_clip_norm,
-                microbatch_size=microbatch,
-                clipping=plan.clipping,
-            )
-            grad_sum, stats = clipped(params, examples, is_padding, key, segment_ids)
+        if _dp(plan):
+            if engine.name == "ghost":
+                clipped = ghost.ghost_clipped_grad(
+                    graphdef,
+                    plan.l2_clip_norm,
+                    microbatch_size=microbatch,
+                    frozen=frozen,
+                    strategy=engine.ghost_strategy,
+                    clipping=plan.clipping,
+                    with_raw_sum=raw,
+                )
+            elif engine.name == "fused":
+                clipped = fused.fused_clipped_grad(
+                    graphdef, plan.l2_clip_norm, microbatch_size=microbatch, frozen=frozen
+                )
+            else:
+                clipped = clipping.clipped_grad(
+                    example_loss_fn(frozen),
+                    plan.l2_clip_norm,
+                    microbatch_size=microbatch,
+                    clipping=plan.clipping,
+                    with_raw_sum=raw,
+                )
+            sums, stats = clipped(params, examples, is_padding, key, segment_ids, thresholds)
+            grad_sum, raw_sum = sums if raw else (sums, None)
         else:
             grad_sum, stats = _summed_grad(graphdef, example_loss_fn(frozen), frozen)(
                 params, examples, is_padding, key
             )
-        return GradAccum(
-            grad_sum=jax.tree.map(jnp.add, acc.grad_sum, grad_sum), stats=acc.stats + stats
+            raw_sum = None
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return acc.replace(
+            grad_sum=add(acc.grad_sum, grad_sum),
+            stats=jax.tree.map(jnp.add, acc.stats, stats),
+            raw_sum=None if raw_sum is None else add(acc.raw_sum, raw_sum),
         )
 
     return grad_step
@@ -191,34 +283,46 @@ def _summed_grad(graphdef, loss_fn, frozen):
     def fn(params, examples, is_padding, key):
         real = (~is_padding).astype(jnp.float32)
         loss_sum, grad_sum = jax.value_and_grad(summed_loss)(params, examples, real, key)
-        zero = jnp.zeros((), jnp.float32)
-        stats = ClipStats(
-            loss_sum=loss_sum,
-            num_examples=jnp.sum(real),
-            num_clipped=zero,
-            num_nonfinite=zero,
-            norm_sum=zero,
-        )
+        stats = ClipStats.zeros()._replace(loss_sum=loss_sum, num_examples=jnp.sum(real))
         return grad_sum, stats
 
     return fn
 
 
 def make_update_step(
-    tx: optax.GradientTransformation, plan: PrivacyPlan | None
+    tx: optax.GradientTransformation, plan: PrivacyPlan | None, engine: Engine = Engine()
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """update_step(state, acc) -> (state, metrics): noise (DP) or mean (non-DP), then optax.
 
     Under DP, `tx` must be `plan.optimizer(base, noise_key)`: its first transform adds the noise
-    to the clipped sum and divides by the EXPECTED batch size."""
+    to the clipped sum and divides by the EXPECTED batch size. `metrics` are noise-free
+    statistics of the drawn batch (private diagnostics), except `metrics["public"]` (DP runs):
+    quantities computed from the noisy release only, covered by epsilon:
+
+      noise_to_batch   sigma / B (the plan's constants)
+      snr_estimate     sqrt(max(||noisy sum||^2 - d (sigma C)^2, 0)) / (sigma C sqrt(d)): the
+                       signal to noise ratio estimated from the noisy sum (d trainable values)
+      clip_norm / clip_thresholds, fraction_below   adaptive clipping: the thresholds this step
+                       used and the released fraction of units below them
+
+    With `engine.diagnostics` the private metrics also hold (raw gradients, NOT covered):
+    norm_p50/p90/p99 (per-unit norms, to within a histogram bin, a factor 1.12), snr
+    (||clipped sum|| / (sigma C sqrt(d))), and with the vmap and ghost engines m_coherence
+    (||sum_u g_u||^2 / sum_u ||g_u||^2 over the drawn units: m for m identical gradients, 1 for
+    orthogonal ones; exact over microbatches and physical batches) and m_coherence_per_group."""
 
     def update_step(state: TrainState, acc: GradAccum):
         n = acc.stats.num_examples
+        extra = {}
         if _dp(plan):
             grads = acc.grad_sum  # the noise transform adds N(0, s^2 C^2) and divides by B
+            if plan.adaptive is not None:
+                # The noise transform scales its noise to the thresholds the sums were clipped
+                # with (and checks them against its own).
+                extra["below"], extra["thresholds"] = acc.stats.below, acc.thresholds
         else:
             grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), acc.grad_sum)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.maximum(n - acc.stats.num_nonfinite, 1.0)
         metrics = {  # noise-free statistics of the drawn examples: private diagnostics
@@ -228,9 +332,58 @@ def make_update_step(
             "num_nonfinite": acc.stats.num_nonfinite,
             "grad_norm_mean": acc.stats.norm_sum / finite,
         }
+        if _dp(plan) and plan.private:
+            metrics.update(_dp_metrics(plan, engine, state, opt_state, acc))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return update_step
+
+
+def _dp_metrics(plan, engine, state, opt_state, acc) -> dict[str, Any]:
+    is_noise = lambda x: isinstance(x, GaussianNoiseState)
+    noise = [x for x in jax.tree.leaves(opt_state, is_leaf=is_noise) if is_noise(x)][0]
+    d = sum(x.size for x in jax.tree.leaves(state.params))
+    total_c = plan.l2_clip_norm
+    public: dict[str, Any] = {"noise_to_batch": plan.noise_multiplier / plan.expected_batch_size}
+    if plan.adaptive is not None:
+        if plan.clipping == "flat":
+            total_c = acc.thresholds[0]
+            public["clip_norm"] = acc.thresholds[0]
+            public["fraction_below"] = noise.noisy_fraction[0]
+        else:
+            public["clip_thresholds"] = acc.thresholds
+            public["fraction_below"] = noise.noisy_fraction
+    noise_std = plan.gradient_noise_multiplier * total_c
+    signal_sq = jnp.maximum(noise.noisy_sq_norm - d * noise_std**2, 0.0)
+    public["snr_estimate"] = jnp.sqrt(signal_sq) / (noise_std * math.sqrt(d))
+    out: dict[str, Any] = {"public": public}
+    if not engine.diagnostics:
+        return out
+    clipped_sq = sum(
+        jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(acc.grad_sum)
+    )
+    out["snr"] = jnp.sqrt(clipped_sq) / (noise_std * math.sqrt(d))
+    for q in (50, 90, 99):
+        out[f"norm_p{q}"] = _hist_quantile(acc.stats.norm_hist, q / 100)
+    if acc.raw_sum is not None:
+        per_group = jnp.stack(
+            [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(acc.raw_sum)]
+        )
+        denominators = acc.stats.group_sq_norms
+        out["m_coherence"] = jnp.sum(per_group) / jnp.maximum(jnp.sum(denominators), 1e-30)
+        out["m_coherence_per_group"] = per_group / jnp.maximum(denominators, 1e-30)
+    return out
+
+
+def _hist_quantile(hist: jax.Array, q: float) -> jax.Array:
+    """The q-quantile of the values counted in `hist` (bins of clipping.NORM_BINS), as the
+    geometric middle of its bin."""
+    edges = jnp.asarray(NORM_BINS, jnp.float32)
+    cum = jnp.cumsum(hist)
+    j = jnp.argmax(cum >= q * cum[-1])  # first bin reaching the quantile
+    lower = edges[jnp.clip(j - 1, 0, len(NORM_BINS) - 1)]
+    upper = edges[jnp.clip(j, 0, len(NORM_BINS) - 1)]
+    return jnp.sqrt(lower * upper)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]]:
@@ -253,7 +406,7 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]
 class CompiledSteps:
     """The jitted steps of one run, with their shardings over a mesh."""
 
-    zero_accum: Callable[..., GradAccum]
+    zero_accum: Callable[..., GradAccum]  # (params, thresholds=None)
     grad_step: Callable[..., GradAccum]
     update_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[..., dict[str, jax.Array]] | None
@@ -281,15 +434,22 @@ def shard_and_jit(
     min_size = sharding.MIN_SHARDED_SIZE if min_sharded_size is None else min_sharded_size
     state_sh = sharding.state_shardings(state, mesh, min_size)
     rep = sharding.replicated(mesh)
-    acc_sh = GradAccum(grad_sum=state_sh.params, stats=rep)
+    acc_sh = GradAccum(
+        grad_sum=state_sh.params,
+        stats=rep,
+        thresholds=rep,
+        raw_sum=state_sh.params if _raw_sum(plan, engine) else None,
+    )
     grad_step = make_grad_step(
         plan, engine, graphdef=graphdef, loss_fn=loss_fn, num_devices=mesh.size
     )
     steps = CompiledSteps(
-        zero_accum=jax.jit(zero_accum, out_shardings=acc_sh),
+        zero_accum=jax.jit(make_zero_accum(plan, engine), out_shardings=acc_sh),
         grad_step=jax.jit(grad_step, donate_argnums=(3,), out_shardings=acc_sh),
         update_step=jax.jit(
-            make_update_step(tx, plan), donate_argnums=(0,), out_shardings=(state_sh, rep)
+            make_update_step(tx, plan, engine),
+            donate_argnums=(0,),
+            out_shardings=(state_sh, rep),
         ),
         eval_step=None
         if graphdef is None

@@ -12,6 +12,7 @@ no padding rows and dropout off:
     ghost_inst  the same, every per-example gradient instantiated ("instantiate")
     lora        DP-SGD (vmap) training only LoRA adapters, rank 8, on attn.c_attn/c_proj
     frozen      DP-SGD (vmap) training only the last block and ln_f; the rest frozen
+    fused       DP-SGD with per-layer clipping fused into backpropagation (jaxdp.fused)
 
 Every mode runs in a fresh subprocess of this script, so that its peak memory is its own (GPU
 peak memory cannot be reset within a process), and all modes run in one invocation, one after
@@ -76,7 +77,7 @@ import sys
 import time
 from typing import Any
 
-MODES = ("nonprivate", "vmap", "ghost", "ghost_gram", "ghost_inst", "lora", "frozen")
+MODES = ("nonprivate", "vmap", "ghost", "ghost_gram", "ghost_inst", "lora", "frozen", "fused")
 # The ghost modes' dp.ghost_strategy (how dense layers' per-example norms are computed).
 GHOST_STRATEGY = {"ghost": "auto", "ghost_gram": "ghost", "ghost_inst": "instantiate"}
 MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -219,9 +220,10 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             l2_clip_norm=1.0,
             noise_multiplier=1.0,
             target_delta=1e-6,
+            clipping="per_layer" if mode == "fused" else "flat",
         )
         engine = steps_lib.Engine(
-            "ghost" if mode in GHOST_STRATEGY else "vmap",
+            "ghost" if mode in GHOST_STRATEGY else "fused" if mode == "fused" else "vmap",
             GHOST_STRATEGY.get(mode, "auto"),
             args.microbatch // jax.device_count(),  # per device
         )
