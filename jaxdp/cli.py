@@ -1,4 +1,5 @@
-"""The `jaxdp` command: `jaxdp train | epsilon | export | audit | benchmark | serve [ARGS]`.
+"""The `jaxdp` command: `jaxdp train | epsilon | export | audit | benchmark | serve |
+train-reward | best-of-n [ARGS]`.
 
 Each subcommand is a module of `jaxdp.commands` with `main(argv) -> exit status`; `jaxdp
 COMMAND --help` describes its arguments. `scripts/*.py` run the same functions.
@@ -16,12 +17,14 @@ COMMANDS = {
     "audit": ("jaxdp.commands.audit", "audit a config with canaries (exposure, epsilon bound)"),
     "benchmark": ("jaxdp.commands.benchmark", "speed and memory of the DP-SGD engines"),
     "serve": ("jaxdp.commands.serve", "the private fine-tuning service (web page, API, workers)"),
+    "train-reward": ("jaxdp.commands.train_reward", "train a DP reward model (preference pairs)"),
+    "best-of-n": ("jaxdp.commands.best_of_n", "best-of-N responses scored by a DP reward model"),
 }
 
 
 def usage() -> str:
     lines = ["usage: jaxdp COMMAND [ARGS]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "jaxdp COMMAND --help shows a command's arguments."]
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Text generation for eval-time samples: greedy or top-k, one compiled program per length."""
+"""Text generation: greedy, top-k or nucleus (top-p) sampling, one compiled program per length."""
 
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ def generate(
     max_new_tokens: int,
     top_k: int = 0,
     temperature: float = 1.0,
+    top_p: float | None = None,
     key: jax.Array | None = None,
 ) -> np.ndarray:
-    """Continues `prompt_ids` [P] by `max_new_tokens` tokens (greedy when top_k == 0).
+    """Continues `prompt_ids` [P] by `max_new_tokens` tokens: greedy when top_k == 0 and top_p
+    is None; else sampled at `temperature` from the `top_k` most likely tokens (0: all) and,
+    with `top_p`, from the smallest set of them whose probability reaches top_p (nucleus).
 
     `params` is the model's State, or a tuple of States (e.g. trainable and frozen parameters).
 
@@ -38,7 +41,11 @@ def generate(
         total = n_positions
     if key is None:
         key = jax.random.key(0)
-    out = _generate(graphdef, params, jnp.asarray(prompt), key, total, top_k, temperature)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    out = _generate(graphdef, params, jnp.asarray(prompt), key, total, top_k, temperature, top_p)
     return to_host(out)[len(prompt) :]
 
 
@@ -49,16 +56,31 @@ def _merge(graphdef, params):
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(graphdef, params, prompt, key, total, top_k, temperature):
+def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """`logits` with every token outside the top-p nucleus set to -inf."""
+    order = jnp.argsort(-logits)
+    probs = jax.nn.softmax(logits[order])
+    before = jnp.cumsum(probs) - probs  # probability of the more likely tokens
+    keep_sorted = before < top_p  # (the most likely token is always kept)
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(graphdef, params, prompt, key, total, top_k, temperature, top_p=None):
     model = _merge(graphdef, params)
     buf = jnp.zeros((total,), jnp.int32).at[: prompt.shape[0]].set(prompt)  # [L]
 
     def body(t, buf):
         logits = model(buf[None])[0, t - 1]  # [V], prediction for position t
+        k = jax.random.fold_in(key, t)
         if top_k > 0:
             vals, idx = jax.lax.top_k(logits / temperature, top_k)
-            nxt = idx[jax.random.categorical(jax.random.fold_in(key, t), vals)]
+            if top_p is not None:
+                vals = _nucleus(vals, top_p)
+            nxt = idx[jax.random.categorical(k, vals)]
+        elif top_p is not None:
+            nxt = jax.random.categorical(k, _nucleus(logits / temperature, top_p))
         else:
             nxt = jnp.argmax(logits)
         return buf.at[t].set(nxt.astype(jnp.int32))

@@ -299,7 +299,12 @@ def test_optional_fields_can_be_cleared_from_the_command_line(tmp_path):
 def test_every_shipped_config_loads():
     names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
     assert {"dpsgd_gpt2", "sgd_gpt2", "dplora_gpt2", "tiny_offline"} <= set(names)
-    for name in names:
+    reward_configs = {n for n in names if n.startswith("dp_reward")}
+    assert reward_configs == {"dp_reward_gpt2", "dp_reward_tiny_offline"}
+    for name in reward_configs:  # `jaxdp train-reward` configs
+        cfg = load_config(name)
+        assert set(cfg.keys()) == {"model", "data", "dp", "optim", "train"}
+    for name in sorted(set(names) - reward_configs):
         cfg = load_config(name)
         assert cfg.data.block_size >= 2 and cfg.train.num_steps >= 1
         assert set(cfg.keys()) == {"model", "data", "dp", "optim", "mesh", "distributed", "train"}
