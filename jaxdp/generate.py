@@ -49,6 +49,39 @@ def generate(
     return to_host(out)[len(prompt) :]
 
 
+def generate_samples(
+    graphdef: nnx.GraphDef,
+    params,
+    prompt_ids: np.ndarray,
+    keys: jax.Array,
+    *,
+    max_new_tokens: int,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+) -> np.ndarray:
+    """`generate` once per key of `keys` [N], as one batched program: [N, max_new_tokens]."""
+    prompt = np.asarray(prompt_ids, np.int32)
+    n_positions = _merge(graphdef, params).config.n_positions
+    if len(prompt) + max_new_tokens > n_positions:
+        prompt = prompt[-(n_positions - max_new_tokens) :]
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    total = len(prompt) + max_new_tokens
+    out = _generate_many(
+        graphdef, params, jnp.asarray(prompt), keys, total, top_k, temperature, top_p
+    )
+    return to_host(out)[:, len(prompt) :]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate_many(graphdef, params, prompt, keys, total, top_k, temperature, top_p):
+    one = lambda k: _generate(graphdef, params, prompt, k, total, top_k, temperature, top_p)
+    return jax.vmap(one)(keys)
+
+
 def _merge(graphdef, params):
     """`params` is one State or a tuple of States (trainable, frozen)."""
     return (

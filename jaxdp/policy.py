@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxdp import data, hf, randomness, reward
-from jaxdp.generate import generate
+from jaxdp.generate import generate_samples
 from jaxdp.params import split
 from jaxdp.reward_run import RewardModel, default_config, load_base
 
@@ -38,20 +39,20 @@ def reference_model(rm: RewardModel, reference: str | None = None):
 def sample_candidates(
     graphdef, params, tokenizer, prompt: str, n: int, *, key, temperature, top_p, max_new_tokens
 ) -> list[str]:
+    """N continuations of `prompt` sampled from the reference model (one batched program;
+    candidate j uses fold_in(key, j))."""
     ids = data.tokenize(tokenizer, prompt)
-    out = []
-    for j in range(n):
-        new = generate(
-            graphdef,
-            params,
-            ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            key=jax.random.fold_in(key, j),
-        )
-        out.append(tokenizer.decode(new.tolist()))
-    return out
+    keys = jnp.stack([jax.random.fold_in(key, j) for j in range(n)])
+    new = generate_samples(
+        graphdef,
+        params,
+        ids,
+        keys,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    return [tokenizer.decode(row.tolist()) for row in new]
 
 
 def best_of_n_responses(

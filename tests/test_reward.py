@@ -114,10 +114,24 @@ def _train_reference_lm(tmp_path, tokenizer_dir) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer_dir):
-    tmp = tmp_path_factory.mktemp("reward")
-    reference = _train_reference_lm(tmp, tokenizer_dir)
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tokenizer_dir, worker_id):
+    """The reference LM and the DP reward model, built once per test session: under xdist the
+    workers share one directory of this session (the first builds it, under a file lock)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    tmp = (base if worker_id == "master" else base.parent) / "reward_fixture"
+    with FileLock(f"{tmp}.lock"):
+        if not (tmp / "report.json").is_file():
+            tmp.mkdir(exist_ok=True)
+            _build(tmp, tokenizer_dir)
+    report = json.loads((tmp / "report.json").read_text())
+    return tmp / "run", report, str(tmp / "reference")
+
+
+def _build(tmp, tokenizer_dir) -> None:
+    _train_reference_lm(tmp, tokenizer_dir)
     cfg = reward_run.default_config()
     # The reward's features: a tiny RANDOM GPT-2 (its last-token features separate the
     # synthetic rewards better than the reference LM's, which are specialised to predicting
@@ -129,10 +143,9 @@ def trained(tmp_path_factory, tokenizer_dir):
     cfg.dp.noise_seed = 0  # a fixed-seed test, labelled as such in privacy.json
     cfg.train.num_steps, cfg.train.eval_every, cfg.train.progress = 100, 50, False
     report = reward_run.run(cfg, tmp / "run")
-    return tmp / "run", report, reference
+    (tmp / "report.json").write_text(json.dumps(report))
 
 
-@pytest.mark.xdist_group("reward")  # one worker builds the fixture
 def test_dp_reward_model_beats_chance_on_held_out_pairs(trained):
     workdir, report, _ = trained
     assert report["num_heldout"] == 1000
@@ -145,7 +158,6 @@ def test_dp_reward_model_beats_chance_on_held_out_pairs(trained):
     assert (workdir / "report.png").stat().st_size > 0
 
 
-@pytest.mark.xdist_group("reward")  # one worker builds the fixture
 def test_the_accountant_epsilon_equals_the_trainers(trained):
     workdir, report, _ = trained
     privacy = json.loads((workdir / "privacy.json").read_text())
@@ -168,7 +180,6 @@ def test_the_accountant_epsilon_equals_the_trainers(trained):
     assert report["epsilon"] == pytest.approx(direct.compose(event).get_epsilon(delta), rel=1e-3)
 
 
-@pytest.mark.xdist_group("reward")  # one worker builds the fixture
 def test_best_of_n_beats_a_single_sample_in_true_reward(trained):
     workdir, _, reference = trained
     prompts = [p.prompt for p in reward.synthetic_preferences(16, seed=9)]
