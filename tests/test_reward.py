@@ -249,3 +249,24 @@ def test_unreachable_epsilon_fails_fast(tmp_path, tokenizer_dir):
 
 def test_secrets_are_secret_by_default():
     assert not Secrets.generate().fixed_by_user
+
+
+def test_lora_reward_model_trains_saves_and_scores(tmp_path, tokenizer_dir):
+    """The LoRA variant: adapters and head trained together by the vmap engine, saved (trained,
+    non-zero B matrices), and loaded back into a RewardModel that scores responses."""
+    cfg = reward_run.default_config()
+    cfg.model.name_or_path, cfg.model.init, cfg.model.lora_rank = "tiny", "random", 2
+    cfg.data.source, cfg.data.num_synthetic = "synthetic", 80
+    cfg.data.tokenizer, cfg.data.max_length = str(tokenizer_dir), 16
+    cfg.dp.target_epsilon, cfg.dp.expected_batch_size, cfg.dp.l2_clip_norm = 8.0, 16.0, 1.0
+    cfg.train.num_steps, cfg.train.eval_every, cfg.train.progress = 3, 3, False
+    report = reward_run.run(cfg, tmp_path / "lora")
+    assert report["lora_rank"] == 2 and 0.0 <= report["heldout_accuracy"] <= 1.0
+    model = reward_run.RewardModel(tmp_path / "lora" / "reward_model")
+    from safetensors.numpy import load_file
+
+    saved = load_file(str(tmp_path / "lora" / "reward_model" / "model.safetensors"))
+    lora_b = [k for k in saved if k.endswith("lora_b")]
+    assert lora_b and any(np.abs(saved[k]).max() > 0 for k in lora_b)  # adapters were trained
+    scores = model("Human: Hi?\n\nAssistant:", [" good good", " bad bad"])
+    assert scores.shape == (2,) and np.all(np.isfinite(scores))
