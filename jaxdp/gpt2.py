@@ -264,6 +264,17 @@ class GPT2LMHeadModel(nnx.Module):
         dropout_key: jax.Array | None = None,
         tape: Tape | None = None,
     ) -> jax.Array:
+        x = self.hidden_states(input_ids, dropout_key=dropout_key, tape=tape)
+        return _call(tape, "lm_head", self.wte.attend, x).astype(jnp.float32)  # [B, T, V]
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        tape: Tape | None = None,
+    ) -> jax.Array:
+        """The final layer norm's output [B, T, D]: the features the output layer reads."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(
@@ -276,8 +287,7 @@ class GPT2LMHeadModel(nnx.Module):
         x = dropout(x, self.config.embd_pdrop, keys[0])
         for block, key in zip(self.h, keys[1:], strict=True):
             x = block(x, key, tape)
-        x = _call(tape, "ln_f", self.ln_f, x)  # [B, T, D]
-        return _call(tape, "lm_head", self.wte.attend, x).astype(jnp.float32)  # [B, T, V]
+        return _call(tape, "ln_f", self.ln_f, x)  # [B, T, D]
 
 
 def init_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:

@@ -47,7 +47,6 @@ import numpy as np
 from flax import nnx
 
 from jaxdp import data
-from jaxdp.gpt2 import Tape
 from jaxdp.params import merge
 
 ASSISTANT = "\n\nAssistant:"
@@ -208,9 +207,7 @@ def encode_pairs(
 
 def features_of(model, tokens: jax.Array, last: jax.Array) -> jax.Array:
     """phi [n, D]: the unit-norm ln_f output at each sequence's last real token."""
-    tape = Tape()
-    model(tokens, tape=tape)  # records the lm_head's input: the ln_f output [n, T, D]
-    h = tape.inputs["lm_head"]
+    h = model.hidden_states(tokens)  # [n, T, D], without the output layer's logits
     h = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [n, D]
     return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
 

@@ -317,11 +317,11 @@ def run(
                 )
                 t_last, tokens_since = now, 0
                 if is_eval_step(done):
-                    public.update(release_eval(done))
+                    public.update(release_eval(done))  # (checkpointed at `done` first)
                 writer.write(done, {}, private)
                 pending_public.append((done, {**public, **released}))
-                if ckpt.latest_step() == done:
-                    publish(done)
+                if is_eval_step(done):
+                    publish(done)  # release_eval's checkpoint covers it
             notify(Event("step", done, plan.num_steps, {**public, **released}, private))
             if done % cfg.train.checkpoint_every == 0 or done == plan.num_steps:
                 if ckpt.latest_step() != done:
