@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdp import fused
+from jaxdp.clipping import default_thresholds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise_multiplier: f
 def initial_thresholds(l2_clip_norm: float, clipping: str, names: list[str]) -> jax.Array:
     """[C] (flat) or equal per-group thresholds with sensitivity C (per layer)."""
     if clipping == "flat":
-        return jnp.full((1,), l2_clip_norm, jnp.float32)
+        return default_thresholds(l2_clip_norm, "flat", 1)
     return fused.default_thresholds(l2_clip_norm, names)
 
 

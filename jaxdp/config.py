@@ -8,6 +8,7 @@ is an error rather than a silently ignored setting.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -165,12 +166,25 @@ def split_none_overrides(argv: list[str], flag: str = "config") -> tuple[list[st
     return keep, paths
 
 
-def set_none(config: ml_collections.ConfigDict, path: str) -> None:
-    """Sets an optional field to None; a field that needs a value is a ValueError."""
-    if path not in optional_fields():
-        raise ValueError(
-            f"{path} cannot be None; fields that can: {', '.join(sorted(optional_fields()))}."
-        )
+def parse_flags(flag_values, prog: str, args: list[str]) -> list[str]:
+    """`flag_values([prog, *args])` (absl), returning the unparsed arguments. ml_collections
+    registers a config file's --config.a.b override flags from sys.argv, so sys.argv holds
+    these arguments meanwhile: a command's main(argv) also works when called in-process."""
+    saved, sys.argv = sys.argv, [prog, *args]
+    try:
+        return flag_values([prog, *args])
+    finally:
+        sys.argv = saved
+
+
+def set_none(
+    config: ml_collections.ConfigDict, path: str, optional: set[str] | None = None
+) -> None:
+    """Sets an optional field to None; a field that needs a value is a ValueError. `optional`:
+    the fields that may be None (default: `optional_fields()` of the training config)."""
+    optional = optional_fields() if optional is None else optional
+    if path not in optional:
+        raise ValueError(f"{path} cannot be None; fields that can: {', '.join(sorted(optional))}.")
     *parents, leaf = path.split(".")
     node = config
     for part in parents:

@@ -33,18 +33,9 @@ def generate(
     the same logits at the current position as the unpadded prefix: one compilation serves every
     step. No KV cache: meant for short samples during evaluation.
     """
-    prompt = np.asarray(prompt_ids, np.int32)
-    total = len(prompt) + max_new_tokens
-    n_positions = _merge(graphdef, params).config.n_positions
-    if total > n_positions:
-        prompt = prompt[-(n_positions - max_new_tokens) :]
-        total = n_positions
+    prompt, total = _prepare(graphdef, params, prompt_ids, max_new_tokens, temperature, top_p)
     if key is None:
         key = jax.random.key(0)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
     out = _generate(graphdef, params, jnp.asarray(prompt), key, total, top_k, temperature, top_p)
     return to_host(out)[len(prompt) :]
 
@@ -61,15 +52,7 @@ def generate_samples(
     top_p: float | None = None,
 ) -> np.ndarray:
     """`generate` once per key of `keys` [N], as one batched program: [N, max_new_tokens]."""
-    prompt = np.asarray(prompt_ids, np.int32)
-    n_positions = _merge(graphdef, params).config.n_positions
-    if len(prompt) + max_new_tokens > n_positions:
-        prompt = prompt[-(n_positions - max_new_tokens) :]
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    total = len(prompt) + max_new_tokens
+    prompt, total = _prepare(graphdef, params, prompt_ids, max_new_tokens, temperature, top_p)
     out = _generate_many(
         graphdef, params, jnp.asarray(prompt), keys, total, top_k, temperature, top_p
     )
@@ -80,6 +63,20 @@ def generate_samples(
 def _generate_many(graphdef, params, prompt, keys, total, top_k, temperature, top_p):
     one = lambda k: _generate(graphdef, params, prompt, k, total, top_k, temperature, top_p)
     return jax.vmap(one)(keys)
+
+
+def _prepare(graphdef, params, prompt_ids, max_new_tokens, temperature, top_p):
+    """(the prompt, cut from the left to leave room for the new tokens within n_positions, the
+    buffer length), after checking the sampling settings."""
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    prompt = np.asarray(prompt_ids, np.int32)
+    n_positions = _merge(graphdef, params).config.n_positions
+    if len(prompt) + max_new_tokens > n_positions:
+        prompt = prompt[-(n_positions - max_new_tokens) :]
+    return prompt, len(prompt) + max_new_tokens
 
 
 def _merge(graphdef, params):

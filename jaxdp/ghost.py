@@ -194,21 +194,7 @@ class _Pass:
         """({parameter group: squared norm [B]}, {group: instantiated per-example gradient}).
 
         Every group is computed; under jit, those not used are pruned."""
-        sq: dict[str, jax.Array] = {}
-        kept: dict[str, jax.Array] = {}
-        for name, g in self.grads.items():
-            if name in ("embed", "lm_head"):
-                continue
-            x = self.inputs[name]
-            if name.endswith(_LN_SUFFIXES):
-                xhat = _xhat(x, self.config.layer_norm_epsilon)
-                sq[f"{name}.scale"] = _sq(jnp.sum(g * xhat, 1))
-            else:
-                for group, (a, out) in self._dense_factors(name).items():
-                    sq[group], per_example = _dense(a, out, self.strategy)
-                    if per_example is not None:
-                        kept[group] = per_example
-            sq[f"{name}.bias"] = _sq(jnp.sum(g, 1))
+        sq, kept = self._layer_terms(_sq, _dense)
         g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
         tokens, (B, T) = self.tokens, self.tokens.shape
         sq["wpe"] = _sq(g0)
@@ -229,6 +215,26 @@ class _Pass:
         sq["_wte_cross"] = 2.0 * cross  # part of "wte", reported for inspection only
         return sq, kept
 
+    def _layer_terms(self, reduce, dense) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """The layers other than the embeddings: `reduce` (`_sq` or `_gram`) of each layer norm's
+        and bias's per-example gradient, `dense` (`_dense` or `_dense_pairs`) of each dense
+        group's factors; and the instantiated per-example gradients."""
+        out: dict[str, jax.Array] = {}
+        kept: dict[str, jax.Array] = {}
+        for name, g in self.grads.items():
+            if name in ("embed", "lm_head"):
+                continue
+            if name.endswith(_LN_SUFFIXES):
+                xhat = _xhat(self.inputs[name], self.config.layer_norm_epsilon)
+                out[f"{name}.scale"] = reduce(jnp.sum(g * xhat, 1))
+            else:
+                for group, (a, grad_out) in self._dense_factors(name).items():
+                    out[group], per_example = dense(a, grad_out, self.strategy)
+                    if per_example is not None:
+                        kept[group] = per_example
+            out[f"{name}.bias"] = reduce(jnp.sum(g, 1))
+        return out, kept
+
     def pair_products(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """({parameter group: [B, B] inner products <g_i, g_j> of per-example gradients},
         {group: instantiated per-example gradient}).
@@ -236,21 +242,7 @@ class _Pass:
         The norm of a clipping unit made of several rows (a record split into blocks, a user's
         records) is ||sum_{i in u} g_i||^2 = sum_{i,j in u} <g_i, g_j>: the same closed forms as
         `sq_norms`, over pairs of rows instead of one row (B^2 T^2 instead of B T^2 work)."""
-        pp: dict[str, jax.Array] = {}
-        kept: dict[str, jax.Array] = {}
-        for name, g in self.grads.items():
-            if name in ("embed", "lm_head"):
-                continue
-            x = self.inputs[name]
-            if name.endswith(_LN_SUFFIXES):
-                xhat = _xhat(x, self.config.layer_norm_epsilon)
-                pp[f"{name}.scale"] = _gram(jnp.sum(g * xhat, 1))
-            else:
-                for group, (a, out) in self._dense_factors(name).items():
-                    pp[group], per_example = _dense_pairs(a, out, self.strategy)
-                    if per_example is not None:
-                        kept[group] = per_example
-            pp[f"{name}.bias"] = _gram(jnp.sum(g, 1))
+        pp, kept = self._layer_terms(_gram, _dense_pairs)
         g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
         tokens, (B, T) = self.tokens, self.tokens.shape
         pp["wpe"] = jnp.einsum("itd,jtd->ij", g0, g0)  # the same position t in both rows

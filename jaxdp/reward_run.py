@@ -32,7 +32,7 @@ from jaxdp.gpt2 import GPT2Config, init_model
 from jaxdp.params import path_name, split
 from jaxdp.private import make_private
 from jaxdp.randomness import Secrets
-from jaxdp.tracking import Progress
+from jaxdp.tracking import JsonlLog, Progress
 
 log = logging.getLogger("jaxdp")
 UNIT = "preference tuple (prompt, chosen response, rejected response)"
@@ -106,9 +106,8 @@ def load_data(cfg) -> tuple[list[reward.Preference], list[reward.Preference]]:
     d = cfg.data
     if d.source == "synthetic":
         n = d.num_synthetic
-        return reward.synthetic_preferences(n, seed=1), reward.synthetic_preferences(
-            max(1, n // 4), seed=2
-        )
+        train = reward.synthetic_preferences(n, seed=1)[: d.max_train]
+        return train, reward.synthetic_preferences(max(1, n // 4), seed=2)
     train = reward.load_preferences(d.source, split=d.train_split, limit=d.max_train)
     eval_source = d.eval_source or (None if Path(d.source).expanduser().is_file() else d.source)
     held_out = (
@@ -127,8 +126,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{wd} already holds a reward model; use a new --workdir.")
     (wd / "private").mkdir(parents=True, exist_ok=True)
     train_prefs, eval_prefs = load_data(cfg)
-    if cfg.data.max_train is not None:
-        train_prefs = train_prefs[: cfg.data.max_train]
     if len(train_prefs) < 2:
         raise ConfigError(f"{len(train_prefs)} training tuples: too few to train on.")
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
@@ -190,8 +187,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         phi_l = reward.compute_features(graphdef, fp, held["rejected"], held["rejected_last"])
         return reward.accuracy(np.asarray(p["w"]), phi_w, phi_l)
 
-    public_log = (wd / "metrics.jsonl").open("w")
-    private_log = (wd / "private" / "metrics.jsonl").open("w")
+    public_log, private_log = (
+        JsonlLog(wd / "metrics.jsonl"),
+        JsonlLog(wd / "private" / "metrics.jsonl"),
+    )
     state = private.initial_state
     progress = Progress(cfg.train.progress, 0, plan.num_steps)
     history = []
@@ -203,14 +202,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             if done % cfg.train.eval_every == 0 or done == plan.num_steps:
                 record["heldout_accuracy"] = held_out_accuracy(state)
                 history.append(record)
-            public_log.write(json.dumps(record) + "\n")
-            private_log.write(
-                json.dumps({"step": done, "train_loss": float(metrics["train_loss"])}) + "\n"
-            )
+            public_log.append(record)
+            private_log.append({"step": done, "train_loss": float(metrics["train_loss"])})
             progress.update(eps=f"{record['epsilon']:.3g}")
     progress.close()
-    public_log.close()
-    private_log.close()
 
     privacy = plan.record(randomness=secrets.label)
     privacy |= {

@@ -119,11 +119,16 @@ def init_state(
     return graphdef, state
 
 
+def _noise_states(opt_state: PyTree) -> list[GaussianNoiseState]:
+    """The noise transform's states in an optimizer state (one under `PrivacyPlan.optimizer`)."""
+    is_noise = lambda x: isinstance(x, GaussianNoiseState)
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_noise) if is_noise(x)]
+
+
 def noise_key_matches(state: TrainState, key: jax.Array) -> bool:
     """Whether the noise transform's state in `state.opt_state` holds `key` (collective under
     multi-host sharding: call it on every process)."""
-    is_noise = lambda x: isinstance(x, GaussianNoiseState)
-    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_noise) if is_noise(x)]
+    found = _noise_states(state.opt_state)
     if len(found) != 1:
         return False
     stored = sharding.to_host(found[0].key)
@@ -170,8 +175,7 @@ def make_zero_accum(plan: PrivacyPlan | None, engine: Engine = Engine()):
 def clip_thresholds(state: TrainState) -> jax.Array:
     """The clipping thresholds the next step uses: adaptive clipping keeps them in the noise
     transform's state ([C_t], or one per group); empty when the clip norm is fixed."""
-    is_noise = lambda x: isinstance(x, GaussianNoiseState)
-    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_noise) if is_noise(x)]
+    found = _noise_states(state.opt_state)
     if not found or found[0].clip_norms is None:
         return jnp.zeros((0,), jnp.float32)
     return found[0].clip_norms
@@ -340,8 +344,7 @@ def make_update_step(
 
 
 def _dp_metrics(plan, engine, state, opt_state, acc) -> dict[str, Any]:
-    is_noise = lambda x: isinstance(x, GaussianNoiseState)
-    noise = [x for x in jax.tree.leaves(opt_state, is_leaf=is_noise) if is_noise(x)][0]
+    (noise,) = _noise_states(opt_state)
     d = sum(x.size for x in jax.tree.leaves(state.params))
     total_c = plan.l2_clip_norm
     public: dict[str, Any] = {"noise_to_batch": plan.noise_multiplier / plan.expected_batch_size}

@@ -120,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
     args, none_overrides = config_lib.split_none_overrides(argv)
     try:
-        # ml_collections registers the --config.a.b override flags from sys.argv: make it
-        # hold these arguments when main() is called in-process with its own argv.
-        saved, sys.argv = sys.argv, ["jaxdp train", *args]
-        try:
-            rest = FLAGS(["jaxdp train", *args])
-        finally:
-            sys.argv = saved
+        rest = config_lib.parse_flags(FLAGS, "jaxdp train", args)
     except Exception as e:  # unknown field, bad value type, missing config file, ...
         _fail(_message(e), usage=True)
     if len(rest) > 1:

@@ -40,25 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (new).", flag_values=FLAGS)
     try:
-        # ml_collections registers the --config.a.b override flags from sys.argv: make it
-        # hold these arguments when main() is called in-process with its own argv.
-        saved, sys.argv = sys.argv, ["jaxdp train-reward", *args]
-        try:
-            rest = FLAGS(["jaxdp train-reward", *args])
-        finally:
-            sys.argv = saved
+        rest = config_lib.parse_flags(FLAGS, "jaxdp train-reward", args)
         if len(rest) > 1:
             return _fail(f"unexpected arguments: {rest[1:]}")
         if _WORKDIR.value is None or FLAGS["config"].value is None:
             return _fail("--config and --workdir are required.")
         config = _CONFIG.value
         config.keys()
+        optional = config_lib.optional_fields(reward_run.default_config())
         for path in none_paths:
-            *parents, leaf = path.split(".")
-            node = config
-            for p in parents:
-                node = node[p]
-            node[leaf] = None
+            config_lib.set_none(config, path, optional)
     except Exception as e:  # unknown field, bad value, missing file
         return _fail(str(e).replace("\n", " "))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
