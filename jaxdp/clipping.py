@@ -97,6 +97,11 @@ def default_thresholds(l2_clip_norm: float, clipping: str, num_groups: int) -> j
     return jnp.full((num_groups,), c, jnp.float32)
 
 
+# Factors clip to (1 - ROUNDING_MARGIN) of a threshold, so that the float32 rounding of a norm and
+# of the scaled gradient (relative errors far below this) never lets a contribution exceed it.
+ROUNDING_MARGIN = 1e-5
+
+
 def clip_factors(
     sq_norms: list[jax.Array],
     l2_clip_norm: float,
@@ -113,13 +118,14 @@ def clip_factors(
     _check_mode(clipping)
     if thresholds is None:
         thresholds = default_thresholds(l2_clip_norm, clipping, len(sq_norms))
+    safe = thresholds * (1.0 - ROUNDING_MARGIN)
     if clipping == "flat":
         c = thresholds[0]
         norms = jnp.sqrt(jnp.maximum(sum(sq_norms), 0.0))
-        factor = c / jnp.maximum(norms, c)
+        factor = safe[0] / jnp.maximum(norms, safe[0])
         return [factor] * len(sq_norms), norms > c, (norms <= c)[:, None]
     norms = [jnp.sqrt(jnp.maximum(s, 0.0)) for s in sq_norms]
-    factors = [thresholds[k] / jnp.maximum(n, thresholds[k]) for k, n in enumerate(norms)]
+    factors = [safe[k] / jnp.maximum(n, safe[k]) for k, n in enumerate(norms)]
     below = jnp.stack([n <= thresholds[k] for k, n in enumerate(norms)], axis=1)
     return factors, ~jnp.all(below, axis=1), below
 

@@ -42,7 +42,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdp.clipping import ClipStats, UnitStats, chunk_stats, scan_microbatches
+from jaxdp.clipping import (
+    ROUNDING_MARGIN,
+    ClipStats,
+    UnitStats,
+    chunk_stats,
+    scan_microbatches,
+)
 from jaxdp.gpt2 import Tape
 from jaxdp.loss import example_loss
 from jaxdp.params import merge, path_name
@@ -107,7 +113,8 @@ def _clipped_sums(per_example_grads, xs, leaves, thresholds, trainable, mask, ch
             g = g.astype(jnp.float32)
             sq = jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
             finite = jnp.isfinite(sq)
-            c = thresholds[j] / jnp.maximum(jnp.sqrt(jnp.where(finite, sq, 0.0)), thresholds[j])
+            safe = thresholds[j] * (1.0 - ROUNDING_MARGIN)  # as clipping.clip_factors
+            c = safe / jnp.maximum(jnp.sqrt(jnp.where(finite, sq, 0.0)), safe)
             w = jnp.where(finite & (m > 0), c, 0.0)
             g = jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
             sums[j] = sums[j] + jnp.einsum("b...,b->...", g, w)
@@ -229,7 +236,8 @@ class FusedTape(Tape):
             for j, (s, t) in enumerate(zip((sq_in, sq_pos), flags, strict=True)):
                 s = jnp.maximum(s, 0.0)  # (a sum of cross terms can round below zero)
                 finite = jnp.isfinite(s)
-                c = th[j] / jnp.maximum(jnp.sqrt(jnp.where(finite, s, 0.0)), th[j])
+                safe = th[j] * (1.0 - ROUNDING_MARGIN)
+                c = safe / jnp.maximum(jnp.sqrt(jnp.where(finite, s, 0.0)), safe)
                 w = jnp.where(finite & (mask > 0) & t, c, 0.0)
                 out.append(jnp.where(finite[:, None, None], g, 0.0) * w[:, None, None])
                 sq.append(jnp.where(t, s, 0.0))

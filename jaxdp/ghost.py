@@ -86,6 +86,23 @@ def _gram_inner(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(jnp.einsum("btd,bsd->bts", a, a) * jnp.einsum("btp,bsp->bts", b, b), (1, 2))
 
 
+def check_strategy(strategy) -> None:
+    """A strategy is one name of STRATEGIES for every layer, or a per-layer plan: pairs or a
+    mapping {layer name ("h.0.attn.c_attn", "lm_head" for the tied embedding): name}."""
+    if isinstance(strategy, str):
+        dense_strategy(1, 1, 1, strategy)
+        return
+    try:
+        items = dict(strategy).items()
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"A ghost strategy is one of {STRATEGIES} or a per-layer mapping, got {strategy!r}."
+        ) from None
+    for name, value in items:
+        if not isinstance(name, str) or value not in STRATEGIES:
+            raise ValueError(f"Bad per-layer ghost strategy {name!r}: {value!r}.")
+
+
 def dense_strategy(T: int, d: int, p: int, strategy: str = "auto") -> str:
     """'ghost' or 'instantiate' for a [T, d] -> [T, p] dense layer.
 
@@ -160,7 +177,7 @@ class _Pass:
         mask = batch.get("token_mask")
         self.model = merge(graphdef, params, frozen)
         self.config = self.model.config
-        self.strategy = strategy
+        self.strategy = strategy if isinstance(strategy, str) else dict(strategy)
 
         def forward(tape):
             logits = merge(graphdef, params, frozen)(self.tokens, dropout_key=key, tape=tape)
@@ -169,7 +186,7 @@ class _Pass:
         # The taps' shapes, recorded during an abstract trace (no computation).
         probe = Tape()
         jax.eval_shape(lambda: forward(probe))
-        zeros = {name: jnp.zeros(shape, jnp.float32) for name, shape in probe.output_shapes.items()}
+        zeros = {name: jnp.zeros(o.shape, o.dtype) for name, o in probe.outputs.items()}
 
         def total_loss(perturbations):
             tape = Tape(perturbations)
@@ -177,8 +194,24 @@ class _Pass:
             return jnp.sum(losses), (losses, tape.inputs)
 
         grads, (self.losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
+        self.low_precision = any(o.dtype != jnp.float32 for o in probe.outputs.values())
         self.inputs = {k: _f32(v) for k, v in inputs.items()}
         self.grads = {k: _f32(v) for k, v in grads.items()}
+
+    def strategy_of(self, name: str, T: int, d: int, p: int) -> str:
+        """ "ghost" or "instantiate" for a [T, d] -> [T, p] dense group of layer `name`."""
+        given = self.strategy if isinstance(self.strategy, str) else self.strategy.get(name, "auto")
+        chosen = dense_strategy(T, d, p, given)
+        if chosen == "ghost" and self.low_precision:
+            # A Gram-matrix norm and the book-kept sum are two computations of the same
+            # gradient; in low precision their rounding differs by more than a margin covers
+            # when a gradient's token terms nearly cancel, so a contribution could exceed C.
+            raise NotImplementedError(
+                f"Layer {name}: Gram-matrix (ghost) norms are not used with a bfloat16 model, "
+                f"whose per-example contributions must be normed from the values summed; use "
+                f'dp.ghost_strategy "instantiate" or "plan" (or the vmap or fused engine).'
+            )
+        return chosen
 
     def sanitized(self, keep: jax.Array) -> _Pass:
         """A copy whose dropped examples (keep=False) have all-zero inputs and output grads."""
@@ -198,7 +231,7 @@ class _Pass:
         g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
         tokens, (B, T) = self.tokens, self.tokens.shape
         sq["wpe"] = _sq(g0)
-        if dense_strategy(T, h.shape[-1], gl.shape[-1], self.strategy) == "instantiate":
+        if self.strategy_of("lm_head", T, h.shape[-1], gl.shape[-1]) == "instantiate":
             # E_i + L_i as one [V, D] matrix per example (memory B V D; no cross term needed).
             per_example = jnp.einsum("btv,btd->bvd", gl, h)  # [B, V, D]: L_i
             per_example = per_example.at[jnp.arange(B)[:, None], tokens].add(g0)  # + E_i
@@ -229,7 +262,9 @@ class _Pass:
                 out[f"{name}.scale"] = reduce(jnp.sum(g * xhat, 1))
             else:
                 for group, (a, grad_out) in self._dense_factors(name).items():
-                    out[group], per_example = dense(a, grad_out, self.strategy)
+                    T, d, p = a.shape[1], a.shape[2], grad_out.shape[2]
+                    chosen = self.strategy_of(name, T, d, p)
+                    out[group], per_example = dense(a, grad_out, chosen)
                     if per_example is not None:
                         kept[group] = per_example
             out[f"{name}.bias"] = reduce(jnp.sum(g, 1))
@@ -246,7 +281,7 @@ class _Pass:
         g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
         tokens, (B, T) = self.tokens, self.tokens.shape
         pp["wpe"] = jnp.einsum("itd,jtd->ij", g0, g0)  # the same position t in both rows
-        if dense_strategy(T, h.shape[-1], gl.shape[-1], self.strategy) == "instantiate":
+        if self.strategy_of("lm_head", T, h.shape[-1], gl.shape[-1]) == "instantiate":
             per_example = jnp.einsum("btv,btd->bvd", gl, h)  # [B, V, D]: L_i
             per_example = per_example.at[jnp.arange(B)[:, None], tokens].add(g0)  # + E_i
             pp["wte"], kept["wte"] = _gram(per_example), per_example
@@ -365,7 +400,7 @@ def ghost_clipped_grad(
     """
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
-    dense_strategy(1, 1, 1, strategy)  # validates the name
+    check_strategy(strategy)
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
 

@@ -31,6 +31,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
 }
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 # HF config keys that change the architecture in ways this implementation does not support.
 _UNSUPPORTED_HF_OPTIONS = {
     "add_cross_attention": False,
@@ -58,8 +60,16 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    # Not an architecture field (never written to or read from a Hugging Face config.json): the
+    # dtype of activations and matmuls. "bfloat16" is mixed precision: parameters (and so
+    # optimizer state, gradients and the DP-SGD clipping and noise) stay float32.
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}."
+            )
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
         if self.activation_function not in _ACTIVATIONS:
@@ -71,6 +81,11 @@ class GPT2Config:
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate}.")
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The compute dtype as a JAX dtype."""
+        return jnp.dtype(self.compute_dtype)
 
     @property
     def head_dim(self) -> int:
@@ -99,7 +114,7 @@ class GPT2Config:
                 raise NotImplementedError(f"HF GPT-2 option {key}={hf[key]!r} is not supported.")
         if hf.get("tie_word_embeddings", True) is False:
             raise NotImplementedError("Untied GPT-2 output embeddings are not supported.")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"compute_dtype"}
         kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
         if hf.get("n_inner") is not None:
             kwargs["n_inner"] = hf["n_inner"]
@@ -108,6 +123,7 @@ class GPT2Config:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` fields of an equivalent `transformers.GPT2Config`."""
         d = dataclasses.asdict(self)
+        del d["compute_dtype"]
         d.update(
             model_type="gpt2",
             architectures=["GPT2LMHeadModel"],
@@ -150,12 +166,12 @@ class Tape:
     def __init__(self, perturbations: dict[str, jax.Array] | None = None):
         self.perturbations = dict(perturbations or {})
         self.inputs: dict[str, jax.Array] = {}
-        self.output_shapes: dict[str, tuple[int, ...]] = {}
+        self.outputs: dict[str, jax.ShapeDtypeStruct] = {}
 
     def __call__(self, name: str, layer, x: jax.Array) -> jax.Array:
         self.inputs[name] = x
         y = layer(x)
-        self.output_shapes[name] = y.shape
+        self.outputs[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
         perturbation = self.perturbations.get(name)
         return y if perturbation is None else y + perturbation
 
@@ -171,9 +187,9 @@ class Attention(nnx.Module):
         proj_init = nnx.initializers.normal(
             config.initializer_range / math.sqrt(2 * config.n_layer)
         )
-        d = config.n_embd
-        self.c_attn = nnx.Linear(d, 3 * d, kernel_init=init, rngs=rngs)
-        self.c_proj = nnx.Linear(d, d, kernel_init=proj_init, rngs=rngs)
+        d, dt = config.n_embd, config.dtype
+        self.c_attn = nnx.Linear(d, 3 * d, kernel_init=init, dtype=dt, rngs=rngs)
+        self.c_proj = nnx.Linear(d, d, kernel_init=proj_init, dtype=dt, rngs=rngs)
         self.n_head = config.n_head
         self.attn_pdrop = config.attn_pdrop
         self.resid_pdrop = config.resid_pdrop
@@ -212,8 +228,9 @@ class MLP(nnx.Module):
         proj_init = nnx.initializers.normal(
             config.initializer_range / math.sqrt(2 * config.n_layer)
         )
-        self.c_fc = nnx.Linear(config.n_embd, config.mlp_dim, kernel_init=init, rngs=rngs)
-        self.c_proj = nnx.Linear(config.mlp_dim, config.n_embd, kernel_init=proj_init, rngs=rngs)
+        d, h, dt = config.n_embd, config.mlp_dim, config.dtype
+        self.c_fc = nnx.Linear(d, h, kernel_init=init, dtype=dt, rngs=rngs)
+        self.c_proj = nnx.Linear(h, d, kernel_init=proj_init, dtype=dt, rngs=rngs)
         self.act = _ACTIVATIONS[config.activation_function]
         self.resid_pdrop = config.resid_pdrop
 
@@ -226,10 +243,10 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
-        eps = config.layer_norm_epsilon
-        self.ln_1 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
+        eps, dt = config.layer_norm_epsilon, config.dtype
+        self.ln_1 = nnx.LayerNorm(config.n_embd, epsilon=eps, dtype=dt, rngs=rngs)
         self.attn = Attention(config, layer_idx, rngs=rngs)
-        self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, dtype=dt, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
         self.name = f"h.{layer_idx}"
 
@@ -245,17 +262,20 @@ class Block(nnx.Module):
 class GPT2LMHeadModel(nnx.Module):
     """GPT-2 with a language-modelling head tied to the token embedding.
 
-    `model(input_ids)` maps int tokens [B, T] to float32 logits [B, T, vocab_size]. Pass
+    `model(input_ids)` maps int tokens [B, T] to float32 logits [B, T, vocab_size] (computed in
+    `config.compute_dtype`, parameters float32 either way). Pass
     `dropout_key` to train with the config's dropout rates; without it the model is deterministic.
     """
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         self.config = config
         init = nnx.initializers.normal(config.initializer_range)
-        self.wte = nnx.Embed(config.vocab_size, config.n_embd, embedding_init=init, rngs=rngs)
-        self.wpe = nnx.Embed(config.n_positions, config.n_embd, embedding_init=init, rngs=rngs)
+        d, dt = config.n_embd, config.dtype
+        self.wte = nnx.Embed(config.vocab_size, d, embedding_init=init, dtype=dt, rngs=rngs)
+        self.wpe = nnx.Embed(config.n_positions, d, embedding_init=init, dtype=dt, rngs=rngs)
         self.h = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
-        self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon, rngs=rngs)
+        eps = config.layer_norm_epsilon
+        self.ln_f = nnx.LayerNorm(d, epsilon=eps, dtype=dt, rngs=rngs)
 
     def __call__(
         self,

@@ -49,8 +49,11 @@ class LoRALinear(nnx.Module):
         self.scale = alpha / rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel.get_value() + self.bias.get_value()  # [..., out]
-        return y + (x @ self.lora_a.get_value()) @ self.lora_b.get_value() * self.scale
+        dt = x.dtype  # the compute dtype (parameters are float32)
+        kernel, bias = self.kernel.get_value().astype(dt), self.bias.get_value().astype(dt)
+        a, b = self.lora_a.get_value().astype(dt), self.lora_b.get_value().astype(dt)
+        y = x @ kernel + bias  # [..., out]
+        return y + (x @ a) @ b * self.scale
 
     def merged_kernel(self) -> jax.Array:
         return (

@@ -16,9 +16,10 @@ The noise is only as private as its key. `key` must be secret (`jaxdp.randomness
 from the operating system's cryptographic randomness): anyone who knows it can regenerate every
 step's noise and subtract it. The key lives in the transform's STATE (as raw key data), not in the
 compiled program, so it is saved with the optimizer state in checkpoints and never baked into a
-compilation cache. Update number `count` uses `fold_in(key, count)`, leaf j of the tree
-`fold_in(that, j)`, so a run resumed from a checkpoint draws exactly the noise the uninterrupted
-run would have drawn.
+compilation cache. Update number `count` draws its noise as one stream of standard normals over
+all leaves (in tree order), in chunks of up to 2^20 values, chunk c from
+`fold_in(fold_in(fold_in(key, count), 0), c)` (`noise_keys`, `tree_noise`), so a run resumed
+from a checkpoint draws exactly the noise the uninterrupted run would have drawn.
 
 `secure=True` draws each noise coordinate as the sum of four independent normals divided by two
 (the same distribution), as Opacus's `secure_mode` does after Holohan & Braghin (2021), which
@@ -50,10 +51,25 @@ class GaussianNoiseState(NamedTuple):
     noisy_sq_norm: jax.Array | None = None  # ||noisy sum||^2 of the last step (set by init)
 
 
-def leaf_keys(key: jax.Array, count: jax.Array | int, num_leaves: int) -> list[jax.Array]:
-    """The keys of the noise added to each of `num_leaves` leaves at update number `count`."""
-    step = jax.random.fold_in(key, count)
-    return [jax.random.fold_in(step, j) for j in range(num_leaves)]
+# Values of the gradient noise per key: one sampler (one random-number subgraph in the compiled
+# step, whatever the number of leaves) draws every chunk.
+NOISE_CHUNK = 1 << 20
+
+
+def _step_key(key: jax.Array, count: jax.Array | int, purpose: int) -> jax.Array:
+    """Update `count`'s key for the gradient noise (purpose 0) or the count noise (1)."""
+    return jax.random.fold_in(jax.random.fold_in(key, count), purpose)
+
+
+def noise_keys(key: jax.Array, count: jax.Array | int, num_chunks: int) -> jax.Array:
+    """The keys [num_chunks] of update number `count`'s gradient-noise chunks."""
+    step = _step_key(key, count, 0)
+    return jax.vmap(lambda c: jax.random.fold_in(step, c))(jnp.arange(num_chunks))
+
+
+def count_noise_key(key: jax.Array, count: jax.Array | int) -> jax.Array:
+    """The key of update number `count`'s noise on the adaptive-clipping counts."""
+    return _step_key(key, count, 1)
 
 
 def _normal(key: jax.Array, shape, secure: bool) -> jax.Array:
@@ -61,6 +77,36 @@ def _normal(key: jax.Array, shape, secure: bool) -> jax.Array:
         return jax.random.normal(key, shape, jnp.float32)
     draws = jax.random.normal(key, (4, *shape), jnp.float32)
     return jnp.sum(draws, axis=0) / 2.0  # N(0, 1): four unit variances, halved
+
+
+def chunk_layout(sizes: list[int]) -> tuple[int, int]:
+    """(values per chunk, number of chunks) for leaves of `sizes` values in all."""
+    total = max(sum(sizes), 1)
+    chunk = min(NOISE_CHUNK, total)
+    return chunk, -(-total // chunk)
+
+
+def tree_noise(
+    key: jax.Array, count: jax.Array | int, shapes: list[tuple[int, ...]], secure: bool = False
+) -> list[jax.Array]:
+    """Independent standard normal noise (float32) of each shape in `shapes`, for update `count`.
+
+    The noise is one stream: chunk c (`chunk_layout`) is `_normal` of `noise_keys(...)[c]`, and
+    the chunks, concatenated, are laid over the leaves in order. One sampler draws all chunks
+    (`lax.map`, 16 chunks at a time), so the compiled step holds one random-number subgraph
+    instead of one per leaf, which was most of a DP update step's compile time."""
+    sizes = [math.prod(s) for s in shapes]
+    chunk, num_chunks = chunk_layout(sizes)
+    keys = noise_keys(key, count, num_chunks)
+    draws = jax.lax.map(
+        lambda k: _normal(k, (chunk,), secure), keys, batch_size=min(num_chunks, 16)
+    )
+    flat = draws.reshape(-1)  # [num_chunks * chunk]
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
 
 
 def add_gaussian_noise(
@@ -83,7 +129,7 @@ def add_gaussian_noise(
     `group_names(params)` per layer), `update` needs the extra argument `below` [K_c] (the
     clipped engines' `ClipStats.below`), and each update adds N(0, (sigma_D C_t)^2) to the sum
     (C fixed per layer), releases the counts with noise sigma_b (sigma_b sqrt(K) per layer)
-    drawn from its own key (`fold_in(step key, number of leaves)`, distinct from the leaves'),
+    drawn from its own key (`count_noise_key`, distinct from the gradient noise's),
     and moves the thresholds (`jaxdp.adaptive.update_thresholds`)."""
     if l2_clip_norm <= 0:
         raise ValueError(f"l2_clip_norm must be positive, got {l2_clip_norm}.")
@@ -114,7 +160,6 @@ def add_gaussian_noise(
         del extra_args
         leaves, treedef = jax.tree.flatten(updates)
         key = jax.random.wrap_key_data(state.key, impl=impl)
-        keys = leaf_keys(key, state.count, len(leaves))
         std = stddev
         if adaptive is not None:
             if below is None or thresholds is None:
@@ -131,15 +176,16 @@ def add_gaussian_noise(
             else:
                 c = jnp.maximum(fused.sensitivity(thresholds, names), l2_clip_norm)
             std = noise_multiplier * c
+        noise = tree_noise(key, state.count, [g.shape for g in leaves], secure)
         noisy = [
-            (g + std * _normal(k, g.shape, secure).astype(g.dtype)) / expected_batch_size
-            for g, k in zip(leaves, keys, strict=True)
+            (g + std * z.astype(g.dtype)) / expected_batch_size
+            for g, z in zip(leaves, noise, strict=True)
         ]
         sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32) * expected_batch_size)) for g in noisy)
         new_state = state._replace(count=state.count + 1, noisy_sq_norm=jnp.asarray(sq))
         if adaptive is not None:
             k = state.clip_norms.shape[0]
-            count_key = jax.random.fold_in(jax.random.fold_in(key, state.count), len(leaves))
+            count_key = count_noise_key(key, state.count)
             count_std = adaptive.count_noise_multiplier * math.sqrt(k)
             noisy_count = below + count_std * _normal(count_key, (k,), secure)
             fraction = noisy_count / expected_batch_size + 0.5

@@ -266,8 +266,8 @@ def test_fused_engine_with_zero_thresholds_gives_a_zero_sum(tiny_config):
 
 
 def test_count_noise_comes_from_its_own_key():
-    """The count's noise is N(0, (sigma_b)^2) drawn from fold_in(step key, number of leaves):
-    reproduced exactly, and independent of every leaf's key."""
+    """The count's noise is N(0, (sigma_b)^2) drawn from fold_in(fold_in(key, count), 1):
+    reproduced exactly, and independent of the gradient noise's keys."""
     sigma_b, B = 2.0, 10.0
     key = jax.random.key(11)
     a = AdaptiveClipping(count_noise_multiplier=sigma_b)
@@ -276,11 +276,11 @@ def test_count_noise_comes_from_its_own_key():
     state = tx.init(params)
     _, state = tx.update(params, state, params, below=jnp.zeros(1), thresholds=jnp.ones(1))
     expected = sigma_b * jax.random.normal(
-        jax.random.fold_in(jax.random.fold_in(key, 0), 2), (1,), jnp.float32
+        jax.random.fold_in(jax.random.fold_in(key, 0), 1), (1,), jnp.float32
     )
     np.testing.assert_allclose((np.asarray(state.noisy_fraction) - 0.5) * B, expected, rtol=1e-5)
-    leaf_draws = [jax.random.normal(k, (1,)) for k in noise.leaf_keys(key, 0, 2)]
-    assert all(float(d[0]) != float(expected[0] / sigma_b) for d in leaf_draws)
+    chunk_draws = [jax.random.normal(k, (1,)) for k in noise.noise_keys(key, 0, 5)]
+    assert all(float(d[0]) != float(expected[0] / sigma_b) for d in chunk_draws)
 
 
 def test_noise_follows_the_thresholds_the_sum_was_clipped_with():

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxdp import clipping, fused, lora, steps
+from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.gpt2 import Tape, init_model
 from jaxdp.loss import example_loss
 from jaxdp.params import merge, path_name
@@ -63,7 +64,7 @@ def _reference(graphdef, params, frozen, tokens, pad, thresholds, names):
     def clip(x, c):
         x = np.asarray(x, np.float64)
         n = np.sqrt((x.reshape(len(x), -1) ** 2).sum(1))
-        return np.einsum("b...,b->...", x, np.minimum(1.0, c / n) * real)
+        return np.einsum("b...,b->...", x, np.minimum(1.0, c * (1 - ROUNDING_MARGIN) / n) * real)
 
     out = {}
     for name, x in _flat(g).items():

@@ -81,3 +81,29 @@ def test_bad_arguments():
         add_gaussian_noise(1.0, 1.0, 0.0, key)
     with pytest.raises(TypeError, match="PRNG key"):
         add_gaussian_noise(1.0, 1.0, 1.0, 0)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_tree_noise_is_the_chunk_stream_laid_over_the_leaves(secure, monkeypatch):
+    """Brute force: draw each chunk from its own key in a loop, concatenate, cut into leaves."""
+    from jaxdp import noise
+
+    monkeypatch.setattr(noise, "NOISE_CHUNK", 16)  # several chunks, leaves across boundaries
+    key = jax.random.key(11)
+    shapes = [(3, 5), (7,), (3, 5), (), (2, 2, 3)]
+    got = jax.jit(lambda c: noise.tree_noise(key, c, shapes, secure))(4)
+    total = sum(int(np.prod(s)) for s in shapes)  # 50 values: 4 chunks of 16
+    step = jax.random.fold_in(jax.random.fold_in(key, 4), 0)
+    stream = np.concatenate(
+        [noise._normal(jax.random.fold_in(step, c), (16,), secure) for c in range(4)]
+    )
+    start = 0
+    for leaf, shape in zip(got, shapes, strict=True):
+        size = int(np.prod(shape))
+        assert leaf.shape == shape and leaf.dtype == jnp.float32
+        np.testing.assert_array_equal(np.ravel(leaf), stream[start : start + size])
+        start += size
+    assert start == total
+    # Another update count is another stream.
+    other = jax.jit(lambda c: noise.tree_noise(key, c, shapes, secure))(5)
+    assert not np.array_equal(got[0], other[0])

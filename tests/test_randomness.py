@@ -19,8 +19,8 @@ def _keys_by_purpose(seed: int) -> dict[str, set[tuple[int, ...]]]:
     secrets = Secrets.from_seed(seed)  # the worst case: one seed for everything
     out: dict[str, set] = {}
     out["noise"] = {
-        _data(k) for t in range(STEPS) for k in noise.leaf_keys(secrets.noise_key(), t, INDICES)
-    }
+        _data(k) for t in range(STEPS) for k in noise.noise_keys(secrets.noise_key(), t, INDICES)
+    } | {_data(noise.count_noise_key(secrets.noise_key(), t)) for t in range(STEPS)}
     dropout = set()
     for t in range(STEPS):
         step_key = randomness.dropout_step_key(secrets.dropout_key(), t)

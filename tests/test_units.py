@@ -13,8 +13,11 @@ from conftest import dp_plan, load_config, small
 
 from jaxdp import clipping, data, sampling, steps
 from jaxdp import run as run_lib
+from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss
+
+SAFE = 1 - ROUNDING_MARGIN  # clip_factors clips to (1 - margin) of a threshold
 
 # ---- Reading records ---------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ def _loop_over_units(graphdef, params, rows, units, C):
                 g if unit_grad is None else [a + b for a, b in zip(unit_grad, g, strict=True)]
             )
         norm = np.sqrt(sum(np.sum(x**2) for x in unit_grad))
-        clipped = [x * min(1.0, C / norm) for x in unit_grad]
+        clipped = [x * min(1.0, C * SAFE / norm) for x in unit_grad]
         total = clipped if total is None else [a + b for a, b in zip(total, clipped, strict=True)]
     return total
 
