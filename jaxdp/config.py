@@ -83,7 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Noise-free gradient diagnostics in W/private (m-coherence, norm quantiles, SNR): NOT
     # covered by epsilon. DP estimates (SNR from the noisy sum, sigma/B) are always public.
     c.dp.diagnostics = False
-    c.dp.ghost_strategy = "auto"  # ghost engine, per dense layer: "auto" | "ghost" | "instantiate"
+    # ghost engine, per dense layer: "auto" | "ghost" | "instantiate", or "plan": each layer's
+    # choice by cost under a memory budget (jaxdp.clipping_plan)
+    c.dp.ghost_strategy = "auto"
     c.dp.group_size = 1  # > 1: micro-batch clipping of fixed groups; costs 2x in accounting
     c.dp.accountant = "pld"  # "pld" | "rdp"
     c.dp.sampling = "poisson"  # "poisson" | "shuffle" (APPROXIMATE epsilon, labelled as such)
@@ -118,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000  # logical (noisy) steps
     c.train.num_epochs = _optional(float)  # if set: num_steps = ceil(epochs / q)
+    # "float32" | "bfloat16": activations and matmuls; parameters, optimizer state, per-example
+    # norms, clip factors, the clipped sum and the noise are float32 either way
+    c.train.dtype = "float32"
     c.train.seed = 0  # public: model init, LoRA init, generated samples (not noise or sampling)
     c.train.log_every = 10
     c.train.eval_every = 100

@@ -228,18 +228,22 @@ class FusedTape(Tape):
         def bwd(res, g):  # g [B, T, D]: the embedding output's gradient
             wte, wpe, th, mask = res
             g = g.astype(jnp.float32)
-            # ||E_i||^2 = sum_{t,s} [id_it = id_is] g_it . g_is  (E_i is sparse: never formed)
-            same = (ids[:, :, None] == ids[:, None, :]).astype(jnp.float32)
-            sq_in = jnp.sum(same * jnp.einsum("btd,bsd->bts", g, g), (1, 2))
+            # E_i's nonzero rows (E_i itself, [V, D], is never formed): rows[b, t] is the sum of
+            # g over the positions holding token ids[b, t], kept at its first position only. The
+            # norm is taken of exactly these rows and the same rows are summed into wte, so
+            # rounding cannot make the contribution larger than the norm says.
+            same = (ids[:, :, None] == ids[:, None, :]).astype(jnp.float32)  # [B, T, T]
+            first = jnp.argmax(same, axis=2) == jnp.arange(T)[None, :]  # [B, T]
+            rows = jnp.where(first[..., None], jnp.einsum("bts,bsd->btd", same, g), 0.0)
+            sq_in = jnp.sum(jnp.square(rows), (1, 2))
             sq_pos = jnp.sum(jnp.square(g), (1, 2))  # positions are distinct
             out, sq = [], []
-            for j, (s, t) in enumerate(zip((sq_in, sq_pos), flags, strict=True)):
-                s = jnp.maximum(s, 0.0)  # (a sum of cross terms can round below zero)
+            for j, (s, t, v) in enumerate(zip((sq_in, sq_pos), flags, (rows, g), strict=True)):
                 finite = jnp.isfinite(s)
                 safe = th[j] * (1.0 - ROUNDING_MARGIN)
                 c = safe / jnp.maximum(jnp.sqrt(jnp.where(finite, s, 0.0)), safe)
                 w = jnp.where(finite & (mask > 0) & t, c, 0.0)
-                out.append(jnp.where(finite[:, None, None], g, 0.0) * w[:, None, None])
+                out.append(jnp.where(finite[:, None, None], v, 0.0) * w[:, None, None])
                 sq.append(jnp.where(t, s, 0.0))
             d_wte = jnp.zeros(wte.shape, jnp.float32).at[ids].add(out[0]).astype(wte.dtype)
             d_wpe = jnp.zeros(wpe.shape, jnp.float32).at[:T].add(jnp.sum(out[1], 0))

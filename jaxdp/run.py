@@ -34,11 +34,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdp import checkpoint, data, ghost, hf, lora, randomness, report, sampling, sharding, steps
+from jaxdp import (
+    checkpoint,
+    clipping_plan,
+    data,
+    ghost,
+    hf,
+    lora,
+    randomness,
+    report,
+    sampling,
+    sharding,
+    steps,
+)
 from jaxdp.adaptive import AdaptiveClipping
 from jaxdp.clipping import CLIPPING_MODES
 from jaxdp.generate import generate
-from jaxdp.gpt2 import PRESETS, GPT2Config, GPT2LMHeadModel, init_model
+from jaxdp.gpt2 import COMPUTE_DTYPES, PRESETS, GPT2Config, GPT2LMHeadModel, init_model
 from jaxdp.params import merge
 from jaxdp.plan import PrivacyPlan
 from jaxdp.tracking import Event, JsonlLog, MetricsWriter, Observers, Progress, should_stop
@@ -133,7 +145,9 @@ def run(
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
 
     # ---- Model configuration (cheap: presets and config.json only) and data.
-    model_config = model_configuration(cfg.model)
+    model_config = dataclasses.replace(
+        model_configuration(cfg.model), compute_dtype=cfg.train.dtype
+    )
     if model_config.n_positions < cfg.data.block_size:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} exceeds the model's n_positions="
@@ -179,9 +193,22 @@ def run(
         approx,
     )
     _warn_about_hopeless_settings(plan, cfg.model)
+    strategy = cfg.dp.ghost_strategy
+    if strategy == "plan" and plan.enabled and cfg.dp.engine == "ghost":
+        chosen = clipping_plan.plan(
+            model_config,
+            cfg.data.block_size,
+            cfg.dp.microbatch_size,
+            microbatch_sizes=[cfg.dp.microbatch_size],
+            allow_gram=model_config.compute_dtype == "float32",
+        )
+        log.info("Clipping plan: %s", chosen.describe())
+        strategy = chosen.strategies
+    elif strategy == "plan":
+        strategy = "auto"  # no ghost engine: nothing to plan
     engine = steps.Engine(
         cfg.dp.engine,
-        cfg.dp.ghost_strategy,
+        strategy,
         cfg.dp.microbatch_size if plan.enabled else None,
         diagnostics=cfg.dp.diagnostics and plan.enabled,
     )
@@ -378,7 +405,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         "dp.sampling": (dp.sampling, ("poisson", "shuffle")),
         "dp.clipping": (dp.clipping, CLIPPING_MODES),
         "dp.engine": (dp.engine, steps.ENGINES),
-        "dp.ghost_strategy": (dp.ghost_strategy, ghost.STRATEGIES),
+        "dp.ghost_strategy": (dp.ghost_strategy, (*ghost.STRATEGIES, "plan")),
+        "train.dtype": (t.dtype, COMPUTE_DTYPES),
         "dp.accountant": (dp.accountant, ("pld", "rdp")),
         "optim.name": (o.name, OPTIMIZERS),
         "optim.schedule": (o.schedule, SCHEDULES),
@@ -409,6 +437,17 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.num_epochs must be positive, got {t.num_epochs!r}.")
     if not (isinstance(dp.microbatch_size, int) and dp.microbatch_size >= 1):
         raise ConfigError(f"dp.microbatch_size must be an integer >= 1, got {dp.microbatch_size}.")
+    if (
+        dp.enabled
+        and t.dtype != "float32"
+        and dp.engine == "ghost"
+        and dp.ghost_strategy in ("auto", "ghost")
+    ):
+        raise ConfigError(
+            f"train.dtype={t.dtype!r} with dp.engine='ghost' needs dp.ghost_strategy 'plan' or "
+            f"'instantiate': in low precision the ghost engine norms only per-example gradients "
+            f"it instantiates (the values it sums), never Gram matrices."
+        )
     if dp.physical_batch_size is not None and dp.physical_batch_size < 1:
         raise ConfigError(f"dp.physical_batch_size must be >= 1, got {dp.physical_batch_size}.")
     if dp.group_size < 1 or (dp.enabled and dp.microbatch_size < dp.group_size):

@@ -53,7 +53,8 @@ class Engine:
       layer inputs and output gradients, book-kept sums, `jaxdp.ghost`; GPT-2 models only) or
       "fused" (per-layer clipping inside backpropagation, `jaxdp.fused`; GPT-2 models,
       per-layer clipping, one row per unit).
-    ghost_strategy: the ghost engine's per-layer choice, "auto" | "ghost" | "instantiate".
+    ghost_strategy: the ghost engine's per-layer choice, "auto" | "ghost" | "instantiate" for
+      every layer, or a per-layer plan ((layer, strategy), ...) (`jaxdp.clipping_plan`).
     microbatch_size: examples per DEVICE in one vectorised chunk (None: the whole batch).
     diagnostics: the noise-free gradient diagnostics of `make_update_step` (norm quantiles,
       signal to noise, and with the vmap and ghost engines m-coherence, for which the UNCLIPPED
@@ -63,17 +64,14 @@ class Engine:
     """
 
     name: str = "vmap"
-    ghost_strategy: str = "auto"
+    ghost_strategy: str | tuple[tuple[str, str], ...] = "auto"
     microbatch_size: int | None = None
     diagnostics: bool = False
 
     def __post_init__(self):
         if self.name not in ENGINES:
             raise ValueError(f"Unknown clipping engine {self.name!r}; use one of {ENGINES}.")
-        if self.ghost_strategy not in ghost.STRATEGIES:
-            raise ValueError(
-                f"Unknown ghost strategy {self.ghost_strategy!r}; use one of {ghost.STRATEGIES}."
-            )
+        ghost.check_strategy(self.ghost_strategy)
         if self.microbatch_size is not None and not (
             isinstance(self.microbatch_size, int) and self.microbatch_size >= 1
         ):

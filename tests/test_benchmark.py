@@ -81,3 +81,60 @@ def test_benchmark_rejects_unknown_mode():
     proc = _run("--model=tiny", "--batch=4", "--seq=16", "--modes=nonprivate,nosuchmode")
     assert proc.returncode == 2
     assert "nosuchmode" in proc.stderr
+
+
+def test_benchmark_plan_and_bf16_modes_compile(tmp_path):
+    """The suite's new modes: the clipping plan (fp32 and bf16) and the bf16 baseline."""
+    modes = "nonprivate,ghost_plan,nonprivate_bf16,ghost_plan_bf16"
+    proc = _run("--model=tiny", "--batch=4", "--seq=16", f"--modes={modes}", "--compile-only")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = {r["mode"]: r for r in map(json.loads, lines)}
+    assert all(r["error"] is None for r in rows.values()), rows
+    assert [rows[m]["dtype"] for m in modes.split(",")] == ["float32", "float32"] + ["bfloat16"] * 2
+    for mode in ("ghost_plan", "ghost_plan_bf16"):
+        assert rows[mode]["plan"].startswith(f"microbatch {rows[mode]['microbatch']},")
+        assert 4 % rows[mode]["microbatch"] == 0
+    # Ratios are taken against the non-private step of the same dtype.
+    bf = rows["ghost_plan_bf16"]
+    expected = rows["nonprivate_bf16"]["grad_step_flops"] / bf["grad_step_flops"]
+    assert bf["flops_ratio_vs_nonprivate"] == pytest.approx(expected)
+    assert "| ghost_plan_bf16 | bfloat16 |" in proc.stderr  # the markdown table
+
+
+def test_benchmark_suite_arguments():
+    proc = _run("--suite=gpu", "--model=gpt2")
+    assert proc.returncode == 2 and "--suite sets the settings itself" in proc.stderr
+    proc = _run("--model=tiny", "--batch=4")
+    assert proc.returncode == 2 and "--seq" in proc.stderr
+
+
+def test_suite_rows_are_compared_within_their_setting():
+    from jaxdp.commands import benchmark
+
+    def row(model, mode, step_s, flops=10.0, est=100.0):
+        r = benchmark._row({"error": None})
+        dtype = "bfloat16" if mode.endswith("_bf16") else "float32"
+        r.update(model=model, batch=4, seq=16, mode=mode, dtype=dtype, step_s=step_s)
+        r.update(grad_step_flops=flops, estimated_peak_bytes=est, tokens_per_s=64 / step_s)
+        return r
+
+    rows = [
+        row("a", "nonprivate", 1.0),
+        row("a", "ghost_plan", 2.0, flops=20.0, est=110.0),
+        row("a", "nonprivate_bf16", 0.5),
+        row("a", "ghost_plan_bf16", 1.0, flops=15.0),
+        row("b", "nonprivate", 4.0),
+        row("b", "ghost_plan", 5.0),
+    ]
+    benchmark.add_ratios(rows)
+    by = {(r["model"], r["mode"]): r for r in rows}
+    assert by["a", "ghost_plan"]["ratio_vs_nonprivate"] == 0.5
+    assert by["a", "ghost_plan"]["flops_ratio_vs_nonprivate"] == 0.5
+    assert by["a", "ghost_plan"]["memory_ratio_vs_nonprivate"] == pytest.approx(1.1)
+    assert by["a", "ghost_plan_bf16"]["ratio_vs_nonprivate"] == 1.0  # vs fp32
+    assert by["a", "ghost_plan_bf16"]["ratio_vs_nonprivate_same_dtype"] == 0.5
+    assert by["a", "ghost_plan_bf16"]["flops_ratio_vs_nonprivate"] == pytest.approx(10 / 15)
+    assert by["b", "ghost_plan"]["ratio_vs_nonprivate"] == pytest.approx(0.8)  # its own setting
+    table = benchmark.markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and all(line.count("|") == 15 for line in table)

@@ -43,7 +43,9 @@ def _engines(graphdef, C):
 
 
 def _norm64(tree) -> float:
-    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+    return float(
+        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    )
 
 
 def test_model_computes_in_bf16_with_float32_parameters(bf16_config):
@@ -115,3 +117,20 @@ def test_gram_norms_are_refused_in_bf16(bf16_config):
     fn = ghost.ghost_clipped_grad(graphdef, 1.0, strategy="ghost")
     with pytest.raises(NotImplementedError, match="bfloat16"):
         jax.jit(fn)(params, {"tokens": tokens}, jnp.zeros((tokens.shape[0],), bool))
+
+
+def test_a_per_layer_plan_is_honoured_layer_by_layer(bf16_config):
+    """One Gram layer in an otherwise instantiated plan is found and named."""
+    from jaxdp import clipping_plan
+
+    graphdef, params, tokens = _adversarial(bf16_config)
+    names = [x.name for x in clipping_plan.dense_layers(bf16_config)]
+    plan = tuple((n, "ghost" if n == "h.1.mlp.c_fc" else "instantiate") for n in names)
+    fn = ghost.ghost_clipped_grad(graphdef, 1.0, strategy=plan)
+    with pytest.raises(NotImplementedError, match=r"h\.1\.mlp\.c_fc"):
+        jax.jit(fn)(params, {"tokens": tokens}, jnp.zeros((tokens.shape[0],), bool))
+    all_instantiated = tuple((n, "instantiate") for n in names)
+    out, _ = jax.jit(ghost.ghost_clipped_grad(graphdef, 1.0, strategy=all_instantiated))(
+        params, {"tokens": tokens}, jnp.zeros((tokens.shape[0],), bool)
+    )
+    assert _norm64(out) > 0

@@ -563,3 +563,23 @@ def test_exported_files_are_readable_like_the_rest(tmp_path):
         for p in (tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json")
     }
     assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_bf16_run_with_the_clipping_plan(tmp_path):
+    """train.dtype="bfloat16": the ghost engine with the per-layer plan trains (finite losses,
+    float32 parameters in the checkpoint's export); Gram norms in bf16 are refused up front."""
+    cfg = small(load_config("tiny_offline"))
+    cfg.train.dtype = "bfloat16"
+    cfg.dp.engine, cfg.dp.ghost_strategy = "ghost", "auto"
+    with pytest.raises(run_lib.ConfigError, match="needs dp.ghost_strategy 'plan'"):
+        run_lib.check_config(cfg)
+    cfg.dp.ghost_strategy = "plan"
+    summary = run_lib.run(cfg, tmp_path)
+    assert summary["steps"] == 2
+    records = read_metrics(tmp_path / "metrics.jsonl", "public")
+    assert math.isfinite(records[-1]["eval_loss"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "compute_dtype" not in config  # a compute setting, not part of the exported model
+    cfg.train.dtype = "float16"
+    with pytest.raises(run_lib.ConfigError, match="Unknown train.dtype"):
+        run_lib.check_config(cfg)

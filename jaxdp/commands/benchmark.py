@@ -77,9 +77,44 @@ import sys
 import time
 from typing import Any
 
-MODES = ("nonprivate", "vmap", "ghost", "ghost_gram", "ghost_inst", "lora", "frozen", "fused")
+MODES = (
+    "nonprivate",
+    "vmap",
+    "ghost",
+    "ghost_gram",
+    "ghost_inst",
+    "ghost_plan",
+    "lora",
+    "frozen",
+    "fused",
+    "nonprivate_bf16",
+    "ghost_plan_bf16",
+)
+# `--suite gpu`: settings (model, B, T, microbatch for vmap/ghost/fused) x SUITE_MODES. The modes
+# run in two passes over the settings, the DP-SGD plan and its baselines first, so that a run cut
+# short still has every setting's headline rows; the table is ordered by setting.
+SUITE_PASSES = (
+    ("nonprivate", "ghost_plan", "nonprivate_bf16", "ghost_plan_bf16"),
+    ("fused", "ghost", "vmap"),
+)
+SUITE_MODES = tuple(m for modes in SUITE_PASSES for m in modes)
+SUITES = {
+    "gpu": (("gpt2", 32, 256, 8), ("gpt2", 16, 1024, 4), ("gpt2-large", 16, 256, 4)),
+}
 # The ghost modes' dp.ghost_strategy (how dense layers' per-example norms are computed).
-GHOST_STRATEGY = {"ghost": "auto", "ghost_gram": "ghost", "ghost_inst": "instantiate"}
+GHOST_STRATEGY = {
+    "ghost": "auto",
+    "ghost_gram": "ghost",
+    "ghost_inst": "instantiate",
+    "ghost_plan": "plan",
+    "ghost_plan_bf16": "plan",
+}
+
+
+def _mode_dtype(mode: str, dtype: str) -> str:
+    return "bfloat16" if mode.endswith("_bf16") else dtype
+
+
 MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 RESULT_KEYS = (
     "step_s",
@@ -100,14 +135,20 @@ RESULT_KEYS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=MODELS, required=True, help="GPT-2 preset")
-    parser.add_argument("--batch", type=int, required=True, help="B: examples per step")
-    parser.add_argument("--seq", type=int, required=True, help="T: tokens per example")
+    parser.add_argument("--model", choices=MODELS, help="GPT-2 preset")
+    parser.add_argument("--batch", type=int, help="B: examples per step")
+    parser.add_argument("--seq", type=int, help="T: tokens per example")
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
     )
     parser.add_argument(
         "--microbatch", type=int, default=None, help="M for vmap/ghost (default: B, one vmap)"
+    )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default=None,
+        help="run a fixed table of settings and modes instead of --model/--batch/--seq/--modes",
     )
     parser.add_argument(
         "--compile-only",
@@ -116,19 +157,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of the modes without a _bf16 suffix (parameters stay float32)",
+    )
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}.")
+    if args.suite is not None:
+        given = [f"--{k}" for k in ("model", "batch", "seq") if getattr(args, k) is not None]
+        if given:
+            parser.error(f"--suite sets the settings itself; drop {', '.join(given)}.")
+        return args
+    missing = [f"--{k}" for k in ("model", "batch", "seq") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --suite).")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         parser.error(f"--modes: unknown mode(s) {unknown}; choose from {','.join(MODES)}.")
     if len(set(args.modes)) != len(args.modes):
         parser.error(f"--modes: repeated mode in {','.join(args.modes)}.")
-    if args.dtype != "float32":
-        parser.error(f"--dtype {args.dtype} is not supported yet; use float32.")
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}.")
     from jaxdp.gpt2 import PRESETS, GPT2Config  # imports JAX but starts no backend
@@ -143,8 +197,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.microbatch < 1 or args.batch % args.microbatch:
         m, b = args.microbatch, args.batch
         parser.error(f"--microbatch must be >= 1 and divide --batch {b}, got {m}.")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}.")
     return args
 
 
@@ -189,29 +241,39 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     import numpy as np
     import optax
 
-    from jaxdp import lora, sharding
+    from jaxdp import clipping_plan, lora, sharding
     from jaxdp import steps as steps_lib
     from jaxdp.gpt2 import GPT2Config, init_model
     from jaxdp.plan import PrivacyPlan
 
     B, T = args.batch, args.seq
+    dtype = _mode_dtype(mode, args.dtype)
     result: dict[str, Any] = {
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
         "num_devices": jax.device_count(),
+        "dtype": dtype,
     }
     if B % jax.device_count():
         raise ValueError(f"--batch {B} must be divisible by the {jax.device_count()} devices.")
 
     # Model and state, exactly as the trainer builds them.
-    config = GPT2Config.preset(args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config.preset(
+        args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, compute_dtype=dtype
+    )
+    microbatch, strategy = args.microbatch, GHOST_STRATEGY.get(mode, "auto")
+    if strategy == "plan":  # the FLOPs-aware per-layer plan picks M and each layer's strategy
+        chosen = clipping_plan.plan(config, T, B, allow_gram=dtype == "float32")
+        microbatch, strategy = chosen.microbatch_size, chosen.strategies
+        result["plan"] = chosen.describe()
+    result["microbatch"] = None if mode.startswith("nonprivate") else microbatch
     trainable: tuple[str, ...] = ()
     if mode == "lora":
         trainable = (lora.LORA_PATTERN,)
     elif mode == "frozen":
         trainable = (rf"h\.{config.n_layer - 1}\..*", r"ln_f\..*")
     plan, engine = None, steps_lib.Engine()
-    if mode != "nonprivate":
+    if not mode.startswith("nonprivate"):
         # A benchmark's plan: random data, nothing private (a fixed noise key is fine here).
         plan = PrivacyPlan(
             num_examples=1000 * B,
@@ -224,8 +286,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         )
         engine = steps_lib.Engine(
             "ghost" if mode in GHOST_STRATEGY else "fused" if mode == "fused" else "vmap",
-            GHOST_STRATEGY.get(mode, "auto"),
-            args.microbatch // jax.device_count(),  # per device
+            strategy,
+            microbatch // jax.device_count(),  # per device
         )
     base = optax.adamw(1e-4)
     tx = base if plan is None else plan.optimizer(base, jax.random.key(0))
@@ -289,7 +351,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     result["state_bytes"] = int(nbytes(state))
     if temp is not None:
         result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + temp)
-    result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // args.microbatch)
+    result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // microbatch)
     if args.compile_only:
         _log(mode, f"compiled in {result['compile_s']:.1f}s")
         return result
@@ -381,7 +443,10 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     }
     row.update({k: None for k in RESULT_KEYS})
     row["ratio_vs_nonprivate"] = None
+    row["ratio_vs_nonprivate_same_dtype"] = None
     row["flops_ratio_vs_nonprivate"] = None
+    row["memory_ratio_vs_nonprivate"] = None
+    row["plan"] = None
     row["error"] = None
     row.update(result)
     return row
@@ -392,7 +457,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         return f"{'-' if value is None else format(value, spec):>{width}}"
 
     out = [
-        f"{'mode':<11} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'GFLOP':>9} "
+        f"{'mode':<15} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'GFLOP':>9} "
         f"{'flops vs':>9} {'peak MiB':>9} {'est. MiB':>9} {'compile s':>9}  error"
     ]
     for r in rows:
@@ -402,12 +467,96 @@ def _table(rows: list[dict[str, Any]]) -> str:
         step_ms = None if r["step_s"] is None else 1e3 * r["step_s"]
         gflop = None if r["grad_step_flops"] is None else r["grad_step_flops"] / 1e9
         line = (
-            f"{r['mode']:<11} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
+            f"{r['mode']:<15} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
             f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(gflop, 9, '.1f')} "
             f"{fmt(r['flops_ratio_vs_nonprivate'], 9, '.3f')} {fmt(peak, 9, '.0f')} "
             f"{fmt(est, 9, '.0f')} {fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
         )
         out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
+    """`modes` of one setting (args.model, batch, seq, microbatch), each in its own process."""
+    rows = []
+    for mode in modes:
+        _log(mode, f"{args.model} B={args.batch} T={args.seq}")
+        row = _row({"microbatch": None if mode.startswith("nonprivate") else args.microbatch})
+        row.update(run_mode(args, mode))
+        row.update(
+            mode=mode,
+            model=args.model,
+            batch=args.batch,
+            seq=args.seq,
+            dtype=_mode_dtype(mode, args.dtype),
+            ghost_strategy=GHOST_STRATEGY.get(mode),
+        )
+        rows.append(row)
+        if args.out:  # as each mode ends: a run cut short keeps what it measured
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row against the non-private rows of its setting (model, B, T): step time against
+    float32 and against its own dtype, FLOPs and XLA's peak estimate against its own dtype."""
+
+    def ok(r):
+        return r is not None and r["error"] is None
+
+    for r in rows:
+        if not ok(r):
+            continue
+        setting = [
+            x
+            for x in rows
+            if (x["model"], x["batch"], x["seq"]) == (r["model"], r["batch"], r["seq"])
+        ]
+        base = {x["dtype"]: x for x in setting if x["mode"].startswith("nonprivate") and ok(x)}
+        fp32 = next((x for x in setting if x["mode"] == "nonprivate" and ok(x)), None)
+        if ok(fp32) and fp32["step_s"] and r["step_s"]:
+            r["ratio_vs_nonprivate"] = fp32["step_s"] / r["step_s"]
+        same = base.get(r["dtype"])
+        if not ok(same):
+            continue
+        if same["step_s"] and r["step_s"]:
+            r["ratio_vs_nonprivate_same_dtype"] = same["step_s"] / r["step_s"]
+        if same["grad_step_flops"] and r["grad_step_flops"]:
+            r["flops_ratio_vs_nonprivate"] = same["grad_step_flops"] / r["grad_step_flops"]
+        if same["estimated_peak_bytes"] and r["estimated_peak_bytes"]:
+            r["memory_ratio_vs_nonprivate"] = (
+                r["estimated_peak_bytes"] / same["estimated_peak_bytes"]
+            )
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One markdown table of a suite's (or one setting's) rows."""
+
+    def f(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    gib = lambda b: None if b is None else b / 2**30  # noqa: E731
+    head = (
+        "| model | B | T | mode | dtype | M | tokens/s | vs non-private fp32 | vs non-private "
+        "same dtype | peak GiB | XLA est. GiB (vs non-private) | FLOPs vs non-private | "
+        "compile s | note |"
+    )
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        est = gib(r.get("estimated_peak_bytes"))
+        mem = r.get("memory_ratio_vs_nonprivate")
+        est_text = "-" if est is None else f"{est:.1f}" + ("" if mem is None else f" ({mem:.2f}x)")
+        note = r["error"] or r.get("plan") or ""
+        out.append(
+            f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} | {r['dtype']} | "
+            f"{f(r['microbatch'], 'd')} | {f(r['tokens_per_s'], ',.0f')} | "
+            f"{f(r['ratio_vs_nonprivate'], '.3f')} | "
+            f"{f(r.get('ratio_vs_nonprivate_same_dtype'), '.3f')} | "
+            f"{f(gib(r['peak_bytes']), '.1f')} | {est_text} | "
+            f"{f(r['flops_ratio_vs_nonprivate'], '.3f')} | {f(r['compile_s'], '.0f')} | "
+            f"{note.replace('|', '/')} |"
+        )
     return "\n".join(out)
 
 
@@ -417,38 +566,34 @@ def main(argv: list[str] | None = None) -> int:
         run_single(args)
         return 0
 
-    rows = []
-    for mode in args.modes:
-        _log(mode, f"{args.model} B={args.batch} T={args.seq}")
-        row = _row(run_mode(args, mode))
-        row.update(
-            mode=mode,
-            model=args.model,
-            batch=args.batch,
-            seq=args.seq,
-            microbatch=None if mode == "nonprivate" else args.microbatch,
-            dtype=args.dtype,
-            ghost_strategy=GHOST_STRATEGY.get(mode),
+    t0 = time.perf_counter()
+    if args.suite is not None:
+        settings = SUITES[args.suite]
+        rows = []
+        for modes in SUITE_PASSES:
+            for model, batch, seq, microbatch in settings:
+                setting = argparse.Namespace(**{**vars(args), "model": model, "batch": batch})
+                setting.seq, setting.microbatch = seq, microbatch
+                rows += run_modes(setting, list(modes))
+        order = {s[:3]: i for i, s in enumerate(settings)}
+        rows.sort(
+            key=lambda r: (order[(r["model"], r["batch"], r["seq"])], SUITE_MODES.index(r["mode"]))
         )
-        rows.append(row)
-
-    base = next((r for r in rows if r["mode"] == "nonprivate"), None)
-    base_s = None if base is None or base["error"] is not None else base["step_s"]
-    for r in rows:
-        if base_s is not None and r["error"] is None and r["step_s"]:
-            r["ratio_vs_nonprivate"] = base_s / r["step_s"]
-        if base is not None and base["error"] is None and r["error"] is None:
-            if base["grad_step_flops"] and r["grad_step_flops"]:
-                r["flops_ratio_vs_nonprivate"] = base["grad_step_flops"] / r["grad_step_flops"]
+        add_ratios(rows)
+    else:
+        rows = run_modes(args, args.modes)
+        add_ratios(rows)
+        print(f"\n{args.model} B={args.batch} T={args.seq}", file=sys.stderr)
+        print(_table(rows), file=sys.stderr, flush=True)
 
     device = next((r["device"] for r in rows if r["device"]), "?")
-    print(f"\n{args.model} B={args.batch} T={args.seq} on {device}", file=sys.stderr)
-    print(_table(rows), file=sys.stderr, flush=True)
-    lines = [json.dumps(r) for r in rows]
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("".join(line + "\n" for line in lines))
+    print(
+        f"\n{len(rows)} modes on {device} in {time.perf_counter() - t0:.0f} s "
+        f"({'compile only' if args.compile_only else f'{args.steps} timed steps each'}):\n",
+        file=sys.stderr,
+    )
+    print(markdown_table(rows), file=sys.stderr, flush=True)
+    print("\n".join(json.dumps(r) for r in rows), flush=True)
     return 0
 
 
