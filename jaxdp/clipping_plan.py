@@ -36,6 +36,7 @@ import dataclasses
 
 from jaxdp.gpt2 import GPT2Config
 
+DEFAULT_BUDGET = 1.1  # the planned step's peak memory / the non-private step's
 F32 = 4  # bytes: per-example gradients, norms and sums are float32 whatever the compute dtype
 
 
@@ -133,7 +134,7 @@ def plan(
     batch_size: int,
     *,
     microbatch_sizes: list[int] | None = None,
-    budget: float = 1.1,
+    budget: float = DEFAULT_BUDGET,
     allow_gram: bool = True,
 ) -> ClippingPlan:
     """The cheapest (FLOPs) per-layer plan whose memory fits `budget` x the non-private step's.

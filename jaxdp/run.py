@@ -195,15 +195,7 @@ def run(
     _warn_about_hopeless_settings(plan, cfg.model)
     strategy = cfg.dp.ghost_strategy
     if strategy == "plan" and plan.enabled and cfg.dp.engine == "ghost":
-        chosen = clipping_plan.plan(
-            model_config,
-            cfg.data.block_size,
-            cfg.dp.microbatch_size,
-            microbatch_sizes=[cfg.dp.microbatch_size],
-            allow_gram=model_config.compute_dtype == "float32",
-        )
-        log.info("Clipping plan: %s", chosen.describe())
-        strategy = chosen.strategies
+        strategy = plan_layers(model_config, cfg.data.block_size, cfg.dp.microbatch_size)
     elif strategy == "plan":
         strategy = "auto"  # no ghost engine: nothing to plan
     engine = steps.Engine(
@@ -650,6 +642,25 @@ def model_configuration(m: ml_collections.ConfigDict) -> GPT2Config:
         return GPT2Config.preset(m.name_or_path, **overrides)
     config = hf.load_hf_config(hf.resolve_model_dir(m.name_or_path, revision=m.revision))
     return dataclasses.replace(config, **overrides)
+
+
+def plan_layers(config: GPT2Config, seq_len: int, microbatch: int) -> str | tuple:
+    """dp.ghost_strategy="plan": each dense layer's strategy for this microbatch size
+    (`jaxdp.clipping_plan`; a low-precision model instantiates every layer, its only option)."""
+    if config.compute_dtype != "float32":
+        log.info(
+            "Clipping plan: %s computes in %s: every layer instantiated.",
+            "model",
+            config.compute_dtype,
+        )
+        return "instantiate"
+    try:
+        chosen = clipping_plan.plan(config, seq_len, microbatch, microbatch_sizes=[microbatch])
+    except ValueError as e:  # even Gram norms everywhere are over the memory budget
+        log.warning("%s Using Gram-matrix norms for every layer (the least memory).", e)
+        return "ghost"
+    log.info("Clipping plan: %s", chosen.describe())
+    return chosen.strategies
 
 
 def build_model(m: ml_collections.ConfigDict, config: GPT2Config, seed: int) -> GPT2LMHeadModel:

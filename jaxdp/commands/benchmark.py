@@ -10,9 +10,13 @@ no padding rows and dropout off:
     ghost       DP-SGD with the ghost-norm book-keeping engine (jaxdp.ghost), strategy "auto"
     ghost_gram  the same, every layer's norm from Gram matrices (dp.ghost_strategy="ghost")
     ghost_inst  the same, every per-example gradient instantiated ("instantiate")
+    ghost_plan  the same with the FLOPs-aware per-layer plan (jaxdp.clipping_plan), which also
+                picks the microbatch (--microbatch is ignored)
     lora        DP-SGD (vmap) training only LoRA adapters, rank 8, on attn.c_attn/c_proj
     frozen      DP-SGD (vmap) training only the last block and ln_f; the rest frozen
     fused       DP-SGD with per-layer clipping fused into backpropagation (jaxdp.fused)
+    nonprivate_bf16, ghost_plan_bf16   those modes with bf16 activations and matmuls (float32
+                parameters, norms, clipped sums and noise); --dtype bfloat16 does it for all
 
 Every mode runs in a fresh subprocess of this script, so that its peak memory is its own (GPU
 peak memory cannot be reset within a process), and all modes run in one invocation, one after
@@ -49,17 +53,19 @@ grad_step_flops, grad_step_temp_bytes, state_bytes, estimated_peak_bytes): a qui
 hardware-independent look at an engine's cost on any machine, e.g.
 `--model gpt2 --batch 32 --seq 256 --compile-only` on a laptop CPU.
 
-GPU (if a mode runs out of memory its line says so; retry it with a smaller --microbatch).
-Issue 6's table, one invocation per row group:
+GPU: one command runs the whole table (GPT-2 small B32 T256 and B16 T1024, GPT-2 large B16 T256;
+non-private, the clipping plan, both in bf16, then fused, ghost and vmap), each mode in its own
+process, and prints one markdown table; `--compile-only` checks on any machine that every mode
+compiles (and reports the FLOPs and XLA memory estimates):
 
-    jaxdp benchmark --model gpt2 --batch 32 --seq 256 \
-        --modes nonprivate,vmap,ghost,ghost_inst --out results.jsonl
-    jaxdp benchmark --model gpt2 --batch 16 --seq 1024 \
-        --modes nonprivate,vmap,ghost,ghost_inst --microbatch 4 --out results.jsonl
-    jaxdp benchmark --model gpt2-large --batch 16 --seq 256 \
-        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+    jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl
+    jaxdp benchmark --suite gpu --compile-only
+
+One setting at a time (if a mode runs out of memory its line says so; retry with a smaller
+--microbatch):
+
     jaxdp benchmark --model gpt2-xl --batch 16 --seq 256 \
-        --modes nonprivate,vmap,ghost --microbatch 4 --out results.jsonl
+        --modes nonprivate,ghost_plan,ghost --microbatch 4 --out results.jsonl
 
 Invalid arguments exit with status 2.
 """
@@ -164,6 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compute dtype of the modes without a _bf16 suffix (parameters stay float32)",
     )
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    parser.add_argument(
+        "--reference-peak-bytes",
+        type=int,
+        default=None,
+        help="XLA's peak estimate of the non-private step that the ghost_plan modes' budget is "
+        "checked against (set by this script when a nonprivate mode of that dtype ran first)",
+    )
     parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -261,97 +274,140 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     config = GPT2Config.preset(
         args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, compute_dtype=dtype
     )
-    microbatch, strategy = args.microbatch, GHOST_STRATEGY.get(mode, "auto")
-    if strategy == "plan":  # the FLOPs-aware per-layer plan picks M and each layer's strategy
-        chosen = clipping_plan.plan(config, T, B, allow_gram=dtype == "float32")
-        microbatch, strategy = chosen.microbatch_size, chosen.strategies
-        result["plan"] = chosen.describe()
-    result["microbatch"] = None if mode.startswith("nonprivate") else microbatch
-    trainable: tuple[str, ...] = ()
-    if mode == "lora":
-        trainable = (lora.LORA_PATTERN,)
-    elif mode == "frozen":
-        trainable = (rf"h\.{config.n_layer - 1}\..*", r"ln_f\..*")
-    plan, engine = None, steps_lib.Engine()
-    if not mode.startswith("nonprivate"):
-        # A benchmark's plan: random data, nothing private (a fixed noise key is fine here).
-        plan = PrivacyPlan(
-            num_examples=1000 * B,
-            expected_batch_size=B,
-            num_steps=args.warmup + args.steps,
-            l2_clip_norm=1.0,
-            noise_multiplier=1.0,
-            target_delta=1e-6,
-            clipping="per_layer" if mode == "fused" else "flat",
-        )
-        engine = steps_lib.Engine(
-            "ghost" if mode in GHOST_STRATEGY else "fused" if mode == "fused" else "vmap",
-            strategy,
-            microbatch // jax.device_count(),  # per device
-        )
-    base = optax.adamw(1e-4)
-    tx = base if plan is None else plan.optimizer(base, jax.random.key(0))
 
-    def init():
-        model = init_model(config, seed=0)
+    def build(microbatch, strategy) -> dict[str, Any]:
+        """The mode's state and compiled steps for one (microbatch, ghost strategy)."""
+        result: dict[str, Any] = {}
+        trainable: tuple[str, ...] = ()
         if mode == "lora":
-            lora.apply_lora(model, rank=8, alpha=16.0)
-        return steps_lib.init_state(model, tx, trainable)
+            trainable = (lora.LORA_PATTERN,)
+        elif mode == "frozen":
+            trainable = (rf"h\.{config.n_layer - 1}\..*", r"ln_f\..*")
+        plan, engine = None, steps_lib.Engine()
+        if not mode.startswith("nonprivate"):
+            # A benchmark's plan: random data, nothing private (a fixed noise key is fine here).
+            plan = PrivacyPlan(
+                num_examples=1000 * B,
+                expected_batch_size=B,
+                num_steps=args.warmup + args.steps,
+                l2_clip_norm=1.0,
+                noise_multiplier=1.0,
+                target_delta=1e-6,
+                clipping="per_layer" if mode == "fused" else "flat",
+            )
+            engine = steps_lib.Engine(
+                "ghost" if mode in GHOST_STRATEGY else "fused" if mode == "fused" else "vmap",
+                strategy,
+                microbatch // jax.device_count(),  # per device
+            )
+        base = optax.adamw(1e-4)
+        tx = base if plan is None else plan.optimizer(base, jax.random.key(0))
 
-    if args.compile_only:  # shapes only: even GPT-2 XL's state is never allocated
-        static = {}
+        def init():
+            model = init_model(config, seed=0)
+            if mode == "lora":
+                lora.apply_lora(model, rank=8, alpha=16.0)
+            return steps_lib.init_state(model, tx, trainable)
 
-        def abstract_init():
-            static["graphdef"], state = init()
-            return state
+        if args.compile_only:  # shapes only: even GPT-2 XL's state is never allocated
+            static = {}
 
-        state = jax.eval_shape(abstract_init)
-        graphdef = static["graphdef"]
-    else:
-        graphdef, state = init()
-    result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
-    mesh = sharding.make_mesh()
-    state, steps = steps_lib.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
+            def abstract_init():
+                static["graphdef"], state = init()
+                return state
 
-    # A random batch, no padding rows, placed as the trainer places it.
-    rng = np.random.default_rng(0)
-    columns = {
-        "tokens": rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int32),  # [B, T]
-        "is_padding": np.zeros((B,), dtype=bool),  # [B]
-    }
-    batch = sharding.global_batch(columns, np.arange(B), mesh)
-    replicated = sharding.replicated(mesh)
-    base_key = jax.random.key(0)
-    keys = [
-        jax.device_put(jax.random.fold_in(base_key, i), replicated)
-        for i in range(args.warmup + args.steps)
-    ]
+            state = jax.eval_shape(abstract_init)
+            graphdef = static["graphdef"]
+        else:
+            graphdef, state = init()
+        result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
+        mesh = sharding.make_mesh()
+        state, steps = steps_lib.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
 
-    # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
-    _log(mode, "compiling")
-    t0 = time.perf_counter()
-    zero_accum = steps.zero_accum.lower(state.params).compile()
-    compile_s = time.perf_counter() - t0
-    if args.compile_only:
-        acc = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(steps.zero_accum, state.params),
-            zero_accum.output_shardings,
+        # A random batch, no padding rows, placed as the trainer places it.
+        rng = np.random.default_rng(0)
+        columns = {
+            "tokens": rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int32),  # [B, T]
+            "is_padding": np.zeros((B,), dtype=bool),  # [B]
+        }
+        batch = sharding.global_batch(columns, np.arange(B), mesh)
+        replicated = sharding.replicated(mesh)
+        base_key = jax.random.key(0)
+        keys = [
+            jax.device_put(jax.random.fold_in(base_key, i), replicated)
+            for i in range(args.warmup + args.steps)
+        ]
+
+        # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
+        _log(mode, "compiling")
+        t0 = time.perf_counter()
+        zero_accum = steps.zero_accum.lower(state.params).compile()
+        compile_s = time.perf_counter() - t0
+        if args.compile_only:
+            acc = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                jax.eval_shape(steps.zero_accum, state.params),
+                zero_accum.output_shardings,
+            )
+        else:
+            acc = zero_accum(
+                state.params
+            )  # lowered with its real shardings; lowering donates nothing
+        t0 = time.perf_counter()
+        grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
+        update_step = steps.update_step.lower(state, acc).compile()
+        result["compile_s"] = compile_s + time.perf_counter() - t0
+        analysis = grad_step.memory_analysis()
+        temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+        result["grad_step_temp_bytes"] = None if temp is None else int(temp)
+        nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+        result["state_bytes"] = int(nbytes(state))
+        if temp is not None:
+            result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + temp)
+        result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // microbatch)
+        return dict(
+            result=result,
+            state=state,
+            zero_accum=zero_accum,
+            grad_step=grad_step,
+            update_step=update_step,
+            batch=batch,
+            keys=keys,
+            acc=acc,
         )
-    else:
-        acc = zero_accum(state.params)  # lowered with its real shardings; lowering donates nothing
-    t0 = time.perf_counter()
-    grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
-    update_step = steps.update_step.lower(state, acc).compile()
-    result["compile_s"] = compile_s + time.perf_counter() - t0
-    analysis = grad_step.memory_analysis()
-    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
-    result["grad_step_temp_bytes"] = None if temp is None else int(temp)
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    result["state_bytes"] = int(nbytes(state))
-    if temp is not None:
-        result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + temp)
-    result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // microbatch)
+
+    microbatch, strategy = args.microbatch, GHOST_STRATEGY.get(mode, "auto")
+    if strategy != "plan":
+        built = build(microbatch, strategy)
+    else:  # the FLOPs-aware per-layer plan picks M and each layer's strategy
+        # Planned by the cost model, checked by the compiler against the non-private step's
+        # estimate (--reference-peak-bytes, from the same run): over budget, it is replanned
+        # with the model's budget tightened by the overshoot (at most three times).
+        budget, model_budget = clipping_plan.DEFAULT_BUDGET, clipping_plan.DEFAULT_BUDGET
+        for attempt in range(4):
+            built = None  # (a replanned mode's state replaces, not joins, the last one)
+            chosen = clipping_plan.plan(
+                config, T, B, budget=model_budget, allow_gram=dtype == "float32"
+            )
+            built = build(chosen.microbatch_size, chosen.strategies)
+            microbatch, est = chosen.microbatch_size, built["result"].get("estimated_peak_bytes")
+            ref = args.reference_peak_bytes
+            result["plan"] = chosen.describe()
+            if not ref or not est or est <= budget * ref or attempt == 3:
+                if ref and est and est > budget * ref:
+                    result["plan"] += f"; XLA estimate {est / ref:.2f}x, over the {budget}x budget"
+                break
+            _log(mode, f"plan over budget by XLA's estimate ({est / ref:.2f}x); replanning")
+            model_budget *= 0.98 * budget * ref / est
+    result.update(built["result"])
+    result["microbatch"] = None if mode.startswith("nonprivate") else microbatch
+    state = built["state"]
+    zero_accum, grad_step, update_step = (
+        built["zero_accum"],
+        built["grad_step"],
+        built["update_step"],
+    )
+    batch, keys, acc = built["batch"], built["keys"], built["acc"]
     if args.compile_only:
         _log(mode, f"compiled in {result['compile_s']:.1f}s")
         return result
@@ -396,7 +452,7 @@ def run_single(args: argparse.Namespace) -> None:
 
 
 def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
-    return [
+    command = [
         sys.executable,
         "-m",
         "jaxdp.commands.benchmark",
@@ -409,7 +465,10 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
         f"--warmup={args.warmup}",
         f"--dtype={args.dtype}",
         f"--single-mode={mode}",
-    ] + (["--compile-only"] if args.compile_only else [])
+    ]
+    if args.reference_peak_bytes:
+        command.append(f"--reference-peak-bytes={args.reference_peak_bytes}")
+    return command + (["--compile-only"] if args.compile_only else [])
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -478,11 +537,25 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
     """`modes` of one setting (args.model, batch, seq, microbatch), each in its own process."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode in modes:
         _log(mode, f"{args.model} B={args.batch} T={args.seq}")
         row = _row({"microbatch": None if mode.startswith("nonprivate") else args.microbatch})
-        row.update(run_mode(args, mode))
+        dtype = _mode_dtype(mode, args.dtype)
+        reference = next(
+            (
+                r["estimated_peak_bytes"]
+                for r in rows + list(getattr(args, "earlier_rows", []))
+                if r["mode"].startswith("nonprivate")
+                and r["dtype"] == dtype
+                and (r["model"], r["batch"], r["seq"]) == (args.model, args.batch, args.seq)
+                and r["estimated_peak_bytes"]
+            ),
+            None,
+        )
+        reference = reference or args.reference_peak_bytes
+        child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
+        row.update(run_mode(child, mode))
         row.update(
             mode=mode,
             model=args.model,
@@ -492,6 +565,8 @@ def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]
             ghost_strategy=GHOST_STRATEGY.get(mode),
         )
         rows.append(row)
+        # Ratios against the non-private rows run so far (all of them, in a suite).
+        add_ratios(list(getattr(args, "earlier_rows", [])) + rows)
         if args.out:  # as each mode ends: a run cut short keeps what it measured
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -574,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             for model, batch, seq, microbatch in settings:
                 setting = argparse.Namespace(**{**vars(args), "model": model, "batch": batch})
                 setting.seq, setting.microbatch = seq, microbatch
+                setting.earlier_rows = rows
                 rows += run_modes(setting, list(modes))
         order = {s[:3]: i for i, s in enumerate(settings)}
         rows.sort(
