@@ -648,11 +648,7 @@ def plan_layers(config: GPT2Config, seq_len: int, microbatch: int) -> str | tupl
     """dp.ghost_strategy="plan": each dense layer's strategy for this microbatch size
     (`jaxdp.clipping_plan`; a low-precision model instantiates every layer, its only option)."""
     if config.compute_dtype != "float32":
-        log.info(
-            "Clipping plan: %s computes in %s: every layer instantiated.",
-            "model",
-            config.compute_dtype,
-        )
+        log.info("Clipping plan: a %s model: every layer instantiated.", config.compute_dtype)
         return "instantiate"
     try:
         chosen = clipping_plan.plan(config, seq_len, microbatch, microbatch_sizes=[microbatch])

@@ -20,8 +20,9 @@ no padding rows and dropout off:
 
 Every mode runs in a fresh subprocess of this script, so that its peak memory is its own (GPU
 peak memory cannot be reset within a process), and all modes run in one invocation, one after
-the other in the order given. One JSON line per mode is printed to stdout at the end (and
-appended to --out), with a table on stderr:
+the other in the order given. One JSON line per mode is printed to stdout at the end, with a
+table on stderr; --out gets each line as its mode ends (with ratios against the non-private rows
+run before it: run nonprivate first), so a run cut short keeps what it measured:
 
     step_s               median wall time of --steps timed steps, after --warmup untimed ones
     tokens_per_s         B * T / step_s
