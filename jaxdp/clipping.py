@@ -171,7 +171,9 @@ def clip_and_sum(
     sq = _sq_norms(leaves)
     factors, unit_clipped, below = clip_factors(sq, l2_clip_norm, clipping, thresholds)
     summed = [
-        jnp.einsum("u...,u->...", g, jnp.where(unit_keep, f, 0.0)).astype(dtype)
+        jnp.einsum(
+            "u...,u->...", g, jnp.where(unit_keep, f, 0.0), precision=jax.lax.Precision.HIGHEST
+        ).astype(dtype)
         for g, f, dtype in zip(leaves, factors, dtypes, strict=True)
     ]
     units = UnitStats.of(sq, below & unit_keep[:, None], unit_real)

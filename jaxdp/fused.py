@@ -58,6 +58,9 @@ WTE = "wte.embedding"
 WTE_IN, WTE_OUT = f"{WTE}:input", f"{WTE}:output"
 MAX_LEAVES = 4  # parameter tensors of one layer (a LoRA dense layer: kernel, bias, lora_a, lora_b)
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Weighted sums of per-example gradients in full float32 (a GPU's default TF32 would round the
+# clip factors and gradients by 2^-11, more than clipping's rounding margin).
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def groups(params: PyTree) -> list[str]:
@@ -117,7 +120,7 @@ def _clipped_sums(per_example_grads, xs, leaves, thresholds, trainable, mask, ch
             c = safe / jnp.maximum(jnp.sqrt(jnp.where(finite, sq, 0.0)), safe)
             w = jnp.where(finite & (m > 0), c, 0.0)
             g = jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-            sums[j] = sums[j] + jnp.einsum("b...,b->...", g, w)
+            sums[j] = sums[j] + jnp.einsum("b...,b->...", g, w, precision=HIGHEST)
             sq_all.append(sq)
         sq_chunks.append(jnp.stack(sq_all))
     return sums, jnp.concatenate(sq_chunks, axis=1)
@@ -217,10 +220,12 @@ class FusedTape(Tape):
         th = jnp.stack([self._threshold(g) for g in groups_])
         T = ids.shape[1]
 
+        dtype = self.model.config.dtype  # the compute dtype (bf16 in mixed precision)
+
         @jax.custom_vjp
         def f(wte, wpe, th, mask, probe):
             del th, mask, probe
-            return wte[ids] + wpe[:T][None]
+            return (wte[ids] + wpe[:T][None]).astype(dtype)
 
         def fwd(wte, wpe, th, mask, probe):
             return f(wte, wpe, th, mask, probe), (wte, wpe, th, mask)
@@ -262,10 +267,10 @@ class FusedTape(Tape):
         th = jnp.stack([self._threshold(WTE_OUT)])
 
         def apply(leaves, x):
-            return jnp.einsum("btd,vd->btv", x, leaves[0])
+            return jnp.einsum("btd,vd->btv", x, leaves[0].astype(x.dtype))
 
-        def per_example_grads(leaves, x, gy):  # L_i = GL_i^T H_i
-            return [jnp.einsum("btv,btd->bvd", gy, x)]
+        def per_example_grads(leaves, x, gy):  # L_i = GL_i^T H_i, accumulated in float32
+            return [jnp.einsum("btv,btd->bvd", gy, x, preferred_element_type=jnp.float32)]
 
         @jax.custom_vjp
         def f(wte, h, th, mask, probe):
@@ -277,7 +282,7 @@ class FusedTape(Tape):
 
         def bwd(res, gy):
             wte, h, th, mask = res
-            gx = jnp.einsum("btv,vd->btd", gy, wte)
+            gx = jnp.einsum("btv,vd->btd", gy, wte.astype(gy.dtype)).astype(h.dtype)
             sums, sq = _clipped_sums(
                 per_example_grads, (h, gy), [wte], th, (trainable,), mask, self.chunk_bytes
             )

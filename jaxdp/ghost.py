@@ -31,11 +31,17 @@ g_i * min(1, C / ||g_i||)) or per-layer clipping. Per microbatch:
    (one matmul, as in a non-private backward pass) or sum_i c_i (A_i^T G_i) from the
    instantiated per-example gradients. No second backward pass is needed.
 
-Clipping units of several rows (`segment_ids`: a record cut into blocks, a user's records, a
-micro-batch clipping cell): the unit's gradient is the sum of its rows', and its norm
-||sum_{i in u} g_i||^2 = sum_{i,j in u} <g_i, g_j> comes from the same closed forms applied to
-pairs of rows (`_Pass.pair_products`, e.g. <A_i A_j^T, G_i G_j^T> for a dense kernel); every row
-of the unit then gets the unit's weight c_u in the book-kept sums, which is sum_u c_u g_u.
+Clipping units of several rows (`segment_ids`: a record cut into blocks, a user's records) are
+refused: their norm would have to come from pair products <g_i, g_j> (a different computation
+from the summed values), which rounding can make smaller than the unit's summed gradient when
+the unit's rows nearly cancel; the vmap engine norms the summed unit gradient itself.
+
+Book-kept sums weigh per-example values in full float32 precision (`HIGHEST`: a GPU's default
+TF32 would round them by 2^-11): each instantiated gradient, bias, layer-norm scale and position
+embedding gradient is summed from exactly the values its norm was taken of, so clipping's 1e-5
+rounding margin bounds every contribution by C. The Gram-matrix path (T x T norms, (cA)^T G
+sums) is two computations of one gradient and is not covered by that argument: its rounding
+can exceed the margin when a gradient's token terms nearly cancel (refused in bfloat16).
 
 Examples with non-finite norms get c_i = 0 and their A and G are zeroed before the
 sums (a branch taken only when such an example occurs), so they contribute exactly zero, as in
@@ -128,29 +134,19 @@ def _dense(a: jax.Array, g: jax.Array, strategy: str) -> tuple[jax.Array, jax.Ar
     return _sq(per_example), per_example
 
 
-def _dense_pairs(a: jax.Array, g: jax.Array, strategy: str) -> tuple[jax.Array, jax.Array | None]:
-    """(<a_i^T g_i, a_j^T g_j> for all pairs [B, B], instantiated gradients [B, d, p] or None).
-
-    Ghost: sum_{t,s} (a_it . a_js)(g_it . g_js), from the cross Gram matrices of every pair."""
-    if dense_strategy(a.shape[1], a.shape[2], g.shape[2], strategy) == "ghost":
-        aa = jnp.einsum("itd,jsd->ijts", a, a)  # [B, B, T, T]
-        gg = jnp.einsum("itp,jsp->ijts", g, g)
-        return jnp.sum(aa * gg, (2, 3)), None
-    per_example = jnp.einsum("btd,btp->bdp", a, g)  # [B, d, p]
-    flat = per_example.reshape(per_example.shape[0], -1)
-    return flat @ flat.T, per_example
+# Weighted sums of per-example values in full float32 (see the module docstring).
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _gram(v: jax.Array) -> jax.Array:
-    """[B, B] inner products of per-example vectors v [B, ...]."""
-    flat = v.reshape(v.shape[0], -1)
-    return flat @ flat.T
+def _weighted(v: jax.Array, w: jax.Array) -> jax.Array:
+    """sum_i w_i v_i over the leading axis, in full float32."""
+    return jnp.einsum("b...,b->...", v, w, precision=HIGHEST)
 
 
 def _weighted_dense(a, g, w, per_example):
     """sum_i w_i a_i^T g_i, weighting the narrower of a and g (or the instantiated gradients)."""
     if per_example is not None:
-        return jnp.einsum("bdp,b->dp", per_example, w)
+        return _weighted(per_example, w)
     if a.shape[-1] <= g.shape[-1]:
         return jnp.einsum("btd,btp->dp", a * w[:, None, None], g)
     return jnp.einsum("btd,btp->dp", a, g * w[:, None, None])
@@ -195,6 +191,14 @@ class _Pass:
 
         grads, (self.losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
         self.low_precision = any(o.dtype != jnp.float32 for o in probe.outputs.values())
+        if not isinstance(self.strategy, str):  # a per-layer plan names dense layers only
+            dense = {n for n in probe.outputs if n != "embed" and not n.endswith(_LN_SUFFIXES)}
+            unknown = sorted(set(self.strategy) - dense)
+            if unknown:
+                raise ValueError(
+                    f"The per-layer ghost strategy names layers this model does not have: "
+                    f"{unknown[:5]}; its dense layers are e.g. {sorted(dense)[:3]}."
+                )
         self.inputs = {k: _f32(v) for k, v in inputs.items()}
         self.grads = {k: _f32(v) for k, v in grads.items()}
 
@@ -227,7 +231,7 @@ class _Pass:
         """({parameter group: squared norm [B]}, {group: instantiated per-example gradient}).
 
         Every group is computed; under jit, those not used are pruned."""
-        sq, kept = self._layer_terms(_sq, _dense)
+        sq, kept = self._layer_terms()
         g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
         tokens, (B, T) = self.tokens, self.tokens.shape
         sq["wpe"] = _sq(g0)
@@ -248,10 +252,10 @@ class _Pass:
         sq["_wte_cross"] = 2.0 * cross  # part of "wte", reported for inspection only
         return sq, kept
 
-    def _layer_terms(self, reduce, dense) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        """The layers other than the embeddings: `reduce` (`_sq` or `_gram`) of each layer norm's
-        and bias's per-example gradient, `dense` (`_dense` or `_dense_pairs`) of each dense
-        group's factors; and the instantiated per-example gradients."""
+    def _layer_terms(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """The layers other than the embeddings: ({group: squared norm [B]}, {group: per-example
+        gradient}) with every layer norm's and bias's per-example gradient kept (small) and each
+        dense group's when instantiated, so that its sum weighs the values that were normed."""
         out: dict[str, jax.Array] = {}
         kept: dict[str, jax.Array] = {}
         for name, g in self.grads.items():
@@ -259,45 +263,18 @@ class _Pass:
                 continue
             if name.endswith(_LN_SUFFIXES):
                 xhat = _xhat(self.inputs[name], self.config.layer_norm_epsilon)
-                out[f"{name}.scale"] = reduce(jnp.sum(g * xhat, 1))
+                kept[f"{name}.scale"] = jnp.sum(g * xhat, 1)  # [B, d]
+                out[f"{name}.scale"] = _sq(kept[f"{name}.scale"])
             else:
                 for group, (a, grad_out) in self._dense_factors(name).items():
                     T, d, p = a.shape[1], a.shape[2], grad_out.shape[2]
                     chosen = self.strategy_of(name, T, d, p)
-                    out[group], per_example = dense(a, grad_out, chosen)
+                    out[group], per_example = _dense(a, grad_out, chosen)
                     if per_example is not None:
                         kept[group] = per_example
-            out[f"{name}.bias"] = reduce(jnp.sum(g, 1))
+            kept[f"{name}.bias"] = jnp.sum(g, 1)  # [B, p]
+            out[f"{name}.bias"] = _sq(kept[f"{name}.bias"])
         return out, kept
-
-    def pair_products(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        """({parameter group: [B, B] inner products <g_i, g_j> of per-example gradients},
-        {group: instantiated per-example gradient}).
-
-        The norm of a clipping unit made of several rows (a record split into blocks, a user's
-        records) is ||sum_{i in u} g_i||^2 = sum_{i,j in u} <g_i, g_j>: the same closed forms as
-        `sq_norms`, over pairs of rows instead of one row (B^2 T^2 instead of B T^2 work)."""
-        pp, kept = self._layer_terms(_gram, _dense_pairs)
-        g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
-        tokens, (B, T) = self.tokens, self.tokens.shape
-        pp["wpe"] = jnp.einsum("itd,jtd->ij", g0, g0)  # the same position t in both rows
-        if self.strategy_of("lm_head", T, h.shape[-1], gl.shape[-1]) == "instantiate":
-            per_example = jnp.einsum("btv,btd->bvd", gl, h)  # [B, V, D]: L_i
-            per_example = per_example.at[jnp.arange(B)[:, None], tokens].add(g0)  # + E_i
-            pp["wte"], kept["wte"] = _gram(per_example), per_example
-            return pp, kept
-        # <E_i, E_j> = sum_{t,s} [id_it = id_js] g0_it . g0_js
-        same = (tokens[:, None, :, None] == tokens[None, :, None, :]).astype(jnp.float32)
-        ee = jnp.sum(same * jnp.einsum("itd,jsd->ijts", g0, g0), (2, 3))
-        # <L_i, L_j> = sum_{t,s} (h_it . h_js)(gl_it . gl_js)
-        ll = jnp.sum(
-            jnp.einsum("itd,jsd->ijts", h, h) * jnp.einsum("itv,jsv->ijts", gl, gl), (2, 3)
-        )
-        # <E_i, L_j> = sum_{t,s} GL_j[s, id_it] (g0_it . h_js)
-        gl_at_ids = gl[:, :, tokens]  # [B_j, T_s, B_i, T_t]: GL_j[s, id_it]
-        el = jnp.einsum("jsit,itd,jsd->ij", gl_at_ids, g0, h)
-        pp["wte"] = ee + ll + el + el.T
-        return pp, kept
 
     def _dense_factors(self, name: str) -> dict[str, tuple[jax.Array, jax.Array]]:
         """{kernel-like group: (input [B, T, d], output gradient [B, T, p])} of a dense layer."""
@@ -314,25 +291,19 @@ class _Pass:
 
     def weighted_sum(self, group: str, w: jax.Array, kept: dict[str, jax.Array]) -> jax.Array:
         """sum_i w_i g_i for one parameter group, g_i its per-example gradient."""
-        if group == "wte" and "wte" in kept:
-            return jnp.einsum("bvd,b->vd", kept["wte"], w)
+        if group in kept:  # instantiated: the very values that were normed
+            return _weighted(kept[group], w)
         if group == "wte":
             g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
             out_side = jnp.einsum("btv,btd->vd", gl, h * w[:, None, None])  # [V, D]
             return out_side.at[self.tokens].add(g0 * w[:, None, None])  # + input side
         if group == "wpe":
             g0 = self.grads["embed"]
-            summed = jnp.einsum("btd,b->td", g0, w)  # [T, D]
+            summed = _weighted(g0, w)  # [T, D]
             return jnp.zeros((self.config.n_positions, g0.shape[-1])).at[: g0.shape[1]].set(summed)
-        name, leaf = group.rsplit(".", 1)
-        g = self.grads[name]
-        if leaf == "bias":
-            return jnp.einsum("btp,b->p", g, w)
-        if leaf == "scale":
-            xhat = _xhat(self.inputs[name], self.config.layer_norm_epsilon)
-            return jnp.einsum("btd,b->d", g * xhat, w)
-        a, out = self._dense_factors(name)[group]
-        return _weighted_dense(a, out, w, kept.get(group))
+        name, _ = group.rsplit(".", 1)
+        a, out = self._dense_factors(name)[group]  # a Gram-normed dense group
+        return _weighted_dense(a, out, w, None)
 
 
 def _groups(params: PyTree) -> list[tuple[tuple, str]]:
@@ -390,8 +361,8 @@ def ghost_clipped_grad(
 
     fn(params, batch {"tokens": [B, T], optional "token_mask": [B, T]}, is_padding [B], key=None,
     segment_ids=None) -> (clipped_sum, ClipStats), the gradient taken w.r.t. `params` (the
-    trainable parameters; `frozen` holds the rest). `segment_ids` [B] make clipping units of
-    several rows, laid out by `jaxdp.sampling.pack_units` (see the module docstring).
+    trainable parameters; `frozen` holds the rest). `segment_ids` (units of several rows) are
+    refused (see the module docstring).
     `strategy` chooses how dense layers' norms are computed ("auto", "ghost", "instantiate").
     `clipping` is "flat" (one norm per example) or "per_layer" (each parameter tensor clipped
     to its threshold, C / sqrt(K) of K by default, as in `clipping.clip_and_sum`); sensitivity C
@@ -414,44 +385,22 @@ def ghost_clipped_grad(
         key = None if keys is None else keys[0]
         recorded = _Pass(graphdef, params, chunk, key, frozen, strategy)
         groups = _groups(params)
-        if segment_ids is None:  # every row its own clipping unit
-            sq, kept = recorded.sq_norms()
-            norms = _total_norms(sq, groups)
-            real, finite = ~pad, jnp.isfinite(norms)
-            keep = real & finite
-            first = jnp.ones_like(real)  # every row is its unit's first row
-        else:  # rows with one segment id form one unit: its norm from pairs of rows
-            pairs, kept = recorded.pair_products()
-            diagonal = {g: jnp.diagonal(p) for g, p in pairs.items()}
-            norms = _total_norms(diagonal, groups)  # each row's own gradient norm (stats)
-            real, finite = ~pad, jnp.isfinite(norms)
-            keep = real & finite
-            # [B, B]: row j is a kept member of row i's unit (row i itself kept or not, so every
-            # row carries its unit's norm)
-            unit = ((segment_ids[:, None] == segment_ids[None, :]) & keep[None, :]).astype(
-                jnp.float32
+        if segment_ids is not None:
+            raise NotImplementedError(
+                "The ghost engine clips one row per unit; units of several rows (records or "
+                "users of several blocks) need dp.engine='vmap', which norms each unit's summed "
+                "gradient itself (see jaxdp/ghost.py)."
             )
-            ok = keep[:, None] & keep[None, :]
-            sq = {  # ||g_u||^2 of each row's unit: sum over its unit's pairs
-                g: jnp.einsum("ik,kl,il->i", unit, jnp.where(ok, pairs[g], 0.0), unit)
-                for _, g in groups
-            }
-            first = segment_ids == jnp.arange(segment_ids.shape[0])  # (pack_units' ids)
+        sq, kept = recorded.sq_norms()
+        norms = _total_norms(sq, groups)
+        real, finite = ~pad, jnp.isfinite(norms)
+        keep = real & finite
         group_sq = [sq[g] for _, g in groups]
         factors, scaled, below = clip_factors(group_sq, l2_clip_norm, clipping, thresholds)
         weights = [jnp.where(keep, f, 0.0) for f in factors]
         clipped = keep & scaled
-        # Unit statistics from each unit's first row (every row carries its unit's norms): a
-        # unit counts as kept when any of its rows is (as in `clipping.clip_and_sum`).
-        if segment_ids is None:
-            unit_keep = keep
-        else:
-            same = segment_ids[:, None] == segment_ids[None, :]
-            unit_keep = jnp.any(same & keep[None, :], axis=1)
-        units = UnitStats.of(
-            [jnp.where(unit_keep, x, 0.0) for x in group_sq],
-            below & unit_keep[:, None],
-            first & real,
+        units = UnitStats.of(  # every row is its own unit
+            [jnp.where(keep, x, 0.0) for x in group_sq], below & keep[:, None], real
         )
         ones = [keep.astype(jnp.float32)] * len(groups)
 
@@ -459,7 +408,9 @@ def ghost_clipped_grad(
             return [t.weighted_sum(g, w, kept) for (_, g), w in zip(groups, ws, strict=True)]
 
         def sanitized_sums(t: _Pass, kept, ws):
-            kept = jax.tree.map(lambda x: jnp.where(keep[:, None, None], x, 0), kept)
+            kept = jax.tree.map(
+                lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), kept
+            )
             return sums(t.sanitized(keep), kept, ws)
 
         def as_tree(leaves):

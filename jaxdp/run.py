@@ -451,14 +451,20 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
     if dp.engine == "ghost" and dp.group_size != 1:
         raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
+    one_row_units = d.privacy_unit == "block" or d.max_blocks_per_unit == 1
+    if dp.engine in ("ghost", "fused") and dp.enabled and not one_row_units:
+        raise ConfigError(
+            f"dp.engine={dp.engine!r} clips one row per privacy unit: use data.privacy_unit="
+            f"'block' or data.max_blocks_per_unit=1, or the vmap engine, which norms each "
+            f"unit's summed gradient."
+        )
     if dp.engine == "fused" and dp.enabled:
         if dp.clipping != "per_layer":
             raise ConfigError("dp.engine='fused' clips per layer: set dp.clipping='per_layer'.")
-        if dp.group_size != 1 or (d.privacy_unit != "block" and d.max_blocks_per_unit != 1):
+        if dp.group_size != 1:
             raise ConfigError(
-                "dp.engine='fused' clips one row per privacy unit: use data.privacy_unit="
-                "'block', or data.max_blocks_per_unit=1, and dp.group_size=1 (or the vmap or "
-                "ghost engine)."
+                "dp.engine='fused' clips one row per privacy unit: use dp.group_size=1 (or the "
+                "vmap engine)."
             )
     if dp.enabled and dp.noise_multiplier is None and dp.target_epsilon is None:
         raise ConfigError("Set dp.noise_multiplier or dp.target_epsilon (or both).")

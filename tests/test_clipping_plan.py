@@ -98,3 +98,13 @@ def test_bad_per_layer_strategies_are_rejected():
     with pytest.raises(ValueError):
         steps.Engine("ghost", "plan")  # "plan" is resolved by the trainer, not the engine
     steps.Engine("ghost", (("h.0.attn.c_attn", "instantiate"), ("lm_head", "ghost")))
+
+
+def test_a_plan_naming_unknown_layers_is_an_error(tiny_config):
+    """A misspelt layer in a per-layer plan would silently fall back to "auto": refused."""
+    graphdef, state = steps.init_state(init_model(tiny_config), optax.sgd(0.1))
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    plan = (("h.0.attn.c_atn", "instantiate"), ("lm_head", "ghost"))
+    fn = ghost.ghost_clipped_grad(graphdef, 1.0, strategy=plan)
+    with pytest.raises(ValueError, match=r"c_atn"):
+        fn(state.params, {"tokens": tokens}, jnp.zeros((2,), bool))

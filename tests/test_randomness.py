@@ -18,9 +18,13 @@ def _keys_by_purpose(seed: int) -> dict[str, set[tuple[int, ...]]]:
     """Every key each purpose uses for steps/indices below 24, as the code derives them."""
     secrets = Secrets.from_seed(seed)  # the worst case: one seed for everything
     out: dict[str, set] = {}
-    out["noise"] = {
+    chunks = {
         _data(k) for t in range(STEPS) for k in noise.noise_keys(secrets.noise_key(), t, INDICES)
-    } | {_data(noise.count_noise_key(secrets.noise_key(), t)) for t in range(STEPS)}
+    }
+    counts = {_data(noise.count_noise_key(secrets.noise_key(), t)) for t in range(STEPS)}
+    # Every gradient-noise chunk and every count-noise draw has a key of its own.
+    assert len(chunks) == STEPS * INDICES and len(counts) == STEPS and not chunks & counts
+    out["noise"] = chunks | counts
     dropout = set()
     for t in range(STEPS):
         step_key = randomness.dropout_step_key(secrets.dropout_key(), t)

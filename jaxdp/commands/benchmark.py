@@ -385,12 +385,19 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         # estimate (--reference-peak-bytes, from the same run): over budget, it is replanned
         # with the model's budget tightened by the overshoot (at most three times).
         budget, model_budget = clipping_plan.DEFAULT_BUDGET, clipping_plan.DEFAULT_BUDGET
+        last = None
         for attempt in range(4):
             built = None  # (a replanned mode's state replaces, not joins, the last one)
-            chosen = clipping_plan.plan(
-                config, T, B, budget=model_budget, allow_gram=dtype == "float32"
-            )
+            try:
+                chosen = clipping_plan.plan(
+                    config, T, B, budget=model_budget, allow_gram=dtype == "float32"
+                )
+            except ValueError:  # nothing tighter exists: the last plan, over budget, stands
+                if last is None:
+                    raise
+                chosen, attempt = last, 3
             built = build(chosen.microbatch_size, chosen.strategies)
+            last = chosen
             microbatch, est = chosen.microbatch_size, built["result"].get("estimated_peak_bytes")
             ref = args.reference_peak_bytes
             result["plan"] = chosen.describe()
