@@ -102,6 +102,18 @@ def default_thresholds(l2_clip_norm: float, clipping: str, num_groups: int) -> j
 ROUNDING_MARGIN = 1e-5
 
 
+def clip_factor(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+    """min(1, C' / norm) with C' = (1 - ROUNDING_MARGIN) C: every engine's clip factor."""
+    safe = threshold * (1.0 - ROUNDING_MARGIN)
+    return safe / jnp.maximum(norm, safe)
+
+
+def weighted_sum(v: jax.Array, w: jax.Array) -> jax.Array:
+    """sum_i w_i v_i over the leading axis, in full float32 precision: the clipped sum of
+    per-example values (a GPU's default TF32 would round them by 2^-11, more than the margin)."""
+    return jnp.einsum("b...,b->...", v, w, precision=jax.lax.Precision.HIGHEST)
+
+
 def clip_factors(
     sq_norms: list[jax.Array],
     l2_clip_norm: float,
@@ -118,14 +130,12 @@ def clip_factors(
     _check_mode(clipping)
     if thresholds is None:
         thresholds = default_thresholds(l2_clip_norm, clipping, len(sq_norms))
-    safe = thresholds * (1.0 - ROUNDING_MARGIN)
     if clipping == "flat":
         c = thresholds[0]
         norms = jnp.sqrt(jnp.maximum(sum(sq_norms), 0.0))
-        factor = safe[0] / jnp.maximum(norms, safe[0])
-        return [factor] * len(sq_norms), norms > c, (norms <= c)[:, None]
+        return [clip_factor(norms, c)] * len(sq_norms), norms > c, (norms <= c)[:, None]
     norms = [jnp.sqrt(jnp.maximum(s, 0.0)) for s in sq_norms]
-    factors = [safe[k] / jnp.maximum(n, safe[k]) for k, n in enumerate(norms)]
+    factors = [clip_factor(n, thresholds[k]) for k, n in enumerate(norms)]
     below = jnp.stack([n <= thresholds[k] for k, n in enumerate(norms)], axis=1)
     return factors, ~jnp.all(below, axis=1), below
 
@@ -171,9 +181,7 @@ def clip_and_sum(
     sq = _sq_norms(leaves)
     factors, unit_clipped, below = clip_factors(sq, l2_clip_norm, clipping, thresholds)
     summed = [
-        jnp.einsum(
-            "u...,u->...", g, jnp.where(unit_keep, f, 0.0), precision=jax.lax.Precision.HIGHEST
-        ).astype(dtype)
+        weighted_sum(g, jnp.where(unit_keep, f, 0.0)).astype(dtype)
         for g, f, dtype in zip(leaves, factors, dtypes, strict=True)
     ]
     units = UnitStats.of(sq, below & unit_keep[:, None], unit_real)

@@ -43,11 +43,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdp.clipping import (
-    ROUNDING_MARGIN,
     ClipStats,
     UnitStats,
     chunk_stats,
+    clip_factor,
     scan_microbatches,
+    weighted_sum,
 )
 from jaxdp.gpt2 import Tape
 from jaxdp.loss import example_loss
@@ -58,9 +59,6 @@ WTE = "wte.embedding"
 WTE_IN, WTE_OUT = f"{WTE}:input", f"{WTE}:output"
 MAX_LEAVES = 4  # parameter tensors of one layer (a LoRA dense layer: kernel, bias, lora_a, lora_b)
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-# Weighted sums of per-example gradients in full float32 (a GPU's default TF32 would round the
-# clip factors and gradients by 2^-11, more than clipping's rounding margin).
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def groups(params: PyTree) -> list[str]:
@@ -116,11 +114,10 @@ def _clipped_sums(per_example_grads, xs, leaves, thresholds, trainable, mask, ch
             g = g.astype(jnp.float32)
             sq = jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
             finite = jnp.isfinite(sq)
-            safe = thresholds[j] * (1.0 - ROUNDING_MARGIN)  # as clipping.clip_factors
-            c = safe / jnp.maximum(jnp.sqrt(jnp.where(finite, sq, 0.0)), safe)
+            c = clip_factor(jnp.sqrt(jnp.where(finite, sq, 0.0)), thresholds[j])
             w = jnp.where(finite & (m > 0), c, 0.0)
             g = jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-            sums[j] = sums[j] + jnp.einsum("b...,b->...", g, w, precision=HIGHEST)
+            sums[j] = sums[j] + weighted_sum(g, w)
             sq_all.append(sq)
         sq_chunks.append(jnp.stack(sq_all))
     return sums, jnp.concatenate(sq_chunks, axis=1)
@@ -245,8 +242,7 @@ class FusedTape(Tape):
             out, sq = [], []
             for j, (s, t, v) in enumerate(zip((sq_in, sq_pos), flags, (rows, g), strict=True)):
                 finite = jnp.isfinite(s)
-                safe = th[j] * (1.0 - ROUNDING_MARGIN)
-                c = safe / jnp.maximum(jnp.sqrt(jnp.where(finite, s, 0.0)), safe)
+                c = clip_factor(jnp.sqrt(jnp.where(finite, s, 0.0)), th[j])
                 w = jnp.where(finite & (mask > 0) & t, c, 0.0)
                 out.append(jnp.where(finite[:, None, None], v, 0.0) * w[:, None, None])
                 sq.append(jnp.where(t, s, 0.0))

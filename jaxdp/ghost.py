@@ -36,12 +36,13 @@ refused: their norm would have to come from pair products <g_i, g_j> (a differen
 from the summed values), which rounding can make smaller than the unit's summed gradient when
 the unit's rows nearly cancel; the vmap engine norms the summed unit gradient itself.
 
-Book-kept sums weigh per-example values in full float32 precision (`HIGHEST`: a GPU's default
-TF32 would round them by 2^-11): each instantiated gradient, bias, layer-norm scale and position
-embedding gradient is summed from exactly the values its norm was taken of, so clipping's 1e-5
-rounding margin bounds every contribution by C. The Gram-matrix path (T x T norms, (cA)^T G
-sums) is two computations of one gradient and is not covered by that argument: its rounding
-can exceed the margin when a gradient's token terms nearly cancel (refused in bfloat16).
+Book-kept sums weigh per-example values in full float32 precision (`clipping.weighted_sum`; a
+GPU's default TF32 would round them by 2^-11): each instantiated gradient, bias, layer-norm
+scale and position embedding gradient is summed from exactly the values its norm was taken of,
+so clipping's 1e-5 rounding margin bounds every contribution by C. The Gram-matrix path (T x T
+norms, (cA)^T G sums) is two computations of one gradient and is not covered by that argument:
+its rounding can exceed the margin when a gradient's token terms nearly cancel (refused in
+bfloat16).
 
 Examples with non-finite norms get c_i = 0 and their A and G are zeroed before the
 sums (a branch taken only when such an example occurs), so they contribute exactly zero, as in
@@ -65,6 +66,7 @@ from jaxdp.clipping import (
     chunk_stats,
     clip_factors,
     scan_microbatches,
+    weighted_sum,
 )
 from jaxdp.gpt2 import Tape
 from jaxdp.lora import LoRALinear
@@ -134,19 +136,10 @@ def _dense(a: jax.Array, g: jax.Array, strategy: str) -> tuple[jax.Array, jax.Ar
     return _sq(per_example), per_example
 
 
-# Weighted sums of per-example values in full float32 (see the module docstring).
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _weighted(v: jax.Array, w: jax.Array) -> jax.Array:
-    """sum_i w_i v_i over the leading axis, in full float32."""
-    return jnp.einsum("b...,b->...", v, w, precision=HIGHEST)
-
-
 def _weighted_dense(a, g, w, per_example):
     """sum_i w_i a_i^T g_i, weighting the narrower of a and g (or the instantiated gradients)."""
     if per_example is not None:
-        return _weighted(per_example, w)
+        return weighted_sum(per_example, w)
     if a.shape[-1] <= g.shape[-1]:
         return jnp.einsum("btd,btp->dp", a * w[:, None, None], g)
     return jnp.einsum("btd,btp->dp", a, g * w[:, None, None])
@@ -292,14 +285,14 @@ class _Pass:
     def weighted_sum(self, group: str, w: jax.Array, kept: dict[str, jax.Array]) -> jax.Array:
         """sum_i w_i g_i for one parameter group, g_i its per-example gradient."""
         if group in kept:  # instantiated: the very values that were normed
-            return _weighted(kept[group], w)
+            return weighted_sum(kept[group], w)
         if group == "wte":
             g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
             out_side = jnp.einsum("btv,btd->vd", gl, h * w[:, None, None])  # [V, D]
             return out_side.at[self.tokens].add(g0 * w[:, None, None])  # + input side
         if group == "wpe":
             g0 = self.grads["embed"]
-            summed = _weighted(g0, w)  # [T, D]
+            summed = weighted_sum(g0, w)  # [T, D]
             return jnp.zeros((self.config.n_positions, g0.shape[-1])).at[: g0.shape[1]].set(summed)
         name, _ = group.rsplit(".", 1)
         a, out = self._dense_factors(name)[group]  # a Gram-normed dense group
