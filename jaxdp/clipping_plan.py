@@ -198,11 +198,3 @@ def plan(
             + "): raise the budget or lower the batch."
         )
     return best
-
-
-def describe_memory(config: GPT2Config, seq_len: int) -> str:
-    gib = 2.0**30
-    return (
-        f"state {state_bytes(config) / gib:.2f} GiB, activations "
-        f"{activation_bytes(config, seq_len) / gib:.3f} GiB per example"
-    )

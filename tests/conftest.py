@@ -80,6 +80,10 @@ def tiny_config():
     )
 
 
+# clipping.clip_factor clips to (1 - ROUNDING_MARGIN) of a threshold: brute-force references too
+SAFE = 1 - 1e-5
+
+
 def dp_plan(l2_clip_norm, noise_multiplier, expected_batch_size, *, clipping="flat", n=10_000):
     """A DP-SGD privacy plan with these settings (no calibration), for step-level tests."""
     from jaxdp.plan import PrivacyPlan

@@ -7,14 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SAFE
 
 from jaxdp import clipping
-from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss as make_example_loss
 from jaxdp.steps import init_state
-
-SAFE = 1 - ROUNDING_MARGIN  # clip_factors clips to (1 - margin) of a threshold
 
 
 def _setup(tiny_config, batch=6, seq=7, seed=0):

@@ -9,13 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO
+from conftest import REPO, SAFE
 
 import jaxdp
-from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.randomness import Secrets
-
-SAFE = 1 - ROUNDING_MARGIN  # clip_factors clips to (1 - margin) of a threshold
 
 
 def _readme_library_snippet() -> str:

@@ -10,16 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SAFE
 
 import jaxdp
 from jaxdp import accounting, data, hf, policy, reward, reward_run
-from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.gpt2 import GPT2Config, init_model
 from jaxdp.loss import example_loss
 from jaxdp.params import split
 from jaxdp.randomness import Secrets
-
-SAFE = 1 - ROUNDING_MARGIN  # clip_factors clips to (1 - margin) of a threshold
 
 
 def test_hh_rlhf_rows_split_at_the_last_assistant_turn(tmp_path):

@@ -7,14 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import dp_plan
+from conftest import SAFE, dp_plan
 
 from jaxdp import steps
-from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss
-
-SAFE = 1 - ROUNDING_MARGIN  # clip_factors clips to (1 - margin) of a threshold
 
 
 def _batch(tokens, is_padding):

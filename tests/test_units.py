@@ -9,15 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import dp_plan, load_config, small
+from conftest import SAFE, dp_plan, load_config, small
 
 from jaxdp import clipping, data, sampling, steps
 from jaxdp import run as run_lib
-from jaxdp.clipping import ROUNDING_MARGIN
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss
-
-SAFE = 1 - ROUNDING_MARGIN  # clip_factors clips to (1 - margin) of a threshold
 
 # ---- Reading records ---------------------------------------------------------------------
 

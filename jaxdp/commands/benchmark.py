@@ -519,31 +519,9 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    def fmt(value, width, spec):
-        return f"{'-' if value is None else format(value, spec):>{width}}"
-
-    out = [
-        f"{'mode':<15} {'step ms':>9} {'tokens/s':>10} {'vs nonpriv':>10} {'GFLOP':>9} "
-        f"{'flops vs':>9} {'peak MiB':>9} {'est. MiB':>9} {'compile s':>9}  error"
-    ]
-    for r in rows:
-        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-        est = r["estimated_peak_bytes"]
-        est = None if est is None else est / 2**20
-        step_ms = None if r["step_s"] is None else 1e3 * r["step_s"]
-        gflop = None if r["grad_step_flops"] is None else r["grad_step_flops"] / 1e9
-        line = (
-            f"{r['mode']:<15} {fmt(step_ms, 9, '.1f')} {fmt(r['tokens_per_s'], 10, '.0f')} "
-            f"{fmt(r['ratio_vs_nonprivate'], 10, '.3f')} {fmt(gflop, 9, '.1f')} "
-            f"{fmt(r['flops_ratio_vs_nonprivate'], 9, '.3f')} {fmt(peak, 9, '.0f')} "
-            f"{fmt(est, 9, '.0f')} {fmt(r['compile_s'], 9, '.1f')}  {r['error'] or ''}"
-        )
-        out.append(line.rstrip())
-    return "\n".join(out)
-
-
-def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
+def run_modes(
+    args: argparse.Namespace, modes: list[str], earlier: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """`modes` of one setting (args.model, batch, seq, microbatch), each in its own process."""
     rows: list[dict[str, Any]] = []
     for mode in modes:
@@ -553,7 +531,7 @@ def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]
         reference = next(
             (
                 r["estimated_peak_bytes"]
-                for r in rows + list(getattr(args, "earlier_rows", []))
+                for r in [*earlier, *rows]
                 if r["mode"].startswith("nonprivate")
                 and r["dtype"] == dtype
                 and (r["model"], r["batch"], r["seq"]) == (args.model, args.batch, args.seq)
@@ -569,12 +547,12 @@ def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]
             model=args.model,
             batch=args.batch,
             seq=args.seq,
-            dtype=_mode_dtype(mode, args.dtype),
+            dtype=dtype,
             ghost_strategy=GHOST_STRATEGY.get(mode),
         )
         rows.append(row)
         # Ratios against the non-private rows run so far (all of them, in a suite).
-        add_ratios(list(getattr(args, "earlier_rows", [])) + rows)
+        add_ratios([*earlier, *rows])
         if args.out:  # as each mode ends: a run cut short keeps what it measured
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -657,18 +635,14 @@ def main(argv: list[str] | None = None) -> int:
             for model, batch, seq, microbatch in settings:
                 setting = argparse.Namespace(**{**vars(args), "model": model, "batch": batch})
                 setting.seq, setting.microbatch = seq, microbatch
-                setting.earlier_rows = rows
-                rows += run_modes(setting, list(modes))
+                rows += run_modes(setting, list(modes), earlier=rows)
         order = {s[:3]: i for i, s in enumerate(settings)}
         rows.sort(
             key=lambda r: (order[(r["model"], r["batch"], r["seq"])], SUITE_MODES.index(r["mode"]))
         )
-        add_ratios(rows)
     else:
         rows = run_modes(args, args.modes)
-        add_ratios(rows)
-        print(f"\n{args.model} B={args.batch} T={args.seq}", file=sys.stderr)
-        print(_table(rows), file=sys.stderr, flush=True)
+    add_ratios(rows)  # against every non-private row, also those that ran after a mode
 
     device = next((r["device"] for r in rows if r["device"]), "?")
     print(
