@@ -25,19 +25,22 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
+    """Timed, with a compile pass (--jobs 2): every mode is compiled first, two at a time (the
+    plan waits for the non-private estimate), then timed alone, loading from the cache."""
     out = tmp_path / "results.jsonl"
     proc = _run(
         "--model=tiny",
         "--batch=4",
         "--seq=16",
-        "--modes=nonprivate,vmap",
+        "--modes=nonprivate,vmap,ghost_plan",
         "--steps=2",
         "--warmup=1",
+        "--jobs=2",
         f"--out={out}",
     )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["mode"] for r in rows] == ["nonprivate", "vmap"]
+    assert [r["mode"] for r in rows] == ["nonprivate", "vmap", "ghost_plan"]
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     for r in rows:
         assert r["error"] is None, r["error"]
@@ -47,7 +50,13 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_s"])
         assert r["peak_bytes_source"] in ("gpu_peak_bytes_in_use", "host_peak_rss")
         assert r["device"] and r["backend"]
-    nonprivate, vmap = rows
+        # The timed process loaded all three steps from the compile pass's cache.
+        assert r["compile_jobs"] == 2 and r["compile_cache_hits"] == 3
+        assert r["cached_compile_s"] > 0
+    assert "compile pass: 3 of 3 done" in proc.stderr
+    assert "(3 of 3 steps loaded from the compile cache)" in proc.stderr
+    assert rows[2]["plan"].startswith(f"microbatch {rows[2]['microbatch']},")
+    nonprivate, vmap = rows[:2]
     assert nonprivate["ratio_vs_nonprivate"] == 1.0
     assert nonprivate["microbatch"] is None and vmap["microbatch"] == 4
     assert vmap["ratio_vs_nonprivate"] == pytest.approx(nonprivate["step_s"] / vmap["step_s"])

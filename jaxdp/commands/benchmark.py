@@ -81,6 +81,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -105,6 +106,8 @@ SUITE_PASSES = (
     ("fused", "ghost", "vmap"),
 )
 SUITE_MODES = tuple(m for modes in SUITE_PASSES for m in modes)
+# A timed suite first compiles every mode, this many at a time (--jobs), then times each alone.
+DEFAULT_SUITE_JOBS = 4
 SUITES = {
     "gpu": (("gpt2", 32, 256, 8), ("gpt2", 16, 1024, 4), ("gpt2-large", 16, 256, 4)),
 }
@@ -129,6 +132,7 @@ RESULT_KEYS = (
     "peak_bytes",
     "peak_bytes_source",
     "compile_s",
+    "compile_cache_hits",
     "grad_step_temp_bytes",
     "grad_step_flops",
     "state_bytes",
@@ -170,6 +174,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("float32", "bfloat16"),
         help="compute dtype of the modes without a _bf16 suffix (parameters stay float32)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="compile pass: compile every mode first, this many at a time, into a fresh "
+        "compilation cache, then time each mode alone with its executables loaded from it "
+        f"(default {DEFAULT_SUITE_JOBS} for a timed --suite, else 1: each mode compiles in "
+        "its own timed process)",
+    )
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument(
         "--reference-peak-bytes",
@@ -181,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}.")
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}.")
     if args.suite is not None:
@@ -214,8 +229,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _log(mode: str, message: str) -> None:
-    print(f"[benchmark {mode}] {message}", file=sys.stderr, flush=True)
+def _label(args: argparse.Namespace, mode: str) -> str:
+    return f"{args.model} B{args.batch} T{args.seq} {mode}"
+
+
+def _log(label: str, message: str) -> None:
+    print(f"[benchmark {label}] {message}", file=sys.stderr, flush=True)
 
 
 def _error_message(e: BaseException) -> str:
@@ -247,11 +266,20 @@ def _flops(compiled, loop_trips: int) -> float | None:
     return None if flops is None else float(flops) * loop_trips
 
 
+_CACHE_HITS: list[str] = []  # the persistent compilation cache's hit events in this process
+
+
 def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Builds, compiles and times `mode`'s train step in this process."""
     # JAX is imported in the child process only: the parent never starts a backend, so that
     # each mode's peak memory is its own.
     import jax
+
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            _CACHE_HITS.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
     import numpy as np
     import optax
 
@@ -262,6 +290,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     B, T = args.batch, args.seq
     dtype = _mode_dtype(mode, args.dtype)
+    label = _label(args, mode)
     result: dict[str, Any] = {
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
@@ -340,7 +369,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         ]
 
         # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
-        _log(mode, "compiling")
+        _log(label, "compiling")
+        hits_before = len(_CACHE_HITS)
         t0 = time.perf_counter()
         zero_accum = steps.zero_accum.lower(state.params).compile()
         compile_s = time.perf_counter() - t0
@@ -358,6 +388,10 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
         update_step = steps.update_step.lower(state, acc).compile()
         result["compile_s"] = compile_s + time.perf_counter() - t0
+        # With a persistent compilation cache (the suite's timed pass): how many of the three
+        # steps were loaded from it rather than compiled here.
+        cache_on = bool(jax.config.jax_compilation_cache_dir)
+        result["compile_cache_hits"] = len(_CACHE_HITS) - hits_before if cache_on else None
         analysis = grad_step.memory_analysis()
         temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
         result["grad_step_temp_bytes"] = None if temp is None else int(temp)
@@ -405,7 +439,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 if ref and est and est > budget * ref:
                     result["plan"] += f"; XLA estimate {est / ref:.2f}x, over the {budget}x budget"
                 break
-            _log(mode, f"plan over budget by XLA's estimate ({est / ref:.2f}x); replanning")
+            _log(label, f"plan over budget by XLA's estimate ({est / ref:.2f}x); replanning")
             model_budget *= 0.98 * budget * ref / est
     result.update(built["result"])
     result["microbatch"] = None if mode.startswith("nonprivate") else microbatch
@@ -417,9 +451,11 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     )
     batch, keys, acc = built["batch"], built["keys"], built["acc"]
     if args.compile_only:
-        _log(mode, f"compiled in {result['compile_s']:.1f}s")
+        _log(label, f"compiled in {result['compile_s']:.1f}s")
         return result
-    _log(mode, f"compiled in {result['compile_s']:.1f}s; running")
+    cached = result["compile_cache_hits"]
+    how = "" if cached is None else f" ({cached} of 3 steps loaded from the compile cache)"
+    _log(label, f"compiled in {result['compile_s']:.1f}s{how}; running")
     del acc
 
     times = []
@@ -448,7 +484,7 @@ def run_single(args: argparse.Namespace) -> None:
         result = measure(args, mode)
         result["error"] = None
     except (Exception, MemoryError) as e:  # engine missing, out of memory, ...
-        _log(mode, f"failed: {_error_message(e)}")
+        _log(_label(args, mode), f"failed: {_error_message(e)}")
         result = {"error": _error_message(e)}
         try:
             import jax
@@ -479,11 +515,16 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     return command + (["--compile-only"] if args.compile_only else [])
 
 
-def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """Runs one mode in a fresh subprocess (same environment: XLA_FLAGS etc.)."""
+def run_mode(
+    args: argparse.Namespace, mode: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Runs one mode in a fresh subprocess (this environment, XLA_FLAGS etc., plus `env`)."""
     # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it happens.
     proc = subprocess.run(
-        _child_command(args, mode), stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+        _child_command(args, mode),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if lines:
@@ -496,6 +537,22 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     else:
         why = f"exited with status {proc.returncode}"
     return {"error": f"benchmark subprocess {why} without a result; see its stderr"}
+
+
+def _cache_env(cache_dir: str, compile_pass: bool) -> dict[str, str]:
+    """Children's environment for a run with a compile pass: every executable goes to (and the
+    timed pass loads it from) a persistent compilation cache in `cache_dir`. XLA's own
+    autotuning cache is not shared, so that each mode's compile is cold, as a user's first one;
+    compiling processes allocate GPU memory as they need it instead of most of the device."""
+    env = {
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES": "none",
+    }
+    if compile_pass:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:
@@ -513,50 +570,141 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["ratio_vs_nonprivate_same_dtype"] = None
     row["flops_ratio_vs_nonprivate"] = None
     row["memory_ratio_vs_nonprivate"] = None
+    row["cached_compile_s"] = None
+    row["compile_jobs"] = None
     row["plan"] = None
     row["error"] = None
     row.update(result)
     return row
 
 
-def run_modes(
-    args: argparse.Namespace, modes: list[str], earlier: list[dict[str, Any]] = ()
+Task = tuple[argparse.Namespace, str]  # (a setting: args with model, batch, seq, ...; a mode)
+
+
+def _key(args: argparse.Namespace, mode: str) -> tuple[str, int, int, str]:
+    return (args.model, args.batch, args.seq, mode)
+
+
+def _reference_mode(mode: str) -> str | None:
+    """The non-private mode whose XLA peak estimate is the budget of a plan mode."""
+    if GHOST_STRATEGY.get(mode) != "plan":
+        return None
+    return "nonprivate_bf16" if mode.endswith("_bf16") else "nonprivate"
+
+
+def run_one(
+    args: argparse.Namespace,
+    mode: str,
+    earlier: list[dict[str, Any]] = (),
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One mode of one setting in its own process, as a table row. A plan mode is budgeted
+    against the non-private row of the same setting and dtype among `earlier`, if any."""
+    _log(_label(args, mode), "starting")
+    row = _row({"microbatch": None if mode.startswith("nonprivate") else args.microbatch})
+    dtype = _mode_dtype(mode, args.dtype)
+    reference = next(
+        (
+            r["estimated_peak_bytes"]
+            for r in earlier
+            if r["mode"].startswith("nonprivate")
+            and r["dtype"] == dtype
+            and (r["model"], r["batch"], r["seq"]) == (args.model, args.batch, args.seq)
+            and r["estimated_peak_bytes"]
+        ),
+        None,
+    )
+    reference = reference or args.reference_peak_bytes
+    child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
+    row.update(run_mode(child, mode, env))
+    row.update(
+        mode=mode,
+        model=args.model,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=dtype,
+        ghost_strategy=GHOST_STRATEGY.get(mode),
+    )
+    return row
+
+
+def _write(out: str | None, row: dict[str, Any]) -> None:
+    if out:  # as each mode ends: a run cut short keeps what it measured
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_tasks(
+    tasks: list[Task],
+    out: str | None,
+    env: dict[str, str] | None = None,
+    compiled: dict[tuple, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """`modes` of one setting (args.model, batch, seq, microbatch), each in its own process."""
+    """The tasks one after the other, each mode alone on the machine. With `compiled` (the
+    compile pass's rows), a mode that failed to compile keeps that row, and the others load
+    their executables from the pass's cache (`env`): their compile_s is the pass's,
+    cached_compile_s this process's load (lowering included)."""
     rows: list[dict[str, Any]] = []
-    for mode in modes:
-        _log(mode, f"{args.model} B={args.batch} T={args.seq}")
-        row = _row({"microbatch": None if mode.startswith("nonprivate") else args.microbatch})
-        dtype = _mode_dtype(mode, args.dtype)
-        reference = next(
-            (
-                r["estimated_peak_bytes"]
-                for r in [*earlier, *rows]
-                if r["mode"].startswith("nonprivate")
-                and r["dtype"] == dtype
-                and (r["model"], r["batch"], r["seq"]) == (args.model, args.batch, args.seq)
-                and r["estimated_peak_bytes"]
-            ),
-            None,
-        )
-        reference = reference or args.reference_peak_bytes
-        child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
-        row.update(run_mode(child, mode))
-        row.update(
-            mode=mode,
-            model=args.model,
-            batch=args.batch,
-            seq=args.seq,
-            dtype=dtype,
-            ghost_strategy=GHOST_STRATEGY.get(mode),
-        )
+    for args, mode in tasks:
+        first = None if compiled is None else compiled[_key(args, mode)]
+        if first is not None and first["error"] is not None:
+            row = dict(first)
+        else:
+            row = run_one(args, mode, rows, env)
+            if first is not None:
+                row["cached_compile_s"] = row["compile_s"]
+                row["compile_s"] = first["compile_s"]
+                row["compile_jobs"] = first["compile_jobs"]
+                if row["error"] is None and row["compile_cache_hits"] != 3:
+                    row["cached_compile_s"] = None  # compiled again here, not loaded
         rows.append(row)
-        # Ratios against the non-private rows run so far (all of them, in a suite).
-        add_ratios([*earlier, *rows])
-        if args.out:  # as each mode ends: a run cut short keeps what it measured
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        add_ratios(rows)  # against the non-private rows run so far
+        _write(out, row)
     return rows
+
+
+def compile_pass(
+    tasks: list[Task], jobs: int, env: dict[str, str] | None = None
+) -> dict[tuple, dict[str, Any]]:
+    """Compiles every task (`--compile-only` children, `jobs` at a time); a plan mode waits
+    for its setting's non-private row (its memory budget). Larger settings start first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [_key(args, mode) for args, mode in tasks]
+    if len(set(keys)) != len(keys):
+        raise ValueError("compile_pass: a (setting, mode) task is given twice")
+    # Non-private modes first (plans wait on them), then by model size, longest compiles first.
+    size = {m: i for i, m in enumerate(MODELS)}
+    order = sorted(
+        tasks,
+        key=lambda t: (
+            not t[1].startswith("nonprivate"),
+            -size[t[0].model],
+            -t[0].batch * t[0].seq,
+        ),
+    )
+    futures: dict[tuple, Any] = {}
+    done: list[int] = []
+    t0 = time.perf_counter()
+
+    def work(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+        ref = _reference_mode(mode)
+        dependency = futures.get(_key(args, ref)) if ref else None
+        earlier = [] if dependency is None else [dependency.result()]
+        child = argparse.Namespace(**{**vars(args), "compile_only": True})
+        row = run_one(child, mode, earlier, env)
+        row["compile_jobs"] = jobs
+        done.append(1)
+        _log(
+            _label(args, mode),
+            f"compile pass: {len(done)} of {len(tasks)} done, {time.perf_counter() - t0:.0f} s",
+        )
+        return row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for args, mode in order:  # submitted in order: a dependency is always submitted first
+            futures[_key(args, mode)] = pool.submit(work, args, mode)
+        return {key: future.result() for key, future in futures.items()}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -609,6 +757,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         mem = r.get("memory_ratio_vs_nonprivate")
         est_text = "-" if est is None else f"{est:.1f}" + ("" if mem is None else f" ({mem:.2f}x)")
         note = r["error"] or r.get("plan") or ""
+        if r["error"] is None and r.get("compile_jobs") and r["step_s"]:
+            if r.get("cached_compile_s") is None:  # the timed process compiled it again
+                note += "; " * bool(note) + "not loaded from the compile pass's cache"
         out.append(
             f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} | {r['dtype']} | "
             f"{f(r['microbatch'], 'd')} | {f(r['tokens_per_s'], ',.0f')} | "
@@ -630,24 +781,47 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.suite is not None:
         settings = SUITES[args.suite]
-        rows = []
+        tasks: list[Task] = []
         for modes in SUITE_PASSES:
             for model, batch, seq, microbatch in settings:
                 setting = argparse.Namespace(**{**vars(args), "model": model, "batch": batch})
                 setting.seq, setting.microbatch = seq, microbatch
-                rows += run_modes(setting, list(modes), earlier=rows)
+                tasks += [(setting, mode) for mode in modes]
+    else:
+        tasks = [(args, mode) for mode in args.modes]
+    jobs = args.jobs
+    if jobs is None:
+        jobs = DEFAULT_SUITE_JOBS if args.suite is not None and not args.compile_only else 1
+
+    if jobs == 1:  # every mode compiles (and runs) in its own process, one after the other
+        rows = run_tasks(tasks, args.out)
+        how = "each compiled alone"
+    elif args.compile_only:
+        compiled = compile_pass(tasks, jobs)
+        rows = [compiled[_key(a, m)] for a, m in tasks]
+        add_ratios(rows)
+        for row in rows:
+            _write(args.out, row)
+        how = f"compiled {jobs} at a time"
+    else:
+        _log("suite" if args.suite else args.model, f"compile pass: {jobs} modes at a time")
+        with tempfile.TemporaryDirectory(prefix="jaxdp-compile-cache-") as cache:
+            compiled = compile_pass(tasks, jobs, _cache_env(cache, compile_pass=True))
+            _log("suite" if args.suite else args.model, "timed pass: one mode at a time")
+            rows = run_tasks(tasks, args.out, _cache_env(cache, compile_pass=False), compiled)
+        how = f"compile s: a cold compile, {jobs} modes compiling at once"
+    if args.suite is not None:
         order = {s[:3]: i for i, s in enumerate(settings)}
         rows.sort(
             key=lambda r: (order[(r["model"], r["batch"], r["seq"])], SUITE_MODES.index(r["mode"]))
         )
-    else:
-        rows = run_modes(args, args.modes)
     add_ratios(rows)  # against every non-private row, also those that ran after a mode
 
     device = next((r["device"] for r in rows if r["device"]), "?")
     print(
         f"\n{len(rows)} modes on {device} in {time.perf_counter() - t0:.0f} s "
-        f"({'compile only' if args.compile_only else f'{args.steps} timed steps each'}):\n",
+        f"({'compile only' if args.compile_only else f'{args.steps} timed steps each'}; "
+        f"{how}):\n",
         file=sys.stderr,
     )
     print(markdown_table(rows), file=sys.stderr, flush=True)
