@@ -40,9 +40,12 @@ Book-kept sums weigh per-example values in full float32 precision (`clipping.wei
 GPU's default TF32 would round them by 2^-11): each instantiated gradient, bias, layer-norm
 scale and position embedding gradient is summed from exactly the values its norm was taken of,
 so clipping's 1e-5 rounding margin bounds every contribution by C. The Gram-matrix path (T x T
-norms, (cA)^T G sums) is two computations of one gradient and is not covered by that argument:
-its rounding can exceed the margin when a gradient's token terms nearly cancel (refused in
-bfloat16).
+norms, (cA)^T G sums) is two computations of one gradient, both in full float32 precision (a
+GPU's TF32 default rounds matmul inputs to 2^-11, far more than the margin; so Gram layers run
+slower than TF32 matmuls on GPUs). The margin covers their difference for ordinary gradients,
+but not in the worst case: when a gradient's token terms nearly cancel (sum_t ||a_t|| ||g_t||
+much larger than ||A^T G||), float32 rounding of the T^2 cross terms can exceed it. Refused in
+bfloat16; use "instantiate" (or a plan without Gram layers) where that matters.
 
 Examples with non-finite norms get c_i = 0 and their A and G are zeroed before the
 sums (a branch taken only when such an example occurs), so they contribute exactly zero, as in
@@ -89,9 +92,16 @@ def _sq(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
+def _exact(spec: str, *operands: jax.Array) -> jax.Array:
+    """An einsum of the Gram-matrix path in full float32 precision: its norms and its book-kept
+    sums are two computations of one gradient, which a GPU's default TF32 matmuls (inputs
+    rounded to 2^-11) would make disagree by far more than clipping's rounding margin."""
+    return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
 def _gram_inner(a: jax.Array, b: jax.Array) -> jax.Array:
     """<a_i a_i^T, b_i b_i^T> for a [B, T, d], b [B, T, p] -> [B]."""
-    return jnp.sum(jnp.einsum("btd,bsd->bts", a, a) * jnp.einsum("btp,bsp->bts", b, b), (1, 2))
+    return jnp.sum(_exact("btd,bsd->bts", a, a) * _exact("btp,bsp->bts", b, b), (1, 2))
 
 
 def check_strategy(strategy) -> None:
@@ -141,8 +151,8 @@ def _weighted_dense(a, g, w, per_example):
     if per_example is not None:
         return weighted_sum(per_example, w)
     if a.shape[-1] <= g.shape[-1]:
-        return jnp.einsum("btd,btp->dp", a * w[:, None, None], g)
-    return jnp.einsum("btd,btp->dp", a, g * w[:, None, None])
+        return _exact("btd,btp->dp", a * w[:, None, None], g)
+    return _exact("btd,btp->dp", a, g * w[:, None, None])
 
 
 def _layer(model, name: str):
@@ -194,6 +204,17 @@ class _Pass:
                 )
         self.inputs = {k: _f32(v) for k, v in inputs.items()}
         self.grads = {k: _f32(v) for k, v in grads.items()}
+        # LoRA adapters' factors, formed once: their norms and their sums must use the same
+        # values (two separately compiled matmuls need not round alike).
+        self.lora_factors: dict[str, tuple[jax.Array, jax.Array]] = {}
+        for name in self.grads:
+            layer = None if name in ("embed", "lm_head") else _layer(self.model, name)
+            if isinstance(layer, LoRALinear):
+                x, g = self.inputs[name], self.grads[name]
+                a, b = _f32(layer.lora_a.get_value()), _f32(layer.lora_b.get_value())
+                xa, gb = _exact("btd,dr->btr", x, a), _exact("btp,rp->btr", g, b)
+                self.lora_factors[f"{name}.lora_b"] = (xa * layer.scale, g)  # [B,T,r], [B,T,p]
+                self.lora_factors[f"{name}.lora_a"] = (x, gb * layer.scale)  # [B,T,d], [B,T,r]
 
     def strategy_of(self, name: str, T: int, d: int, p: int) -> str:
         """ "ghost" or "instantiate" for a [T, d] -> [T, p] dense group of layer `name`."""
@@ -216,6 +237,7 @@ class _Pass:
         new = copy.copy(self)
         new.inputs = jax.tree.map(zero, self.inputs)
         new.grads = jax.tree.map(zero, self.grads)
+        new.lora_factors = jax.tree.map(zero, self.lora_factors)
         return new
 
     # Per-example squared norms ------------------------------------------------------------------
@@ -235,12 +257,12 @@ class _Pass:
             sq["wte"], kept["wte"] = _sq(per_example), per_example
             return sq, kept
         same = (tokens[:, :, None] == tokens[:, None, :]).astype(jnp.float32)  # [B, T, T]
-        emb_in = jnp.sum(same * jnp.einsum("btd,bsd->bts", g0, g0), (1, 2))
+        emb_in = jnp.sum(same * _exact("btd,bsd->bts", g0, g0), (1, 2))
         emb_out = _gram_inner(h, gl)
         gl_at_ids = jnp.take_along_axis(
             gl, jnp.broadcast_to(tokens[:, None, :], (B, T, T)), 2
         )  # [B, T, T]: gl_at_ids[b, s, t] = GL[b, s, id_bt]
-        cross = jnp.sum(gl_at_ids * jnp.einsum("bsd,btd->bst", h, g0), (1, 2))  # [B]
+        cross = jnp.sum(gl_at_ids * _exact("bsd,btd->bst", h, g0), (1, 2))  # [B]
         sq["wte"] = emb_in + emb_out + 2.0 * cross
         sq["_wte_cross"] = 2.0 * cross  # part of "wte", reported for inspection only
         return sq, kept
@@ -271,13 +293,10 @@ class _Pass:
 
     def _dense_factors(self, name: str) -> dict[str, tuple[jax.Array, jax.Array]]:
         """{kernel-like group: (input [B, T, d], output gradient [B, T, p])} of a dense layer."""
-        x, g = self.inputs[name], self.grads[name]
-        factors = {f"{name}.kernel": (x, g)}
-        layer = _layer(self.model, name)
-        if isinstance(layer, LoRALinear):
-            a, b = _f32(layer.lora_a.get_value()), _f32(layer.lora_b.get_value())
-            factors[f"{name}.lora_b"] = (x @ a * layer.scale, g)  # [B, T, r], [B, T, p]
-            factors[f"{name}.lora_a"] = (x, g @ b.T * layer.scale)  # [B, T, d], [B, T, r]
+        factors = {f"{name}.kernel": (self.inputs[name], self.grads[name])}
+        for group in (f"{name}.lora_b", f"{name}.lora_a"):
+            if group in self.lora_factors:
+                factors[group] = self.lora_factors[group]
         return factors
 
     # Book-keeping: weighted sums -----------------------------------------------------------------
@@ -288,7 +307,7 @@ class _Pass:
             return weighted_sum(kept[group], w)
         if group == "wte":
             g0, gl, h = self.grads["embed"], self.grads["lm_head"], self.inputs["lm_head"]
-            out_side = jnp.einsum("btv,btd->vd", gl, h * w[:, None, None])  # [V, D]
+            out_side = _exact("btv,btd->vd", gl, h * w[:, None, None])  # [V, D]
             return out_side.at[self.tokens].add(g0 * w[:, None, None])  # + input side
         if group == "wpe":
             g0 = self.grads["embed"]

@@ -56,6 +56,9 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert "compile pass: 3 of 3 done" in proc.stderr
     assert "(3 of 3 steps loaded from the compile cache)" in proc.stderr
     assert rows[2]["plan"].startswith(f"microbatch {rows[2]['microbatch']},")
+    # The timed process took the compile pass's plan instead of planning again.
+    assert rows[2]["plan_choice"]["microbatch"] == rows[2]["microbatch"]
+    assert "replanning" not in proc.stderr.split("timed pass")[1]
     nonprivate, vmap = rows[:2]
     assert nonprivate["ratio_vs_nonprivate"] == 1.0
     assert nonprivate["microbatch"] is None and vmap["microbatch"] == 4
@@ -66,11 +69,17 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert vmap["grad_step_flops"] >= 0.9 * nonprivate["grad_step_flops"]
 
 
-def test_benchmark_compile_only_reports_costs_without_running():
+def test_benchmark_compile_only_reports_costs_without_running(tmp_path):
+    """(Two modes compiled at a time, each row written to --out as it is done.)"""
+    out = tmp_path / "rows.jsonl"
     args = ("--model=tiny", "--batch=4", "--seq=16", "--modes=nonprivate,ghost,ghost_inst")
-    proc = _run(*args, "--compile-only")
+    proc = _run(*args, "--compile-only", "--jobs=2", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line[:1] == "{"]
+    assert [r["mode"] for r in rows] == ["nonprivate", "ghost", "ghost_inst"]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["mode"] for r in written) == sorted(r["mode"] for r in rows)
+    assert all(r["compile_jobs"] == 2 and r["compile_cache_hits"] is None for r in rows), rows
     nonprivate, ghost, inst = rows
     for r in rows:
         assert r["error"] is None, r["error"]
@@ -78,7 +87,8 @@ def test_benchmark_compile_only_reports_costs_without_running():
         assert r["grad_step_flops"] > 0 and r["grad_step_temp_bytes"] > 0
         # fp32 params + AdamW's two moments, at least
         assert r["state_bytes"] >= 3 * 4 * r["n_trainable_params"]
-        assert r["estimated_peak_bytes"] > r["state_bytes"] + r["grad_step_temp_bytes"]
+        scratch = max(r["grad_step_temp_bytes"], r["update_step_temp_bytes"])
+        assert r["estimated_peak_bytes"] > r["state_bytes"] + scratch
     assert [r["ghost_strategy"] for r in rows] == [None, "auto", "instantiate"]
     # At T = 16 < d, Gram matrices cost more FLOPs than instantiated gradients (reused in the sum).
     assert inst["grad_step_flops"] < ghost["grad_step_flops"]
@@ -147,3 +157,23 @@ def test_suite_rows_are_compared_within_their_setting():
     assert by["b", "ghost_plan"]["ratio_vs_nonprivate"] == pytest.approx(0.8)  # its own setting
     table = benchmark.markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and all(line.count("|") == 15 for line in table)
+
+
+def test_plan_is_replanned_under_a_memory_limit():
+    """--memory-limit-gib (a GPU's memory) caps the plan's XLA estimate like the 1.1x budget."""
+
+    def plan_row(*extra):
+        proc = _run("--model=tiny", "--batch=8", "--seq=16", "--modes=ghost_plan", *extra)
+        assert proc.returncode == 0, proc.stderr
+        (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line[:1] == "{"]
+        assert row["error"] is None, row["error"]
+        return row, proc.stderr
+
+    free, _ = plan_row("--compile-only")
+    limit = 0.9 * free["estimated_peak_bytes"] / 2**30
+    capped, log = plan_row("--compile-only", f"--memory-limit-gib={limit}")
+    assert "replanning" in log
+    assert capped["microbatch"] < free["microbatch"]
+    assert capped["estimated_peak_bytes"] <= limit * 2**30 or "over the device's" in capped["plan"]
+    proc = _run("--model=tiny", "--batch=8", "--seq=16", "--memory-limit-gib=0")
+    assert proc.returncode == 2 and "--memory-limit-gib must be positive" in proc.stderr

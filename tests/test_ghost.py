@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -175,3 +176,48 @@ def test_nonfinite_examples_contribute_exactly_zero(tiny_config):
     without, _ = jax.jit(fn)(params, clean, jnp.zeros(4, bool))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(without), strict=True):
         assert _rel(a, b) <= RTOL
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in a (closed) jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _dot_precisions(sub)
+    return out
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_gram_path_runs_at_full_float32_precision(tiny_config, with_lora):
+    """The Gram norms and the book-kept sums they are paired with are separate computations of
+    one gradient: both must be full-precision matmuls (a GPU's default TF32 would round their
+    inputs to 2^-11 and make them disagree by more than the clipping margin)."""
+    from jaxdp import lora
+    from jaxdp.ghost import _Pass
+
+    model = init_model(tiny_config, seed=0)
+    if with_lora:
+        lora.apply_lora(model, rank=2, alpha=4.0)
+    graphdef, state = steps.init_state(model, optax.sgd(0.1))
+    params, (_, _, tokens) = state.params, _setup(tiny_config)
+    recorded = _Pass(graphdef, params, {"tokens": tokens}, None, None, "ghost")
+    sq, kept = recorded.sq_norms()
+    assert not kept.keys() - {k for k in kept if k.endswith((".bias", ".scale"))}  # all Gram
+    w = jnp.linspace(0.1, 1.0, tokens.shape[0])
+    groups = ["wte", "h.0.attn.c_attn.kernel", "h.0.mlp.c_proj.kernel"]
+    if with_lora:
+        groups += ["h.0.attn.c_attn.lora_a", "h.0.attn.c_attn.lora_b"]
+        assert {"h.0.attn.c_attn.lora_a", "h.0.attn.c_attn.lora_b"} <= sq.keys()
+    for fn in (
+        lambda: recorded.sq_norms()[0],
+        *[lambda g=g: recorded.weighted_sum(g, w, kept) for g in groups],
+    ):
+        precisions = _dot_precisions(jax.make_jaxpr(fn)().jaxpr)
+        assert precisions, "no matmul traced"
+        highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+        assert all(p == highest for p in precisions), precisions
+    # The instantiating strategy needs no such care: its norms are of the values it sums.
+    inst = _Pass(graphdef, params, {"tokens": tokens}, None, None, "instantiate")
+    assert "h.0.attn.c_attn.kernel" in inst.sq_norms()[1]

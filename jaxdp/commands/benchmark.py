@@ -30,11 +30,12 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
     peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
                          (includes the Python/XLA runtime; see peak_bytes_source)
     grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
+    update_step_temp_bytes   the same for update_step (noise, optimizer update)
     state_bytes          the train state: trainable and frozen parameters, optimizer state
-    estimated_peak_bytes state_bytes + the gradient accumulator + grad_step_temp_bytes: the
-                         compiler's view of one device's peak (the state is replicated over
-                         the data-parallel mesh), for checking a fit without the device (the
-                         target backend's compiler may schedule differently)
+    estimated_peak_bytes state_bytes + the gradient accumulator + the larger scratch of the two
+                         steps: the compiler's view of one device's peak (the state is
+                         replicated over the data-parallel mesh), for checking a fit without
+                         the device (the target backend's compiler may schedule differently)
     grad_step_flops      XLA's cost-analysis FLOPs of one grad_step on one device (a microbatch
                          loop's body times its trip count): a hardware-independent cost, so
                          flops_ratio_vs_nonprivate (nonprivate FLOPs / these) predicts the
@@ -134,6 +135,7 @@ RESULT_KEYS = (
     "compile_s",
     "compile_cache_hits",
     "grad_step_temp_bytes",
+    "update_step_temp_bytes",
     "grad_step_flops",
     "state_bytes",
     "estimated_peak_bytes",
@@ -191,9 +193,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="XLA's peak estimate of the non-private step that the ghost_plan modes' budget is "
         "checked against (set by this script when a nonprivate mode of that dtype ran first)",
     )
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=None,
+        help="the plan modes' XLA peak estimate must also stay under this (default: the GPU's "
+        "memory limit; none on a CPU), e.g. 74.5 (80 GB) to check a GPU's fit with --compile-only",
+    )
     parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fixed-plan", default=None, help=argparse.SUPPRESS)  # JSON
     args = parser.parse_args(argv)
 
+    if args.memory_limit_gib is not None and not args.memory_limit_gib > 0:
+        parser.error(f"--memory-limit-gib must be positive, got {args.memory_limit_gib}.")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}.")
     if args.steps < 1 or args.warmup < 0:
@@ -252,6 +264,23 @@ def _peak_bytes() -> tuple[int, str]:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "host_peak_rss"
+
+
+def _temp_bytes(compiled) -> int | None:
+    """XLA's scratch memory estimate of a compiled step (None where the backend has none)."""
+    analysis = compiled.memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+    return None if temp is None else int(temp)
+
+
+def _memory_limit(args: argparse.Namespace) -> int | None:
+    """Bytes a plan's XLA estimate must stay under: --memory-limit-gib, or the GPU's limit."""
+    if args.memory_limit_gib:
+        return int(args.memory_limit_gib * 2**30)
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) if stats.get("bytes_limit") else None
 
 
 def _flops(compiled, loop_trips: int) -> float | None:
@@ -390,15 +419,18 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["compile_s"] = compile_s + time.perf_counter() - t0
         # With a persistent compilation cache (the suite's timed pass): how many of the three
         # steps were loaded from it rather than compiled here.
-        cache_on = bool(jax.config.jax_compilation_cache_dir)
+        cache_on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
         result["compile_cache_hits"] = len(_CACHE_HITS) - hits_before if cache_on else None
-        analysis = grad_step.memory_analysis()
-        temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
-        result["grad_step_temp_bytes"] = None if temp is None else int(temp)
+        temp, update_temp = _temp_bytes(grad_step), _temp_bytes(update_step)
+        result["grad_step_temp_bytes"] = temp
+        result["update_step_temp_bytes"] = update_temp
         nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
         result["state_bytes"] = int(nbytes(state))
         if temp is not None:
-            result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + temp)
+            # The state and the accumulator live through both steps; the update step (noise,
+            # optimizer) runs after the gradient step's scratch is freed.
+            scratch = max(temp, update_temp or 0)
+            result["estimated_peak_bytes"] = int(nbytes(state) + nbytes(acc) + scratch)
         result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // microbatch)
         return dict(
             result=result,
@@ -412,13 +444,26 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         )
 
     microbatch, strategy = args.microbatch, GHOST_STRATEGY.get(mode, "auto")
-    if strategy != "plan":
+    compile_s = 0.0  # of every plan tried
+    if strategy == "plan" and args.fixed_plan:  # the compile pass's plan, not planned again
+        fixed = json.loads(args.fixed_plan)
+        microbatch, strategies = fixed["microbatch"], fixed["strategies"]
+        if not isinstance(strategies, str):
+            strategies = tuple(tuple(pair) for pair in strategies)
+        built = build(microbatch, strategies)
+        result["plan"], result["plan_choice"] = fixed["description"], fixed
+    elif strategy != "plan":
         built = build(microbatch, strategy)
     else:  # the FLOPs-aware per-layer plan picks M and each layer's strategy
         # Planned by the cost model, checked by the compiler against the non-private step's
         # estimate (--reference-peak-bytes, from the same run): over budget, it is replanned
         # with the model's budget tightened by the overshoot (at most three times).
+        # The device's memory caps it too (--memory-limit-gib; on a GPU by default its limit).
         budget, model_budget = clipping_plan.DEFAULT_BUDGET, clipping_plan.DEFAULT_BUDGET
+        ref = args.reference_peak_bytes
+        limit = _memory_limit(args)
+        caps = [c for c in (ref and budget * ref, limit) if c]
+        cap = min(caps) if caps else None
         last = None
         for attempt in range(4):
             built = None  # (a replanned mode's state replaces, not joins, the last one)
@@ -431,17 +476,29 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                     raise
                 chosen, attempt = last, 3
             built = build(chosen.microbatch_size, chosen.strategies)
+            compile_s += built["result"]["compile_s"]
             last = chosen
             microbatch, est = chosen.microbatch_size, built["result"].get("estimated_peak_bytes")
-            ref = args.reference_peak_bytes
             result["plan"] = chosen.describe()
-            if not ref or not est or est <= budget * ref or attempt == 3:
+            if not cap or not est or est <= cap or attempt == 3:
                 if ref and est and est > budget * ref:
                     result["plan"] += f"; XLA estimate {est / ref:.2f}x, over the {budget}x budget"
+                if limit and est and est > limit:
+                    result["plan"] += (
+                        f"; XLA estimate {est / 2**30:.1f} GiB, over the memory limit "
+                        f"{limit / 2**30:.1f} GiB"
+                    )
                 break
-            _log(label, f"plan over budget by XLA's estimate ({est / ref:.2f}x); replanning")
-            model_budget *= 0.98 * budget * ref / est
+            _log(label, f"plan over budget by XLA's estimate ({est / cap:.2f}x); replanning")
+            model_budget *= 0.98 * cap / est
+        result["plan_choice"] = {
+            "microbatch": chosen.microbatch_size,
+            "strategies": chosen.strategies,
+            "description": result["plan"],
+        }
     result.update(built["result"])
+    if compile_s:  # a replanned mode compiled every plan it tried
+        result["compile_s"] = compile_s
     result["microbatch"] = None if mode.startswith("nonprivate") else microbatch
     state = built["state"]
     zero_accum, grad_step, update_step = (
@@ -512,6 +569,10 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     ]
     if args.reference_peak_bytes:
         command.append(f"--reference-peak-bytes={args.reference_peak_bytes}")
+    if args.memory_limit_gib:
+        command.append(f"--memory-limit-gib={args.memory_limit_gib}")
+    if getattr(args, "fixed_plan", None):
+        command.append(f"--fixed-plan={args.fixed_plan}")
     return command + (["--compile-only"] if args.compile_only else [])
 
 
@@ -539,19 +600,24 @@ def run_mode(
     return {"error": f"benchmark subprocess {why} without a result; see its stderr"}
 
 
-def _cache_env(cache_dir: str, compile_pass: bool) -> dict[str, str]:
-    """Children's environment for a run with a compile pass: every executable goes to (and the
-    timed pass loads it from) a persistent compilation cache in `cache_dir`. XLA's own
-    autotuning cache is not shared, so that each mode's compile is cold, as a user's first one;
-    compiling processes allocate GPU memory as they need it instead of most of the device."""
-    env = {
-        "JAX_COMPILATION_CACHE_DIR": cache_dir,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES": "none",
-    }
-    if compile_pass:
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+def _cache_env(cache_dir: str | None, compile_pass: bool) -> dict[str, str]:
+    """Children's environment. Without `cache_dir`, no persistent compilation cache (not even
+    one set in this environment): every compile is cold, as a user's first one. In a run with
+    a compile pass, compiling processes allocate GPU memory as they need it (several share the
+    device) and each writes its executables to a cache of its own (`cache_dir`), so that no
+    compile loads another mode's steps; XLA's autotuning cache is not shared either. The timed
+    pass loads them from the merged cache."""
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if compile_pass else {}
+    if cache_dir is None:  # nor one inherited from the environment: compiles are cold
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    else:
+        env.update(
+            JAX_ENABLE_COMPILATION_CACHE="true",
+            JAX_COMPILATION_CACHE_DIR=cache_dir,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+            JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES="none",
+        )
     return env
 
 
@@ -572,6 +638,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["memory_ratio_vs_nonprivate"] = None
     row["cached_compile_s"] = None
     row["compile_jobs"] = None
+    row["compile_pass_error"] = None
     row["plan"] = None
     row["error"] = None
     row.update(result)
@@ -641,22 +708,26 @@ def run_tasks(
     compiled: dict[tuple, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The tasks one after the other, each mode alone on the machine. With `compiled` (the
-    compile pass's rows), a mode that failed to compile keeps that row, and the others load
-    their executables from the pass's cache (`env`): their compile_s is the pass's,
-    cached_compile_s this process's load (lowering included)."""
+    compile pass's rows), each mode loads its executables (and a plan mode its plan) from the
+    pass's cache (`env`): its compile_s is the pass's, cached_compile_s this process's load
+    (lowering included). A mode the pass failed to compile, or whose steps were not all found
+    in the cache, is compiled in its timed process, and compile_s is that compile."""
     rows: list[dict[str, Any]] = []
     for args, mode in tasks:
         first = None if compiled is None else compiled[_key(args, mode)]
-        if first is not None and first["error"] is not None:
-            row = dict(first)
-        else:
+        if first is None or first["error"] is not None:
             row = run_one(args, mode, rows, env)
-            if first is not None:
+            if first is not None:  # e.g. out of memory with --jobs compiles at once
+                row["compile_pass_error"] = first["error"]
+        else:
+            if first.get("plan_choice"):
+                args = argparse.Namespace(**vars(args))
+                args.fixed_plan = json.dumps(first["plan_choice"])
+            row = run_one(args, mode, rows, env)
+            if row["error"] is None and row["compile_cache_hits"] == 3:
                 row["cached_compile_s"] = row["compile_s"]
                 row["compile_s"] = first["compile_s"]
                 row["compile_jobs"] = first["compile_jobs"]
-                if row["error"] is None and row["compile_cache_hits"] != 3:
-                    row["cached_compile_s"] = None  # compiled again here, not loaded
         rows.append(row)
         add_ratios(rows)  # against the non-private rows run so far
         _write(out, row)
@@ -664,10 +735,14 @@ def run_tasks(
 
 
 def compile_pass(
-    tasks: list[Task], jobs: int, env: dict[str, str] | None = None
+    tasks: list[Task], jobs: int, cache_dir: str | None = None, out: str | None = None
 ) -> dict[tuple, dict[str, Any]]:
     """Compiles every task (`--compile-only` children, `jobs` at a time); a plan mode waits
-    for its setting's non-private row (its memory budget). Larger settings start first."""
+    for its setting's non-private row (its memory budget). Larger settings start first. With
+    `cache_dir`, the executables end up in cache_dir/merged (each child writes its own cache
+    first). `out` gets each row as it is done."""
+    import shutil
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     keys = [_key(args, mode) for args, mode in tasks]
@@ -684,27 +759,47 @@ def compile_pass(
         ),
     )
     futures: dict[tuple, Any] = {}
-    done: list[int] = []
+    finished: list[dict[str, Any]] = []
+    lock = threading.Lock()
     t0 = time.perf_counter()
 
-    def work(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-        ref = _reference_mode(mode)
-        dependency = futures.get(_key(args, ref)) if ref else None
-        earlier = [] if dependency is None else [dependency.result()]
-        child = argparse.Namespace(**{**vars(args), "compile_only": True})
-        row = run_one(child, mode, earlier, env)
+    def work(index: int, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+        try:
+            ref = _reference_mode(mode)
+            dependency = futures.get(_key(args, ref)) if ref else None
+            earlier = [] if dependency is None else [dependency.result()]
+            child = argparse.Namespace(**{**vars(args), "compile_only": True})
+            own = None if cache_dir is None else os.path.join(cache_dir, f"mode{index}")
+            row = run_one(child, mode, earlier, _cache_env(own, compile_pass=True))
+        except Exception as e:  # a bug here must not lose the other rows
+            row = _row({"mode": mode, "error": _error_message(e)})
+            row.update(model=args.model, batch=args.batch, seq=args.seq)
+            row.update(dtype=_mode_dtype(mode, args.dtype))
         row["compile_jobs"] = jobs
-        done.append(1)
-        _log(
-            _label(args, mode),
-            f"compile pass: {len(done)} of {len(tasks)} done, {time.perf_counter() - t0:.0f} s",
-        )
+        with lock:
+            finished.append(row)
+            _log(
+                _label(args, mode),
+                f"compile pass: {len(finished)} of {len(tasks)} done, "
+                f"{time.perf_counter() - t0:.0f} s",
+            )
+            if out:
+                add_ratios(finished)
+                _write(out, row)
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for args, mode in order:  # submitted in order: a dependency is always submitted first
-            futures[_key(args, mode)] = pool.submit(work, args, mode)
-        return {key: future.result() for key, future in futures.items()}
+        for index, (args, mode) in enumerate(order):  # a dependency is always submitted first
+            futures[_key(args, mode)] = pool.submit(work, index, args, mode)
+        rows = {key: future.result() for key, future in futures.items()}
+    if cache_dir is not None:
+        merged = os.path.join(cache_dir, "merged")
+        os.makedirs(merged, exist_ok=True)
+        for index in range(len(order)):
+            own = os.path.join(cache_dir, f"mode{index}")
+            if os.path.isdir(own):
+                shutil.copytree(own, merged, dirs_exist_ok=True)
+    return rows
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -746,10 +841,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else format(value, spec)
 
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
+    parallel = {r["compile_jobs"] for r in rows if (r.get("compile_jobs") or 1) > 1}
+    jobs = f" ({max(parallel)} at once)" if parallel else ""
     head = (
         "| model | B | T | mode | dtype | M | tokens/s | vs non-private fp32 | vs non-private "
         "same dtype | peak GiB | XLA est. GiB (vs non-private) | FLOPs vs non-private | "
-        "compile s | note |"
+        f"compile s{jobs} | note |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -757,9 +854,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         mem = r.get("memory_ratio_vs_nonprivate")
         est_text = "-" if est is None else f"{est:.1f}" + ("" if mem is None else f" ({mem:.2f}x)")
         note = r["error"] or r.get("plan") or ""
-        if r["error"] is None and r.get("compile_jobs") and r["step_s"]:
-            if r.get("cached_compile_s") is None:  # the timed process compiled it again
-                note += "; " * bool(note) + "not loaded from the compile pass's cache"
+        extra = []
+        if r.get("compile_pass_error"):
+            extra.append(f"compile pass failed ({r['compile_pass_error']}); compiled alone")
+        elif r["step_s"] and r.get("compile_cache_hits") not in (None, 3):
+            extra.append("not found in the compile pass's cache; compiled alone")
+        note = "; ".join([note] * bool(note) + extra)
         out.append(
             f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} | {r['dtype']} | "
             f"{f(r['microbatch'], 'd')} | {f(r['tokens_per_s'], ',.0f')} | "
@@ -794,21 +894,20 @@ def main(argv: list[str] | None = None) -> int:
         jobs = DEFAULT_SUITE_JOBS if args.suite is not None and not args.compile_only else 1
 
     if jobs == 1:  # every mode compiles (and runs) in its own process, one after the other
-        rows = run_tasks(tasks, args.out)
+        rows = run_tasks(tasks, args.out, _cache_env(None, compile_pass=False))
         how = "each compiled alone"
     elif args.compile_only:
-        compiled = compile_pass(tasks, jobs)
+        compiled = compile_pass(tasks, jobs, out=args.out)
         rows = [compiled[_key(a, m)] for a, m in tasks]
-        add_ratios(rows)
-        for row in rows:
-            _write(args.out, row)
         how = f"compiled {jobs} at a time"
     else:
-        _log("suite" if args.suite else args.model, f"compile pass: {jobs} modes at a time")
+        where = "suite" if args.suite else args.model
+        _log(where, f"compile pass: {jobs} modes at a time")
         with tempfile.TemporaryDirectory(prefix="jaxdp-compile-cache-") as cache:
-            compiled = compile_pass(tasks, jobs, _cache_env(cache, compile_pass=True))
-            _log("suite" if args.suite else args.model, "timed pass: one mode at a time")
-            rows = run_tasks(tasks, args.out, _cache_env(cache, compile_pass=False), compiled)
+            compiled = compile_pass(tasks, jobs, cache_dir=cache)
+            _log(where, "timed pass: one mode at a time")
+            merged = _cache_env(os.path.join(cache, "merged"), compile_pass=False)
+            rows = run_tasks(tasks, args.out, merged, compiled)
         how = f"compile s: a cold compile, {jobs} modes compiling at once"
     if args.suite is not None:
         order = {s[:3]: i for i, s in enumerate(settings)}
