@@ -63,6 +63,12 @@ compiles (and reports the FLOPs and XLA memory estimates):
     jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl
     jaxdp benchmark --suite gpu --compile-only
 
+A timed suite first compiles every mode, --jobs (4) at a time, each into a compilation cache
+of its own, then times each mode alone with its steps (and plan) loaded from those caches
+(`compile_pass`, `run_tasks`); compile_s is the compile pass's cold compile, cached_compile_s
+the timed process's load, compile_cache_hits how many of the three steps were loaded. A plan's
+XLA estimate also stays under --memory-limit-gib (default: the GPU's memory limit).
+
 One setting at a time (if a mode runs out of memory its line says so; retry with a smaller
 --microbatch):
 
