@@ -309,12 +309,6 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     # JAX is imported in the child process only: the parent never starts a backend, so that
     # each mode's peak memory is its own.
     import jax
-
-    def on_event(event: str, **kwargs) -> None:
-        if event == "/jax/compilation_cache/cache_hits":
-            _CACHE_HITS.append(event)
-
-    jax.monitoring.register_event_listener(on_event)
     import numpy as np
     import optax
 
@@ -322,6 +316,12 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from jaxdp import steps as steps_lib
     from jaxdp.gpt2 import GPT2Config, init_model
     from jaxdp.plan import PrivacyPlan
+
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            _CACHE_HITS.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
 
     B, T = args.batch, args.seq
     dtype = _mode_dtype(mode, args.dtype)
@@ -674,7 +674,6 @@ def run_one(
     """One mode of one setting in its own process, as a table row. A plan mode is budgeted
     against the non-private row of the same setting and dtype among `earlier`, if any."""
     _log(_label(args, mode), "starting")
-    row = _row({"microbatch": None if mode.startswith("nonprivate") else args.microbatch})
     dtype = _mode_dtype(mode, args.dtype)
     reference = next(
         (
@@ -689,13 +688,19 @@ def run_one(
     )
     reference = reference or args.reference_peak_bytes
     child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
-    row.update(run_mode(child, mode, env))
+    return _task_row(args, mode, run_mode(child, mode, env))
+
+
+def _task_row(args: argparse.Namespace, mode: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A table row of `mode` in the setting `args` with the child's `result`."""
+    row = _row({"microbatch": None if mode.startswith("nonprivate") else args.microbatch})
+    row.update(result)
     row.update(
         mode=mode,
         model=args.model,
         batch=args.batch,
         seq=args.seq,
-        dtype=dtype,
+        dtype=_mode_dtype(mode, args.dtype),
         ghost_strategy=GHOST_STRATEGY.get(mode),
     )
     return row
@@ -778,9 +783,7 @@ def compile_pass(
             own = None if cache_dir is None else os.path.join(cache_dir, f"mode{index}")
             row = run_one(child, mode, earlier, _cache_env(own, compile_pass=True))
         except Exception as e:  # a bug here must not lose the other rows
-            row = _row({"mode": mode, "error": _error_message(e)})
-            row.update(model=args.model, batch=args.batch, seq=args.seq)
-            row.update(dtype=_mode_dtype(mode, args.dtype))
+            row = _task_row(args, mode, {"error": _error_message(e)})
         row["compile_jobs"] = jobs
         with lock:
             finished.append(row)
