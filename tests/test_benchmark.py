@@ -26,9 +26,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     """Timed, with a compile pass (--jobs 2): every mode is compiled first, two at a time (the
-    plan waits for the non-private estimate), then timed alone, loading from the cache."""
-    out = tmp_path / "results.jsonl"
-    proc = _run(
+    plan waits for the non-private estimate), then timed alone, loading from the cache. Then a
+    run cut short after its first row goes on with --resume, compiling nothing again."""
+    out, cache = tmp_path / "results.jsonl", tmp_path / "cache"
+    args = (
         "--model=tiny",
         "--batch=4",
         "--seq=16",
@@ -37,7 +38,9 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
         "--warmup=1",
         "--jobs=2",
         f"--out={out}",
+        f"--cache-dir={cache}",
     )
+    proc = _run(*args)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in rows] == ["nonprivate", "vmap", "ghost_plan"]
@@ -67,6 +70,33 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert vmap["flops_ratio_vs_nonprivate"] == pytest.approx(flops)
     # Per-example gradients cost at least the forward and backward passes of the batch.
     assert vmap["grad_step_flops"] >= 0.9 * nonprivate["grad_step_flops"]
+
+    # Cut short: only the first row was written, the second one half; an error row and a row of
+    # other --steps do not count as measured either.
+    first = out.read_text().splitlines()[0]
+    other_steps = json.dumps({**rows[1], "steps": 3})
+    failed = json.dumps({**rows[2], "error": "OutOfMemory", "step_s": None})
+    out.write_text("\n".join([first, other_steps, failed, first[:40]]) + "\n")
+    resumed = _run(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--resume: 1 rows kept" in resumed.stderr and "2 to run" in resumed.stderr
+    again = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in again] == ["nonprivate", "vmap", "ghost_plan"]
+    assert again[0] == rows[0]  # kept as it was
+    for earlier, r in zip(rows[1:], again[1:], strict=True):
+        assert r["error"] is None and r["step_s"] > 0 and r["steps"] == 2
+        assert f"B4 T16 {r['mode']}] compiled earlier in {cache}" in resumed.stderr
+        assert r["compile_cache_hits"] == 3 and r["compile_s"] == earlier["compile_s"]
+        assert r["ratio_vs_nonprivate"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
+    assert again[2]["plan_choice"] == rows[2]["plan_choice"]
+    assert "compile pass: 1 of" not in resumed.stderr  # nothing compiled
+    written = [json.loads(line) for line in out.read_text().splitlines()[4:]]
+    assert [r["mode"] for r in written] == ["vmap", "ghost_plan"]
+    # --resume needs --out; --cache-dir a compile pass.
+    proc = _run("--model=tiny", "--batch=4", "--seq=16", "--resume")
+    assert proc.returncode == 2 and "--resume needs --out" in proc.stderr
+    proc = _run("--model=tiny", "--batch=4", "--seq=16", "--jobs=1", f"--cache-dir={cache}")
+    assert proc.returncode == 2 and "--cache-dir keeps a timed run's compile pass" in proc.stderr
 
 
 def test_benchmark_compile_only_reports_costs_without_running(tmp_path):

@@ -69,6 +69,13 @@ of its own, then times each mode alone with its steps (and plan) loaded from tho
 the timed process's load, compile_cache_hits how many of the three steps were loaded. A plan's
 XLA estimate also stays under --memory-limit-gib (default: the GPU's memory limit).
 
+A run cut short (a time limit, a lost machine) goes on where it stopped: `--resume` keeps the
+rows already in --out and runs only the missing modes, and `--cache-dir` keeps the compile
+pass's caches, so that the modes compiled before are not compiled again:
+
+    jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl --cache-dir cache
+    jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl --cache-dir cache --resume
+
 One setting at a time (if a mode runs out of memory its line says so; retry with a smaller
 --microbatch):
 
@@ -193,6 +200,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows in --out that already measured a (setting, mode) of this run (same "
+        "dtype, --steps and --warmup, or both compile-only; no error) and run only the others: "
+        "a run cut short goes on where it stopped; the table shows both",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="the compile pass's compilation caches and rows (default: a temporary directory, "
+        "removed at the end); a later run given the same directory does not compile again the "
+        "modes compiled there (with --resume: a timed suite cut short)",
+    )
+    parser.add_argument(
         "--reference-peak-bytes",
         type=int,
         default=None,
@@ -214,6 +235,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--memory-limit-gib must be positive, got {args.memory_limit_gib}.")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}.")
+    if args.jobs is None:
+        timed_suite = args.suite is not None and not args.compile_only
+        args.jobs = DEFAULT_SUITE_JOBS if timed_suite else 1
+    if args.resume and not args.out:
+        parser.error("--resume needs --out: the file with the rows measured so far.")
+    if args.cache_dir and (args.jobs == 1 or args.compile_only):
+        parser.error(
+            "--cache-dir keeps a timed run's compile pass; it needs --jobs > 1 and no "
+            "--compile-only."
+        )
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}.")
     if args.suite is not None:
@@ -638,6 +669,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         "ghost_strategy": None,
     }
     row.update({k: None for k in RESULT_KEYS})
+    row["steps"] = None  # timed steps (null: compile-only)
+    row["warmup"] = None
     row["ratio_vs_nonprivate"] = None
     row["ratio_vs_nonprivate_same_dtype"] = None
     row["flops_ratio_vs_nonprivate"] = None
@@ -702,8 +735,49 @@ def _task_row(args: argparse.Namespace, mode: str, result: dict[str, Any]) -> di
         seq=args.seq,
         dtype=_mode_dtype(mode, args.dtype),
         ghost_strategy=GHOST_STRATEGY.get(mode),
+        steps=None if args.compile_only else args.steps,
+        warmup=None if args.compile_only else args.warmup,
     )
     return row
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    """What makes two rows measurements of the same thing (--resume)."""
+    keys = ("model", "batch", "seq", "mode", "dtype", "steps", "warmup")
+    return tuple(row.get(k) for k in keys)
+
+
+def _task_key(args: argparse.Namespace, mode: str) -> tuple:
+    return _row_key(_task_row(args, mode, {}))
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    """The JSON lines of a file of rows (a line cut short by a killed run is skipped)."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                _log("resume", f"{path}:{number}: not a JSON row (a run cut short?); skipped")
+                continue
+            if isinstance(row, dict) and "mode" in row:
+                rows.append(row)
+    return rows
+
+
+def resumable(tasks: list[Task], out: str) -> list[dict[str, Any]]:
+    """The rows in `out` that already measured one of `tasks` (the last one of each), without
+    an error; a timed row for a timed run, a compile-only row for a compile-only run."""
+    wanted = {_task_key(args, mode) for args, mode in tasks}
+    kept: dict[tuple, dict[str, Any]] = {}
+    for row in _read_rows(out) if os.path.exists(out) else []:
+        key = _row_key(row)
+        timed = row.get("steps") is not None
+        measured = row.get("step_s") is not None if timed else True
+        if key in wanted and row.get("error") is None and measured:
+            kept[key] = _row(row)
+    return list(kept.values())
 
 
 def _write(out: str | None, row: dict[str, Any]) -> None:
@@ -717,13 +791,15 @@ def run_tasks(
     out: str | None,
     env: dict[str, str] | None = None,
     compiled: dict[tuple, dict[str, Any]] | None = None,
+    earlier: list[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """The tasks one after the other, each mode alone on the machine. With `compiled` (the
     compile pass's rows), each mode loads its executables (and a plan mode its plan) from the
     pass's cache (`env`): its compile_s is the pass's, cached_compile_s this process's load
     (lowering included). A mode the pass failed to compile, or whose steps were not all found
-    in the cache, is compiled in its timed process, and compile_s is that compile."""
-    rows: list[dict[str, Any]] = []
+    in the cache, is compiled in its timed process, and compile_s is that compile. Ratios are
+    taken against the non-private rows among `earlier` (--resume) and those run so far."""
+    rows: list[dict[str, Any]] = list(earlier)
     for args, mode in tasks:
         first = None if compiled is None else compiled[_key(args, mode)]
         if first is None or first["error"] is not None:
@@ -742,16 +818,25 @@ def run_tasks(
         rows.append(row)
         add_ratios(rows)  # against the non-private rows run so far
         _write(out, row)
-    return rows
+    return rows[len(earlier) :]
+
+
+COMPILE_ROWS = "compile_rows.jsonl"  # in --cache-dir: the compile pass's rows
 
 
 def compile_pass(
-    tasks: list[Task], jobs: int, cache_dir: str | None = None, out: str | None = None
+    tasks: list[Task],
+    jobs: int,
+    cache_dir: str | None = None,
+    out: str | None = None,
+    earlier: list[dict[str, Any]] = (),
 ) -> dict[tuple, dict[str, Any]]:
     """Compiles every task (`--compile-only` children, `jobs` at a time); a plan mode waits
-    for its setting's non-private row (its memory budget). Larger settings start first. With
-    `cache_dir`, the executables end up in cache_dir/merged (each child writes its own cache
-    first). `out` gets each row as it is done."""
+    for its setting's non-private row (its memory budget; or takes it from `earlier`). Larger
+    settings start first. With `cache_dir`, the executables end up in cache_dir/merged (each
+    child writes its own cache first) and the rows in cache_dir/compile_rows.jsonl; a task
+    compiled there before (a row without error) is not compiled again. `out` gets each row as
+    it is done."""
     import shutil
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -759,6 +844,19 @@ def compile_pass(
     keys = [_key(args, mode) for args, mode in tasks]
     if len(set(keys)) != len(keys):
         raise ValueError("compile_pass: a (setting, mode) task is given twice")
+    done: dict[tuple, dict[str, Any]] = {}
+    if cache_dir is not None and os.path.exists(os.path.join(cache_dir, COMPILE_ROWS)):
+        for row in _read_rows(os.path.join(cache_dir, COMPILE_ROWS)):
+            if row.get("error") is None:
+                done[_row_key(row)] = _row(row)
+    rows: dict[tuple, dict[str, Any]] = {}
+    for args, mode in tasks:
+        row = done.get(_task_key(argparse.Namespace(**{**vars(args), "compile_only": True}), mode))
+        if row is not None:
+            _log(_label(args, mode), f"compiled earlier in {cache_dir}: not compiled again")
+            rows[_key(args, mode)] = row
+    earlier = [*earlier, *rows.values()]
+    tasks = [(args, mode) for args, mode in tasks if _key(args, mode) not in rows]
     # Non-private modes first (plans wait on them), then by model size, longest compiles first.
     size = {m: i for i, m in enumerate(MODELS)}
     order = sorted(
@@ -774,14 +872,20 @@ def compile_pass(
     lock = threading.Lock()
     t0 = time.perf_counter()
 
-    def work(index: int, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    def own_cache(args: argparse.Namespace, mode: str) -> str | None:
+        if cache_dir is None:
+            return None
+        name = f"{args.model}-B{args.batch}-T{args.seq}-{mode}-{_mode_dtype(mode, args.dtype)}"
+        return os.path.join(cache_dir, "modes", name)
+
+    def work(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         try:
             ref = _reference_mode(mode)
             dependency = futures.get(_key(args, ref)) if ref else None
-            earlier = [] if dependency is None else [dependency.result()]
+            known = list(earlier) if dependency is None else [dependency.result()]
             child = argparse.Namespace(**{**vars(args), "compile_only": True})
-            own = None if cache_dir is None else os.path.join(cache_dir, f"mode{index}")
-            row = run_one(child, mode, earlier, _cache_env(own, compile_pass=True))
+            cache = own_cache(args, mode)
+            row = run_one(child, mode, known, _cache_env(cache, compile_pass=True))
         except Exception as e:  # a bug here must not lose the other rows
             row = _task_row(args, mode, {"error": _error_message(e)})
         row["compile_jobs"] = jobs
@@ -795,17 +899,19 @@ def compile_pass(
             if out:
                 add_ratios(finished)
                 _write(out, row)
+            if cache_dir is not None:
+                _write(os.path.join(cache_dir, COMPILE_ROWS), row)
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for index, (args, mode) in enumerate(order):  # a dependency is always submitted first
-            futures[_key(args, mode)] = pool.submit(work, index, args, mode)
-        rows = {key: future.result() for key, future in futures.items()}
+        for args, mode in order:  # a dependency is always submitted first
+            futures[_key(args, mode)] = pool.submit(work, args, mode)
+        rows.update({key: future.result() for key, future in futures.items()})
     if cache_dir is not None:
         merged = os.path.join(cache_dir, "merged")
         os.makedirs(merged, exist_ok=True)
-        for index in range(len(order)):
-            own = os.path.join(cache_dir, f"mode{index}")
+        for args, mode in order:
+            own = own_cache(args, mode)
             if os.path.isdir(own):
                 shutil.copytree(own, merged, dirs_exist_ok=True)
     return rows
@@ -899,30 +1005,42 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tasks = [(args, mode) for mode in args.modes]
     jobs = args.jobs
-    if jobs is None:
-        jobs = DEFAULT_SUITE_JOBS if args.suite is not None and not args.compile_only else 1
+    where = "suite" if args.suite else args.model
+    kept = resumable(tasks, args.out) if args.resume else []
+    if args.resume:
+        done = {_row_key(r) for r in kept}
+        tasks = [(a, m) for a, m in tasks if _task_key(a, m) not in done]
+        _log(where, f"--resume: {len(kept)} rows kept from {args.out}, {len(tasks)} to run")
 
-    if jobs == 1:  # every mode compiles (and runs) in its own process, one after the other
-        rows = run_tasks(tasks, args.out, _cache_env(None, compile_pass=False))
+    if not tasks:
+        rows = []
+        how = "nothing left to run"
+    elif jobs == 1:  # every mode compiles (and runs) in its own process, one after the other
+        rows = run_tasks(tasks, args.out, _cache_env(None, compile_pass=False), earlier=kept)
         how = "each compiled alone"
     elif args.compile_only:
-        compiled = compile_pass(tasks, jobs, out=args.out)
+        compiled = compile_pass(tasks, jobs, out=args.out, earlier=kept)
         rows = [compiled[_key(a, m)] for a, m in tasks]
         how = f"compiled {jobs} at a time"
     else:
-        where = "suite" if args.suite else args.model
         _log(where, f"compile pass: {jobs} modes at a time")
-        with tempfile.TemporaryDirectory(prefix="jaxdp-compile-cache-") as cache:
-            compiled = compile_pass(tasks, jobs, cache_dir=cache)
+        with tempfile.TemporaryDirectory(prefix="jaxdp-compile-cache-") as temporary:
+            cache = args.cache_dir or temporary
+            compiled = compile_pass(tasks, jobs, cache_dir=cache, earlier=kept)
             _log(where, "timed pass: one mode at a time")
             merged = _cache_env(os.path.join(cache, "merged"), compile_pass=False)
-            rows = run_tasks(tasks, args.out, merged, compiled)
+            rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept)
         how = f"compile s: a cold compile, {jobs} modes compiling at once"
+    if kept:
+        how += f"; {len(kept)} rows kept from an earlier run (--resume)"
+    rows = kept + rows
     if args.suite is not None:
         order = {s[:3]: i for i, s in enumerate(settings)}
         rows.sort(
             key=lambda r: (order[(r["model"], r["batch"], r["seq"])], SUITE_MODES.index(r["mode"]))
         )
+    else:
+        rows.sort(key=lambda r: args.modes.index(r["mode"]))
     add_ratios(rows)  # against every non-private row, also those that ran after a mode
 
     device = next((r["device"] for r in rows if r["device"]), "?")
