@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,10 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
         # The timed process loaded all three steps from the compile pass's cache.
         assert r["compile_jobs"] == 2 and r["compile_cache_hits"] == 3
         assert r["cached_compile_s"] > 0
+        # Where a timed process's time goes: set-up, loading its steps, then its steps.
+        assert 0 < r["setup_s"] and r["setup_s"] + r["cached_compile_s"] < r["process_s"]
     assert "compile pass: 3 of 3 done" in proc.stderr
+    assert re.search(r"compile pass \d+ s, timed pass \d+ s, of which", proc.stderr)
     assert "(3 of 3 steps loaded from the compile cache)" in proc.stderr
     assert rows[2]["plan"].startswith(f"microbatch {rows[2]['microbatch']},")
     # The timed process took the compile pass's plan instead of planning again.

@@ -27,6 +27,10 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
     step_s               median wall time of --steps timed steps, after --warmup untimed ones
     tokens_per_s         B * T / step_s
     compile_s            lowering + compiling zero_accum, grad_step and update_step
+    setup_s              the mode's process before compiling: importing JAX, starting the
+                         backend, building the model, the state and the batch
+    process_s            the mode's whole process, as its parent timed it (start-up, setup,
+                         compile, steps, exit)
     peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
                          (includes the Python/XLA runtime; see peak_bytes_source)
     grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
@@ -332,11 +336,14 @@ def _flops(compiled, loop_trips: int) -> float | None:
     return None if flops is None else float(flops) * loop_trips
 
 
+LAUNCHED = "JAXDP_BENCHMARK_LAUNCHED"  # set by the parent for a mode's process: time.time()
 _CACHE_HITS: list[str] = []  # the persistent compilation cache's hit events in this process
 
 
 def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Builds, compiles and times `mode`'s train step in this process."""
+    # When the parent launched this process (its setup_s includes Python's start-up).
+    launched = float(os.environ.get(LAUNCHED, time.time()))
     # JAX is imported in the child process only: the parent never starts a backend, so that
     # each mode's peak memory is its own.
     import jax
@@ -436,6 +443,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
         # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
         _log(label, "compiling")
+        result["setup_s"] = time.time() - launched  # imports, backend, state, batch
         hits_before = len(_CACHE_HITS)
         t0 = time.perf_counter()
         zero_accum = steps.zero_accum.lower(state.params).compile()
@@ -618,23 +626,26 @@ def run_mode(
 ) -> dict[str, Any]:
     """Runs one mode in a fresh subprocess (this environment, XLA_FLAGS etc., plus `env`)."""
     # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it happens.
+    t0 = time.perf_counter()
     proc = subprocess.run(
         _child_command(args, mode),
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {}), LAUNCHED: repr(time.time())},
     )
+    process_s = time.perf_counter() - t0  # the whole process: start-up, compile, steps, exit
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if lines:
         try:
-            return json.loads(lines[-1])
+            return {**json.loads(lines[-1]), "process_s": process_s}
         except json.JSONDecodeError:
             pass
     if proc.returncode < 0:
         why = f"killed by signal {-proc.returncode} (out of host memory?)"
     else:
         why = f"exited with status {proc.returncode}"
-    return {"error": f"benchmark subprocess {why} without a result; see its stderr"}
+    error = f"benchmark subprocess {why} without a result; see its stderr"
+    return {"error": error, "process_s": process_s}
 
 
 def _cache_env(cache_dir: str | None, compile_pass: bool) -> dict[str, str]:
@@ -676,6 +687,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["flops_ratio_vs_nonprivate"] = None
     row["memory_ratio_vs_nonprivate"] = None
     row["cached_compile_s"] = None
+    row["setup_s"] = None
+    row["process_s"] = None
     row["compile_jobs"] = None
     row["compile_pass_error"] = None
     row["plan"] = None
@@ -1027,10 +1040,18 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="jaxdp-compile-cache-") as temporary:
             cache = args.cache_dir or temporary
             compiled = compile_pass(tasks, jobs, cache_dir=cache, earlier=kept)
+            t1 = time.perf_counter()
             _log(where, "timed pass: one mode at a time")
             merged = _cache_env(os.path.join(cache, "merged"), compile_pass=False)
             rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept)
-        how = f"compile s: a cold compile, {jobs} modes compiling at once"
+            t2 = time.perf_counter()
+        total = lambda key: sum(r.get(key) or 0.0 for r in rows)  # noqa: E731
+        how = (
+            f"compile s: a cold compile, {jobs} modes compiling at once; compile pass "
+            f"{t1 - t0:.0f} s, timed pass {t2 - t1:.0f} s, of which the modes' setup (imports, "
+            f"backend, state) {total('setup_s'):.0f} s and loading their steps "
+            f"{total('cached_compile_s'):.0f} s"
+        )
     if kept:
         how += f"; {len(kept)} rows kept from an earlier run (--resume)"
     rows = kept + rows
