@@ -1064,7 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: args.modes.index(r["mode"]))
     add_ratios(rows)  # against every non-private row, also those that ran after a mode
 
-    device = next((r["device"] for r in rows if r["device"]), "?")
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    device = " and ".join(devices) or "?"
+    if len(devices) > 1:  # e.g. --resume on another machine: ratios would mix devices
+        _log(where, f"WARNING: rows from different devices ({device}); compare within one")
     print(
         f"\n{len(rows)} modes on {device} in {time.perf_counter() - t0:.0f} s "
         f"({'compile only' if args.compile_only else f'{args.steps} timed steps each'}; "
