@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,26 +76,32 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     # Per-example gradients cost at least the forward and backward passes of the batch.
     assert vmap["grad_step_flops"] >= 0.9 * nonprivate["grad_step_flops"]
 
-    # Cut short: only the first row was written, the second one half; an error row and a row of
-    # other --steps do not count as measured either.
+    # Cut short: only the first row was written, the second one half, and the compile pass's
+    # caches were never merged. A row with an error, or of another --steps or --microbatch, or
+    # of an older version (no "steps"), does not count as measured either.
     first = out.read_text().splitlines()[0]
-    other_steps = json.dumps({**rows[1], "steps": 3})
+    other = [json.dumps({**rows[1], "steps": 3}), json.dumps({**rows[1], "microbatch": 2})]
+    old = {k: v for k, v in rows[1].items() if k != "steps"}
     failed = json.dumps({**rows[2], "error": "OutOfMemory", "step_s": None})
-    out.write_text("\n".join([first, other_steps, failed, first[:40]]) + "\n")
+    out.write_text("\n".join([first, *other, json.dumps(old), failed, first[:40]]))
+    shutil.rmtree(cache / "merged")
     resumed = _run(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "--resume: 1 rows kept" in resumed.stderr and "2 to run" in resumed.stderr
     again = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in again] == ["nonprivate", "vmap", "ghost_plan"]
-    assert again[0] == rows[0]  # kept as it was
+    assert again[0] == {**rows[0], "resumed": True}  # kept as it was
+    assert "kept from an earlier run" in resumed.stderr  # the table's note
     for earlier, r in zip(rows[1:], again[1:], strict=True):
         assert r["error"] is None and r["step_s"] > 0 and r["steps"] == 2
         assert f"B4 T16 {r['mode']}] compiled earlier in {cache}" in resumed.stderr
         assert r["compile_cache_hits"] == 3 and r["compile_s"] == earlier["compile_s"]
         assert r["ratio_vs_nonprivate"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
     assert again[2]["plan_choice"] == rows[2]["plan_choice"]
+    assert again[2]["reference_peak_bytes"] == rows[0]["estimated_peak_bytes"]
     assert "compile pass: 1 of" not in resumed.stderr  # nothing compiled
-    written = [json.loads(line) for line in out.read_text().splitlines()[4:]]
+    # The new rows start on a line of their own after the cut-short one.
+    written = [json.loads(line) for line in out.read_text().splitlines()[6:]]
     assert [r["mode"] for r in written] == ["vmap", "ghost_plan"]
     # --resume needs --out; --cache-dir a compile pass.
     proc = _run("--model=tiny", "--batch=4", "--seq=16", "--resume")
@@ -179,8 +186,11 @@ def test_suite_rows_are_compared_within_their_setting():
         row("a", "ghost_plan_bf16", 1.0, flops=15.0),
         row("b", "nonprivate", 4.0),
         row("b", "ghost_plan", 5.0),
+        {**row("b", "nonprivate", 2.0), "device": "other"},  # e.g. kept by --resume
+        {**row("b", "ghost_plan", 4.0), "device": "other"},
     ]
     benchmark.add_ratios(rows)
+    assert rows[-1]["ratio_vs_nonprivate"] == 0.5  # against its own device's step
     by = {(r["model"], r["mode"]): r for r in rows}
     assert by["a", "ghost_plan"]["ratio_vs_nonprivate"] == 0.5
     assert by["a", "ghost_plan"]["flops_ratio_vs_nonprivate"] == 0.5
@@ -188,7 +198,7 @@ def test_suite_rows_are_compared_within_their_setting():
     assert by["a", "ghost_plan_bf16"]["ratio_vs_nonprivate"] == 1.0  # vs fp32
     assert by["a", "ghost_plan_bf16"]["ratio_vs_nonprivate_same_dtype"] == 0.5
     assert by["a", "ghost_plan_bf16"]["flops_ratio_vs_nonprivate"] == pytest.approx(10 / 15)
-    assert by["b", "ghost_plan"]["ratio_vs_nonprivate"] == pytest.approx(0.8)  # its own setting
+    assert rows[5]["ratio_vs_nonprivate"] == pytest.approx(0.8)  # its own setting and device
     table = benchmark.markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and all(line.count("|") == 15 for line in table)
 

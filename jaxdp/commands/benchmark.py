@@ -31,6 +31,8 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
                          backend, building the model, the state and the batch
     process_s            the mode's whole process, as its parent timed it (start-up, setup,
                          compile, steps, exit)
+    steps, warmup, memory_limit_gib   the arguments it ran with (steps null: compile-only)
+    reference_peak_bytes a plan mode's budget: the non-private step's XLA estimate it was held to
     peak_bytes           GPU: peak_bytes_in_use of device 0; CPU: peak RSS of the process
                          (includes the Python/XLA runtime; see peak_bytes_source)
     grad_step_temp_bytes XLA's compiled estimate of grad_step's scratch memory (any backend)
@@ -73,9 +75,10 @@ of its own, then times each mode alone with its steps (and plan) loaded from tho
 the timed process's load, compile_cache_hits how many of the three steps were loaded. A plan's
 XLA estimate also stays under --memory-limit-gib (default: the GPU's memory limit).
 
-A run cut short (a time limit, a lost machine) goes on where it stopped: `--resume` keeps the
-rows already in --out and runs only the missing modes, and `--cache-dir` keeps the compile
-pass's caches, so that the modes compiled before are not compiled again:
+A run cut short (a time limit on the machine's commands) goes on where it stopped: `--resume`
+keeps the rows already in --out (same arguments) and runs only the missing modes, and
+`--cache-dir` keeps the compile pass's caches and rows, so that the modes compiled there before
+(same machine, same jaxdp sources and JAX) are not compiled again:
 
     jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl --cache-dir cache
     jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl --cache-dir cache --resume
@@ -197,8 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=None,
-        help="compile pass: compile every mode first, this many at a time, into a fresh "
-        "compilation cache, then time each mode alone with its executables loaded from it "
+        help="compile pass: compile every mode first, this many at a time, into a compilation "
+        "cache of its own (a fresh one, or --cache-dir), then time each mode alone with its "
+        "executables loaded from it "
         f"(default {DEFAULT_SUITE_JOBS} for a timed --suite, else 1: each mode compiles in "
         "its own timed process)",
     )
@@ -207,15 +211,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="keep the rows in --out that already measured a (setting, mode) of this run (same "
-        "dtype, --steps and --warmup, or both compile-only; no error) and run only the others: "
-        "a run cut short goes on where it stopped; the table shows both",
+        "dtype, microbatch, --steps, --warmup and --memory-limit-gib, or both compile-only; no "
+        "error) and run only the others: a run cut short goes on where it stopped; the table "
+        "shows both, ratios taken within one device",
     )
     parser.add_argument(
         "--cache-dir",
         default=None,
         help="the compile pass's compilation caches and rows (default: a temporary directory, "
-        "removed at the end); a later run given the same directory does not compile again the "
-        "modes compiled there (with --resume: a timed suite cut short)",
+        "removed at the end); a later run given the same directory, on the same machine, does "
+        "not compile again the modes compiled there by the same code and JAX (with --resume: a "
+        "timed suite cut short)",
     )
     parser.add_argument(
         "--reference-peak-bytes",
@@ -378,6 +384,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         args.model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, compute_dtype=dtype
     )
 
+    setup: dict[str, float] = {}
+
     def build(microbatch, strategy) -> dict[str, Any]:
         """The mode's state and compiled steps for one (microbatch, ghost strategy)."""
         result: dict[str, Any] = {}
@@ -443,7 +451,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
         # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
         _log(label, "compiling")
-        result["setup_s"] = time.time() - launched  # imports, backend, state, batch
+        # Imports, backend, state, batch: the first build's (a replanned mode builds again).
+        setup.setdefault("setup_s", time.time() - launched)
         hits_before = len(_CACHE_HITS)
         t0 = time.perf_counter()
         zero_accum = steps.zero_accum.lower(state.params).compile()
@@ -541,7 +550,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             "strategies": chosen.strategies,
             "description": result["plan"],
         }
-    result.update(built["result"])
+    result.update(built["result"], **setup)
     if compile_s:  # a replanned mode compiled every plan it tried
         result["compile_s"] = compile_s
     result["microbatch"] = None if mode.startswith("nonprivate") else microbatch
@@ -688,6 +697,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["memory_ratio_vs_nonprivate"] = None
     row["cached_compile_s"] = None
     row["setup_s"] = None
+    row["memory_limit_gib"] = None
+    row["reference_peak_bytes"] = None  # a plan mode's budget: the non-private XLA estimate
     row["process_s"] = None
     row["compile_jobs"] = None
     row["compile_pass_error"] = None
@@ -734,7 +745,9 @@ def run_one(
     )
     reference = reference or args.reference_peak_bytes
     child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
-    return _task_row(args, mode, run_mode(child, mode, env))
+    row = _task_row(args, mode, run_mode(child, mode, env))
+    row["reference_peak_bytes"] = reference if _reference_mode(mode) else None
+    return row
 
 
 def _task_row(args: argparse.Namespace, mode: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -750,14 +763,18 @@ def _task_row(args: argparse.Namespace, mode: str, result: dict[str, Any]) -> di
         ghost_strategy=GHOST_STRATEGY.get(mode),
         steps=None if args.compile_only else args.steps,
         warmup=None if args.compile_only else args.warmup,
+        memory_limit_gib=args.memory_limit_gib,
     )
     return row
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    """What makes two rows measurements of the same thing (--resume)."""
-    keys = ("model", "batch", "seq", "mode", "dtype", "steps", "warmup")
-    return tuple(row.get(k) for k in keys)
+    """What makes two rows measurements of the same thing (--resume): the setting, the mode,
+    its dtype, the microbatch asked for (a plan picks its own), the steps and the memory
+    limit."""
+    keys = ("model", "batch", "seq", "mode", "dtype", "steps", "warmup", "memory_limit_gib")
+    asked = None if row.get("ghost_strategy") == "plan" else row.get("microbatch")
+    return (*(row.get(k) for k in keys), asked)
 
 
 def _task_key(args: argparse.Namespace, mode: str) -> tuple:
@@ -785,8 +802,10 @@ def resumable(tasks: list[Task], out: str) -> list[dict[str, Any]]:
     wanted = {_task_key(args, mode) for args, mode in tasks}
     kept: dict[tuple, dict[str, Any]] = {}
     for row in _read_rows(out) if os.path.exists(out) else []:
+        if "steps" not in row:  # written by an older version: not comparable
+            continue
         key = _row_key(row)
-        timed = row.get("steps") is not None
+        timed = row["steps"] is not None
         measured = row.get("step_s") is not None if timed else True
         if key in wanted and row.get("error") is None and measured:
             kept[key] = _row(row)
@@ -795,8 +814,10 @@ def resumable(tasks: list[Task], out: str) -> list[dict[str, Any]]:
 
 def _write(out: str | None, row: dict[str, Any]) -> None:
     if out:  # as each mode ends: a run cut short keeps what it measured
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(out, "ab+") as f:
+            end = f.seek(0, os.SEEK_END)
+            cut = end > 0 and f.seek(end - 1) >= 0 and f.read(1) != b"\n"  # a line cut short
+            f.write((b"\n" if cut else b"") + json.dumps(row).encode() + b"\n")
 
 
 def run_tasks(
@@ -837,6 +858,21 @@ def run_tasks(
 COMPILE_ROWS = "compile_rows.jsonl"  # in --cache-dir: the compile pass's rows
 
 
+def code_version() -> str:
+    """A fingerprint of what compiled a --cache-dir's rows: jaxdp's sources, JAX's versions."""
+    import hashlib
+    from importlib import metadata
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for name in ("jax", "jaxlib"):
+        digest.update(f"{name}=={metadata.version(name)};".encode())
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def compile_pass(
     tasks: list[Task],
     jobs: int,
@@ -848,8 +884,8 @@ def compile_pass(
     for its setting's non-private row (its memory budget; or takes it from `earlier`). Larger
     settings start first. With `cache_dir`, the executables end up in cache_dir/merged (each
     child writes its own cache first) and the rows in cache_dir/compile_rows.jsonl; a task
-    compiled there before (a row without error) is not compiled again. `out` gets each row as
-    it is done."""
+    compiled there before (a row without error, by the same code, and a plan budgeted against
+    its non-private row) is not compiled again. `out` gets each row as it is done."""
     import shutil
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -858,13 +894,18 @@ def compile_pass(
     if len(set(keys)) != len(keys):
         raise ValueError("compile_pass: a (setting, mode) task is given twice")
     done: dict[tuple, dict[str, Any]] = {}
+    version = None if cache_dir is None else code_version()
     if cache_dir is not None and os.path.exists(os.path.join(cache_dir, COMPILE_ROWS)):
         for row in _read_rows(os.path.join(cache_dir, COMPILE_ROWS)):
-            if row.get("error") is None:
+            if row.get("error") is None and row.get("code_version") == version:
                 done[_row_key(row)] = _row(row)
     rows: dict[tuple, dict[str, Any]] = {}
     for args, mode in tasks:
         row = done.get(_task_key(argparse.Namespace(**{**vars(args), "compile_only": True}), mode))
+        ref = _reference_mode(mode)
+        if row is not None and ref and row["reference_peak_bytes"] is None:
+            # Planned without its budget (its non-private compile had failed): plan again.
+            row = None if _key(args, ref) in set(keys) else row
         if row is not None:
             _log(_label(args, mode), f"compiled earlier in {cache_dir}: not compiled again")
             rows[_key(args, mode)] = row
@@ -902,6 +943,7 @@ def compile_pass(
         except Exception as e:  # a bug here must not lose the other rows
             row = _task_row(args, mode, {"error": _error_message(e)})
         row["compile_jobs"] = jobs
+        row["code_version"] = version
         with lock:
             finished.append(row)
             _log(
@@ -920,18 +962,16 @@ def compile_pass(
         for args, mode in order:  # a dependency is always submitted first
             futures[_key(args, mode)] = pool.submit(work, args, mode)
         rows.update({key: future.result() for key, future in futures.items()})
-    if cache_dir is not None:
-        merged = os.path.join(cache_dir, "merged")
+    if cache_dir is not None:  # every mode's cache, also those of a run cut short before this
+        merged, modes = os.path.join(cache_dir, "merged"), os.path.join(cache_dir, "modes")
         os.makedirs(merged, exist_ok=True)
-        for args, mode in order:
-            own = own_cache(args, mode)
-            if os.path.isdir(own):
-                shutil.copytree(own, merged, dirs_exist_ok=True)
+        for name in sorted(os.listdir(modes)) if os.path.isdir(modes) else []:
+            shutil.copytree(os.path.join(modes, name), merged, dirs_exist_ok=True)
     return rows
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row against the non-private rows of its setting (model, B, T): step time against
+    """Each row against the non-private rows of its setting (model, B, T, device): step time against
     float32 and against its own dtype, FLOPs and XLA's peak estimate against its own dtype."""
 
     def ok(r):
@@ -940,11 +980,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if not ok(r):
             continue
-        setting = [
-            x
-            for x in rows
-            if (x["model"], x["batch"], x["seq"]) == (r["model"], r["batch"], r["seq"])
-        ]
+        where = ("model", "batch", "seq", "device")  # a resumed run may mix devices
+        setting = [x for x in rows if all(x.get(k) == r.get(k) for k in where)]
         base = {x["dtype"]: x for x in setting if x["mode"].startswith("nonprivate") and ok(x)}
         fp32 = next((x for x in setting if x["mode"] == "nonprivate" and ok(x)), None)
         if ok(fp32) and fp32["step_s"] and r["step_s"]:
@@ -983,6 +1020,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         est_text = "-" if est is None else f"{est:.1f}" + ("" if mem is None else f" ({mem:.2f}x)")
         note = r["error"] or r.get("plan") or ""
         extra = []
+        if r.get("resumed"):
+            extra.append("kept from an earlier run (--resume)")
         if r.get("compile_pass_error"):
             extra.append(f"compile pass failed ({r['compile_pass_error']}); compiled alone")
         elif r["step_s"] and r.get("compile_cache_hits") not in (None, 3):
@@ -1020,6 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs
     where = "suite" if args.suite else args.model
     kept = resumable(tasks, args.out) if args.resume else []
+    for row in kept:
+        row["resumed"] = True  # measured by an earlier run (the table's note says so)
     if args.resume:
         done = {_row_key(r) for r in kept}
         tasks = [(a, m) for a, m in tasks if _task_key(a, m) not in done]
@@ -1045,15 +1086,14 @@ def main(argv: list[str] | None = None) -> int:
             merged = _cache_env(os.path.join(cache, "merged"), compile_pass=False)
             rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept)
             t2 = time.perf_counter()
-        total = lambda key: sum(r.get(key) or 0.0 for r in rows)  # noqa: E731
+        setup = sum(r["setup_s"] or 0.0 for r in rows)
+        loading = sum((r["cached_compile_s"] or r["compile_s"] or 0.0) for r in rows)
         how = (
             f"compile s: a cold compile, {jobs} modes compiling at once; compile pass "
             f"{t1 - t0:.0f} s, timed pass {t2 - t1:.0f} s, of which the modes' setup (imports, "
-            f"backend, state) {total('setup_s'):.0f} s and loading their steps "
-            f"{total('cached_compile_s'):.0f} s"
+            f"backend, state) {setup:.0f} s and loading (or compiling) their steps {loading:.0f} s"
         )
-    if kept:
-        how += f"; {len(kept)} rows kept from an earlier run (--resume)"
+    ran = len(rows)
     rows = kept + rows
     if args.suite is not None:
         order = {s[:3]: i for i, s in enumerate(settings)}
@@ -1066,10 +1106,11 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = sorted({r["device"] for r in rows if r["device"]})
     device = " and ".join(devices) or "?"
-    if len(devices) > 1:  # e.g. --resume on another machine: ratios would mix devices
-        _log(where, f"WARNING: rows from different devices ({device}); compare within one")
+    if len(devices) > 1:  # e.g. --resume on another machine
+        _log(where, f"WARNING: rows from different devices ({device}); ratios are within one")
+    counted = f"{ran} modes" + (f" (and {len(kept)} kept from {args.out})" if kept else "")
     print(
-        f"\n{len(rows)} modes on {device} in {time.perf_counter() - t0:.0f} s "
+        f"\n{counted} on {device} in {time.perf_counter() - t0:.0f} s "
         f"({'compile only' if args.compile_only else f'{args.steps} timed steps each'}; "
         f"{how}):\n",
         file=sys.stderr,
