@@ -105,6 +105,34 @@ class ConfigError(ValueError):
     """The configuration cannot be run as given (one line says what to change)."""
 
 
+class DeviceMemoryError(RuntimeError):
+    """A step did not fit in the accelerator's memory (one line says what to lower)."""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def _memory_advice(cfg, step: int, latest: int | None, reason: str) -> str:
+    """What to lower when a step ran out of device memory; the run continues from its last
+    checkpoint with those settings (they may change on resume: RESUMABLE_FIELDS)."""
+    dp = cfg.dp
+    knobs = []
+    if dp.enabled and dp.microbatch_size > 1:
+        half = dp.microbatch_size // 2
+        knobs.append(f"--config.dp.microbatch_size={half} (now {dp.microbatch_size})")
+    if dp.engine == "vmap" and dp.enabled:
+        knobs.append("--config.dp.engine=ghost --config.dp.ghost_strategy=plan")
+    elif dp.engine == "ghost" and dp.ghost_strategy != "ghost":
+        knobs.append("--config.dp.ghost_strategy=ghost (Gram-matrix norms: the least memory)")
+    where = f"from its last checkpoint (step {latest})" if latest else "from the start"
+    return (
+        f"Step {step} ran out of device memory ({reason}). Lower what a step holds: "
+        f"{' or '.join([*knobs, 'dp.physical_batch_size'])}; rerun the same command with that "
+        f"and the run continues {where}: nothing is lost."
+    )
+
+
 # ============================================================================================
 # The run.
 
@@ -316,11 +344,20 @@ def run(
                 break
             idx = sampler.sample(step)
             step_key = randomness.dropout_step_key(dropout_key, step)
-            acc = compiled.zero_accum(state.params, steps.clip_thresholds(state))
-            for j, batch in enumerate(batches.physical(idx)):
-                key = jax.random.fold_in(step_key, j)
-                acc = compiled.grad_step(state.params, batch, key, acc, state.frozen)
-            state, metrics = compiled.update_step(state, acc)
+            try:
+                acc = compiled.zero_accum(state.params, steps.clip_thresholds(state))
+                for j, batch in enumerate(batches.physical(idx)):
+                    key = jax.random.fold_in(step_key, j)
+                    acc = compiled.grad_step(state.params, batch, key, acc, state.frozen)
+                state, metrics = compiled.update_step(state, acc)
+                jax.block_until_ready(metrics)  # an allocation failure surfaces here at last
+            except jax.errors.JaxRuntimeError as e:
+                if not _out_of_memory(e):
+                    raise
+                reason = str(e).strip().splitlines()[0][:200]
+                raise DeviceMemoryError(
+                    _memory_advice(cfg, step + 1, ckpt.latest_step(), reason)
+                ) from e
             done = step + 1
             examples_seen += len(idx)
             tokens_since += int(train_rows.lengths[train_rows.rows_of(idx)].sum())

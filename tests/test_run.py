@@ -583,3 +583,48 @@ def test_bf16_run_with_the_clipping_plan(tmp_path):
     cfg.train.dtype = "float16"
     with pytest.raises(run_lib.ConfigError, match="Unknown train.dtype"):
         run_lib.check_config(cfg)
+
+
+def test_out_of_device_memory_is_one_error_that_loses_nothing(tmp_path, monkeypatch):
+    """A step that does not fit in device memory stops the run with one error naming what to
+    lower; rerun with it, the run continues from its last checkpoint. Other runtime errors
+    are not relabelled."""
+    import dataclasses
+
+    from jaxdp import steps as steps_lib
+
+    cfg = small(load_config("tiny_offline"), num_steps=4, checkpoint_every=2)
+    failure = {}  # the error the update step raises when it computes step 3
+    real = steps_lib.shard_and_jit
+
+    def shard_and_jit(*args, **kwargs):
+        state, compiled = real(*args, **kwargs)
+
+        def update_step(state, acc):
+            if int(state.step) == 2 and "error" in failure:
+                raise failure["error"]
+            return compiled.update_step(state, acc)
+
+        return state, dataclasses.replace(compiled, update_step=update_step)
+
+    monkeypatch.setattr(steps_lib, "shard_and_jit", shard_and_jit)
+    failure["error"] = jax.errors.JaxRuntimeError("INTERNAL: a driver bug")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL") as raised:
+        run_lib.run(cfg, tmp_path)
+    assert not isinstance(raised.value, run_lib.DeviceMemoryError)
+    oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.50GiB.\nmore detail"
+    failure["error"] = jax.errors.JaxRuntimeError(oom)
+    expected = (
+        r"^Step 3 ran out of device memory \(RESOURCE_EXHAUSTED: Out of memory while trying to "
+        r"allocate 9.50GiB.\)\. Lower what a step holds: --config.dp.microbatch_size=1 \(now 3\) "
+        r"or --config.dp.engine=ghost --config.dp.ghost_strategy=plan or dp.physical_batch_size; "
+        r".* continues from its last checkpoint \(step 2\): nothing is lost\.$"
+    )
+    with pytest.raises(run_lib.DeviceMemoryError, match=expected):
+        run_lib.run(cfg, tmp_path)
+    assert checkpoint.manager(tmp_path).latest_step() == 2
+    del failure["error"]
+    cfg.dp.microbatch_size = 1  # as the error says: a setting that may change on resume
+    summary = run_lib.run(cfg, tmp_path)
+    assert summary["steps"] == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]

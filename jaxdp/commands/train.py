@@ -43,6 +43,7 @@ USAGE = (
 )
 USER_ERRORS = (
     run_lib.ConfigError,
+    run_lib.DeviceMemoryError,
     HubUnavailableError,
     CheckpointError,
     RunMismatchError,
