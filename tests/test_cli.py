@@ -42,6 +42,25 @@ def test_export_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "neither a jaxdp run directory" in err[0]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        train_module.run_lib.DeviceMemoryError("Step 3 ran out of device memory (...). Lower..."),
+        FloatingPointError("Non-finite training loss at step 2; lower the learning rate."),
+    ],
+)
+def test_run_errors_a_user_can_act_on_are_one_line(tmp_path, capsys, monkeypatch, error):
+    def failing_run(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_module.run_lib, "run", failing_run)
+    argv = ["--config", "configs/tiny_offline.py", "--workdir", str(tmp_path / "w")]
+    with pytest.raises(SystemExit) as exited:
+        train_module.main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
 def test_first_signal_asks_to_stop_and_the_second_stops_at_once():
     with train_module._StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)

@@ -44,6 +44,7 @@ USAGE = (
 USER_ERRORS = (
     run_lib.ConfigError,
     run_lib.DeviceMemoryError,
+    FloatingPointError,  # a non-private run's loss diverged (the message says what to lower)
     HubUnavailableError,
     CheckpointError,
     RunMismatchError,
