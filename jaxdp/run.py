@@ -121,7 +121,9 @@ def _memory_advice(cfg, step: int, latest: int | None, reason: str) -> str:
     if dp.enabled and dp.microbatch_size > 1:
         half = dp.microbatch_size // 2
         knobs.append(f"--config.dp.microbatch_size={half} (now {dp.microbatch_size})")
-    if dp.engine == "vmap" and dp.enabled:
+    d = cfg.data
+    ghost_fits = dp.group_size == 1 and (d.privacy_unit == "block" or d.max_blocks_per_unit == 1)
+    if dp.engine == "vmap" and dp.enabled and ghost_fits:  # (what the ghost engine supports)
         knobs.append("--config.dp.engine=ghost --config.dp.ghost_strategy=plan")
     elif dp.engine == "ghost" and dp.ghost_strategy != "ghost":
         knobs.append("--config.dp.ghost_strategy=ghost (Gram-matrix norms: the least memory)")
