@@ -105,6 +105,11 @@ class ConfigError(ValueError):
     """The configuration cannot be run as given (one line says what to change)."""
 
 
+def _one_row_units(d: ml_collections.ConfigDict) -> bool:
+    """Every privacy unit is one row (block): what the ghost and fused engines clip."""
+    return d.privacy_unit == "block" or d.max_blocks_per_unit == 1
+
+
 class DeviceMemoryError(RuntimeError):
     """A step did not fit in the accelerator's memory (one line says what to lower)."""
 
@@ -121,9 +126,8 @@ def _memory_advice(cfg, step: int, latest: int | None, reason: str) -> str:
     if dp.enabled and dp.microbatch_size > 1:
         half = dp.microbatch_size // 2
         knobs.append(f"--config.dp.microbatch_size={half} (now {dp.microbatch_size})")
-    d = cfg.data
-    ghost_fits = dp.group_size == 1 and (d.privacy_unit == "block" or d.max_blocks_per_unit == 1)
-    if dp.engine == "vmap" and dp.enabled and ghost_fits:  # (what the ghost engine supports)
+    ghost_fits = dp.group_size == 1 and _one_row_units(cfg.data)  # (as check_config asks)
+    if dp.engine == "vmap" and dp.enabled and ghost_fits:
         knobs.append("--config.dp.engine=ghost --config.dp.ghost_strategy=plan")
     elif dp.engine == "ghost" and dp.ghost_strategy != "ghost":
         knobs.append("--config.dp.ghost_strategy=ghost (Gram-matrix norms: the least memory)")
@@ -490,8 +494,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
     if dp.engine == "ghost" and dp.group_size != 1:
         raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
-    one_row_units = d.privacy_unit == "block" or d.max_blocks_per_unit == 1
-    if dp.engine in ("ghost", "fused") and dp.enabled and not one_row_units:
+    if dp.engine in ("ghost", "fused") and dp.enabled and not _one_row_units(d):
         raise ConfigError(
             f"dp.engine={dp.engine!r} clips one row per privacy unit: use data.privacy_unit="
             f"'block' or data.max_blocks_per_unit=1, or the vmap engine, which norms each "
