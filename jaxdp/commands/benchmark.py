@@ -729,25 +729,22 @@ def run_one(
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One mode of one setting in its own process, as a table row. A plan mode is budgeted
-    against the non-private row of the same setting and dtype among `earlier`, if any."""
+    against the XLA estimate of its setting's non-private row (`_reference_mode`) among
+    `earlier`, if any, else --reference-peak-bytes."""
     _log(_label(args, mode), "starting")
-    dtype = _mode_dtype(mode, args.dtype)
-    reference = next(
-        (
-            r["estimated_peak_bytes"]
-            for r in earlier
-            if r["mode"].startswith("nonprivate")
-            and r["dtype"] == dtype
-            and (r["model"], r["batch"], r["seq"]) == (args.model, args.batch, args.seq)
-            and r["estimated_peak_bytes"]
-        ),
-        None,
-    )
-    reference = reference or args.reference_peak_bytes
+    reference = None
+    if ref := _reference_mode(mode):
+        reference = next(
+            (
+                r["estimated_peak_bytes"]
+                for r in earlier
+                if _key(args, ref) == (r["model"], r["batch"], r["seq"], r["mode"])
+                and r["estimated_peak_bytes"]
+            ),
+            args.reference_peak_bytes,
+        )
     child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
-    row = _task_row(args, mode, run_mode(child, mode, env))
-    row["reference_peak_bytes"] = reference if _reference_mode(mode) else None
-    return row
+    return {**_task_row(args, mode, run_mode(child, mode, env)), "reference_peak_bytes": reference}
 
 
 def _task_row(args: argparse.Namespace, mode: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -798,7 +795,8 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
 
 def resumable(tasks: list[Task], out: str) -> list[dict[str, Any]]:
     """The rows in `out` that already measured one of `tasks` (the last one of each), without
-    an error; a timed row for a timed run, a compile-only row for a compile-only run."""
+    an error, marked "resumed"; a timed row for a timed run, a compile-only row for a
+    compile-only run."""
     wanted = {_task_key(args, mode) for args, mode in tasks}
     kept: dict[tuple, dict[str, Any]] = {}
     for row in _read_rows(out) if os.path.exists(out) else []:
@@ -808,7 +806,7 @@ def resumable(tasks: list[Task], out: str) -> list[dict[str, Any]]:
         timed = row["steps"] is not None
         measured = row.get("step_s") is not None if timed else True
         if key in wanted and row.get("error") is None and measured:
-            kept[key] = _row(row)
+            kept[key] = _row({**row, "resumed": True})  # (the table's note says so)
     return list(kept.values())
 
 
@@ -890,8 +888,8 @@ def compile_pass(
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    keys = [_key(args, mode) for args, mode in tasks]
-    if len(set(keys)) != len(keys):
+    keys = {_key(args, mode) for args, mode in tasks}
+    if len(keys) != len(tasks):
         raise ValueError("compile_pass: a (setting, mode) task is given twice")
     done: dict[tuple, dict[str, Any]] = {}
     version = None if cache_dir is None else code_version()
@@ -905,7 +903,7 @@ def compile_pass(
         ref = _reference_mode(mode)
         if row is not None and ref and row["reference_peak_bytes"] is None:
             # Planned without its budget (its non-private compile had failed): plan again.
-            row = None if _key(args, ref) in set(keys) else row
+            row = None if _key(args, ref) in keys else row
         if row is not None:
             _log(_label(args, mode), f"compiled earlier in {cache_dir}: not compiled again")
             rows[_key(args, mode)] = row
@@ -1059,8 +1057,6 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs
     where = "suite" if args.suite else args.model
     kept = resumable(tasks, args.out) if args.resume else []
-    for row in kept:
-        row["resumed"] = True  # measured by an earlier run (the table's note says so)
     if args.resume:
         done = {_row_key(r) for r in kept}
         tasks = [(a, m) for a, m in tasks if _task_key(a, m) not in done]
