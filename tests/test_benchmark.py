@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import shutil
 import subprocess
@@ -33,8 +34,8 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     out, cache = tmp_path / "results.jsonl", tmp_path / "cache"
     args = (
         "--model=tiny",
-        "--batch=4",
-        "--seq=16",
+        "--batch=8",
+        "--seq=64",
         "--modes=nonprivate,vmap,ghost_plan",
         "--steps=2",
         "--warmup=1",
@@ -49,27 +50,33 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     for r in rows:
         assert r["error"] is None, r["error"]
-        assert (r["model"], r["batch"], r["seq"], r["dtype"]) == ("tiny", 4, 16, "float32")
+        assert (r["model"], r["batch"], r["seq"], r["dtype"]) == ("tiny", 8, 64, "float32")
         for key in ("step_s", "tokens_per_s", "compile_s", "peak_bytes", "grad_step_flops"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
-        assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_s"])
+        assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_s"])
         assert r["peak_bytes_source"] in ("gpu_peak_bytes_in_use", "host_peak_rss")
         assert r["device"] and r["backend"]
-        # The timed process loaded all three steps from the compile pass's cache.
+        # The timed process loaded all three steps as the compile pass serialized them (the
+        # plan's with the plan it was compiled for): no tracing, lowering or compiling.
         assert r["compile_jobs"] == 2 and r["compile_cache_hits"] == 3
+        assert r["steps_loaded_from"] == "serialized executables"
         assert r["cached_compile_s"] > 0
         # Where a timed process's time goes: set-up, loading its steps, then its steps.
         assert 0 < r["setup_s"] and r["setup_s"] + r["cached_compile_s"] < r["process_s"]
     assert "compile pass: 3 of 3 done" in proc.stderr
     assert re.search(r"compile pass \d+ s, timed pass \d+ s, of which", proc.stderr)
-    assert "(3 of 3 steps loaded from the compile cache)" in proc.stderr
+    assert "(3 of 3 steps loaded from the serialized executables)" in proc.stderr
+    executables = cache / "executables"
+    assert sorted(p.name for p in executables.iterdir()) == [
+        f"tiny-B8-T64-{mode}-float32.pkl" for mode in ("ghost_plan", "nonprivate", "vmap")
+    ]
     assert rows[2]["plan"].startswith(f"microbatch {rows[2]['microbatch']},")
     # The timed process took the compile pass's plan instead of planning again.
     assert rows[2]["plan_choice"]["microbatch"] == rows[2]["microbatch"]
     assert "replanning" not in proc.stderr.split("timed pass")[1]
     nonprivate, vmap = rows[:2]
     assert nonprivate["ratio_vs_nonprivate"] == 1.0
-    assert nonprivate["microbatch"] is None and vmap["microbatch"] == 4
+    assert nonprivate["microbatch"] is None and vmap["microbatch"] == 8
     assert vmap["ratio_vs_nonprivate"] == pytest.approx(nonprivate["step_s"] / vmap["step_s"])
     flops = nonprivate["grad_step_flops"] / vmap["grad_step_flops"]
     assert vmap["flops_ratio_vs_nonprivate"] == pytest.approx(flops)
@@ -85,6 +92,14 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     failed = json.dumps({**rows[2], "error": "OutOfMemory", "step_s": None})
     out.write_text("\n".join([first, *other, json.dumps(old), failed, first[:40]]))
     shutil.rmtree(cache / "merged")
+    # vmap's serialized steps are the non-private ones under vmap's name (they load, but do
+    # not run), ghost_plan's unreadable: both are compiled from the compilation cache instead
+    # (merged again from each mode's own).
+    vmap_file = executables / "tiny-B8-T64-vmap-float32.pkl"
+    swapped = pickle.loads((executables / "tiny-B8-T64-nonprivate-float32.pkl").read_bytes())
+    swapped["identity"] = pickle.loads(vmap_file.read_bytes())["identity"]
+    vmap_file.write_bytes(pickle.dumps(swapped))
+    (executables / "tiny-B8-T64-ghost_plan-float32.pkl").write_bytes(b"not a pickle")
     resumed = _run(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "--resume: 1 rows kept" in resumed.stderr and "2 to run" in resumed.stderr
@@ -94,12 +109,15 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert "kept from an earlier run" in resumed.stderr  # the table's note
     for earlier, r in zip(rows[1:], again[1:], strict=True):
         assert r["error"] is None and r["step_s"] > 0 and r["steps"] == 2
-        assert f"B4 T16 {r['mode']}] compiled earlier in {cache}" in resumed.stderr
+        assert f"B8 T64 {r['mode']}] compiled earlier in {cache}" in resumed.stderr
         assert r["compile_cache_hits"] == 3 and r["compile_s"] == earlier["compile_s"]
+        assert r["steps_loaded_from"] == "compilation cache"
         assert r["ratio_vs_nonprivate"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
     assert again[2]["plan_choice"] == rows[2]["plan_choice"]
     assert again[2]["reference_peak_bytes"] == rows[0]["estimated_peak_bytes"]
     assert "compile pass: 1 of" not in resumed.stderr  # nothing compiled
+    assert "vmap] serialized steps failed to run (" in resumed.stderr
+    assert "ghost_plan] serialized steps not loaded (UnpicklingError" in resumed.stderr
     # The new rows start on a line of their own after the cut-short one.
     written = [json.loads(line) for line in out.read_text().splitlines()[6:]]
     assert [r["mode"] for r in written] == ["vmap", "ghost_plan"]
@@ -221,3 +239,17 @@ def test_plan_is_replanned_under_a_memory_limit():
     assert capped["estimated_peak_bytes"] <= limit * 2**30 or "over the device's" in capped["plan"]
     proc = _run("--model=tiny", "--batch=8", "--seq=16", "--memory-limit-gib=0")
     assert proc.returncode == 2 and "--memory-limit-gib must be positive" in proc.stderr
+
+
+def test_serialized_steps_load_only_for_what_they_were_compiled_for(tmp_path, capsys):
+    """A timed process loads a compile pass's serialized steps only for its own identity."""
+    from jaxdp.commands.benchmark import load_executables
+
+    path = tmp_path / "steps.pkl"
+    assert load_executables(str(path), {"mode": "vmap"}, "label") is None  # nothing there
+    saved = {"code_version": "a", "mode": "vmap", "microbatch": 4, "steps": 5}
+    path.write_bytes(pickle.dumps({"identity": saved, "steps": []}))
+    wanted = {**saved, "code_version": "b", "microbatch": 2}
+    assert load_executables(str(path), wanted, "label") is None
+    assert "compiled for another code_version, microbatch" in capsys.readouterr().err
+    assert load_executables(str(path), saved, "label") == ()  # (no steps in this file)

@@ -70,9 +70,11 @@ compiles (and reports the FLOPs and XLA memory estimates):
     jaxdp benchmark --suite gpu --compile-only
 
 A timed suite first compiles every mode, --jobs (4) at a time, each into a compilation cache
-of its own, then times each mode alone with its steps (and plan) loaded from those caches
+of its own and its steps serialized (`save_executables`), then times each mode alone with its
+steps (and plan) loaded as the pass left them: deserialized, else from those caches
 (`compile_pass`, `run_tasks`); compile_s is the compile pass's cold compile, cached_compile_s
-the timed process's load, compile_cache_hits how many of the three steps were loaded. A plan's
+the timed process's load, compile_cache_hits how many of the three steps were loaded and
+steps_loaded_from from where. A plan's
 XLA estimate also stays under --memory-limit-gib (default: the GPU's memory limit).
 
 A run cut short (a time limit on the machine's commands) goes on where it stopped: `--resume`
@@ -154,6 +156,7 @@ RESULT_KEYS = (
     "peak_bytes_source",
     "compile_s",
     "compile_cache_hits",
+    "steps_loaded_from",
     "grad_step_temp_bytes",
     "update_step_temp_bytes",
     "grad_step_flops",
@@ -239,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--single-mode", choices=MODES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fixed-plan", default=None, help=argparse.SUPPRESS)  # JSON
+    # The compile pass's serialized steps of this mode: written by a --compile-only child,
+    # loaded (when they match) by the timed one (`save_executables`, `load_executables`).
+    parser.add_argument("--executables", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_limit_gib is not None and not args.memory_limit_gib > 0:
@@ -385,6 +391,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     )
 
     setup: dict[str, float] = {}
+    builds: list[int | None] = []  # one per build (a replanned mode builds again)
 
     def build(microbatch, strategy) -> dict[str, Any]:
         """The mode's state and compiled steps for one (microbatch, ghost strategy)."""
@@ -420,20 +427,24 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 lora.apply_lora(model, rank=8, alpha=16.0)
             return steps_lib.init_state(model, tx, trainable)
 
-        if args.compile_only:  # shapes only: even GPT-2 XL's state is never allocated
-            static = {}
-
-            def abstract_init():
-                static["graphdef"], state = init()
-                return state
-
-            state = jax.eval_shape(abstract_init)
-            graphdef = static["graphdef"]
-        else:
-            graphdef, state = init()
-        result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
         mesh = sharding.make_mesh()
-        state, steps = steps_lib.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
+
+        def placed_state():
+            if args.compile_only:  # shapes only: even GPT-2 XL's state is never allocated
+                static = {}
+
+                def abstract_init():
+                    static["graphdef"], state = init()
+                    return state
+
+                state = jax.eval_shape(abstract_init)
+                graphdef = static["graphdef"]
+            else:
+                graphdef, state = init()
+            return steps_lib.shard_and_jit(tx, plan, engine, state, mesh, graphdef=graphdef)
+
+        state, steps = placed_state()
+        result["n_trainable_params"] = sum(x.size for x in jax.tree.leaves(state.params))
 
         # A random batch, no padding rows, placed as the trainer places it.
         rng = np.random.default_rng(0)
@@ -453,28 +464,59 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         _log(label, "compiling")
         # Imports, backend, state, batch: the first build's (a replanned mode builds again).
         setup.setdefault("setup_s", time.time() - launched)
+        builds.append(microbatch)
         hits_before = len(_CACHE_HITS)
         t0 = time.perf_counter()
-        zero_accum = steps.zero_accum.lower(state.params).compile()
-        compile_s = time.perf_counter() - t0
-        if args.compile_only:
-            acc = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                jax.eval_shape(steps.zero_accum, state.params),
-                zero_accum.output_shardings,
+        ran_first_step = False
+        identity = _executables_identity(args, mode, microbatch, strategy)
+        loaded = None
+        if args.executables and not args.compile_only:
+            loaded = load_executables(args.executables, identity, label)
+        if loaded is not None:  # no tracing, lowering or compiling: the compile pass's steps
+            zero_accum, grad_step, update_step = loaded
+            result["compile_s"] = time.perf_counter() - t0
+            # One step first (the first warmup step, if any): a loaded executable that cannot
+            # run fails here, not in the timed steps.
+            try:
+                acc = grad_step(
+                    state.params, batch, keys[0], zero_accum(state.params), state.frozen
+                )
+                state, _ = update_step(state, acc)
+                acc = zero_accum(state.params)
+                jax.block_until_ready((state, acc))
+                result["compile_cache_hits"] = 3
+                result["steps_loaded_from"] = "serialized executables"
+                ran_first_step = True
+            except Exception as e:  # (its state may be donated: built again)
+                _log(label, f"serialized steps failed to run ({_error_message(e)}); compiling")
+                loaded = None
+                state, steps = placed_state()
+                t0 = time.perf_counter()
+        if loaded is None:
+            zero_accum = steps.zero_accum.lower(state.params).compile()
+            compile_s = time.perf_counter() - t0
+            if args.compile_only:
+                acc = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                    jax.eval_shape(steps.zero_accum, state.params),
+                    zero_accum.output_shardings,
+                )
+            else:  # lowered with its real shardings; lowering donates nothing
+                acc = zero_accum(state.params)
+            t0 = time.perf_counter()
+            grad_step = steps.grad_step.lower(
+                state.params, batch, keys[0], acc, state.frozen
+            ).compile()
+            update_step = steps.update_step.lower(state, acc).compile()
+            result["compile_s"] = compile_s + time.perf_counter() - t0
+            # With a persistent compilation cache (the suite's timed pass): how many of the
+            # three steps were loaded from it rather than compiled here.
+            cache_on = (
+                jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
             )
-        else:
-            acc = zero_accum(
-                state.params
-            )  # lowered with its real shardings; lowering donates nothing
-        t0 = time.perf_counter()
-        grad_step = steps.grad_step.lower(state.params, batch, keys[0], acc, state.frozen).compile()
-        update_step = steps.update_step.lower(state, acc).compile()
-        result["compile_s"] = compile_s + time.perf_counter() - t0
-        # With a persistent compilation cache (the suite's timed pass): how many of the three
-        # steps were loaded from it rather than compiled here.
-        cache_on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
-        result["compile_cache_hits"] = len(_CACHE_HITS) - hits_before if cache_on else None
+            result["compile_cache_hits"] = len(_CACHE_HITS) - hits_before if cache_on else None
+            if result["compile_cache_hits"]:
+                result["steps_loaded_from"] = "compilation cache"
         temp, update_temp = _temp_bytes(grad_step), _temp_bytes(update_step)
         result["grad_step_temp_bytes"] = temp
         result["update_step_temp_bytes"] = update_temp
@@ -488,6 +530,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["grad_step_flops"] = _flops(grad_step, 1 if plan is None else B // microbatch)
         return dict(
             result=result,
+            identity=identity,
+            ran_first_step=ran_first_step,
             state=state,
             zero_accum=zero_accum,
             grad_step=grad_step,
@@ -562,15 +606,25 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     )
     batch, keys, acc = built["batch"], built["keys"], built["acc"]
     if args.compile_only:
+        if args.executables and len(builds) == 1:
+            compiled = (zero_accum, grad_step, update_step)
+            save_executables(args.executables, built["identity"], compiled, label)
+        elif args.executables:
+            # On a CPU, an executable compiled after others in one process may call code of
+            # theirs, and then does not run elsewhere: the timed process lowers it instead.
+            _log(label, "replanned: steps not serialized (the compilation cache has them)")
+            _remove(args.executables)  # nor are an earlier run's kept
         _log(label, f"compiled in {result['compile_s']:.1f}s")
         return result
-    cached = result["compile_cache_hits"]
-    how = "" if cached is None else f" ({cached} of 3 steps loaded from the compile cache)"
+    cached, source = result["compile_cache_hits"], result.get("steps_loaded_from")
+    how = f" ({cached} of 3 steps loaded from the {source or 'compilation cache'})"
+    how = "" if cached is None else how
     _log(label, f"compiled in {result['compile_s']:.1f}s{how}; running")
     del acc
 
     times = []
-    for i, key in enumerate(keys):
+    first = 1 if built["ran_first_step"] and args.warmup else 0  # (a warmup step ran already)
+    for i, key in enumerate(keys[first:], start=first):
         t0 = time.perf_counter()
         acc = zero_accum(state.params)
         acc = grad_step(state.params, batch, key, acc, state.frozen)
@@ -627,6 +681,8 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
         command.append(f"--memory-limit-gib={args.memory_limit_gib}")
     if getattr(args, "fixed_plan", None):
         command.append(f"--fixed-plan={args.fixed_plan}")
+    if getattr(args, "executables", None):
+        command.append(f"--executables={args.executables}")
     return command + (["--compile-only"] if args.compile_only else [])
 
 
@@ -824,13 +880,16 @@ def run_tasks(
     env: dict[str, str] | None = None,
     compiled: dict[tuple, dict[str, Any]] | None = None,
     earlier: list[dict[str, Any]] = (),
+    cache_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """The tasks one after the other, each mode alone on the machine. With `compiled` (the
-    compile pass's rows), each mode loads its executables (and a plan mode its plan) from the
-    pass's cache (`env`): its compile_s is the pass's, cached_compile_s this process's load
-    (lowering included). A mode the pass failed to compile, or whose steps were not all found
-    in the cache, is compiled in its timed process, and compile_s is that compile. Ratios are
-    taken against the non-private rows among `earlier` (--resume) and those run so far."""
+    compile pass's rows), each mode loads its steps (and a plan mode its plan) as the pass
+    left them: serialized in `cache_dir` (no tracing or lowering), else from the pass's
+    compilation cache (`env`; lowering included). Its compile_s is the pass's,
+    cached_compile_s this process's load. A mode the pass failed to compile, or whose steps
+    were not all found, is compiled in its timed process, and compile_s is that compile.
+    Ratios are taken against the non-private rows among `earlier` (--resume) and those run so
+    far."""
     rows: list[dict[str, Any]] = list(earlier)
     for args, mode in tasks:
         first = None if compiled is None else compiled[_key(args, mode)]
@@ -839,9 +898,10 @@ def run_tasks(
             if first is not None:  # e.g. out of memory with --jobs compiles at once
                 row["compile_pass_error"] = first["error"]
         else:
+            args = argparse.Namespace(**vars(args))
             if first.get("plan_choice"):
-                args = argparse.Namespace(**vars(args))
                 args.fixed_plan = json.dumps(first["plan_choice"])
+            args.executables = _executables_path(cache_dir, args, mode)
             row = run_one(args, mode, rows, env)
             if row["error"] is None and row["compile_cache_hits"] == 3:
                 row["cached_compile_s"] = row["compile_s"]
@@ -871,6 +931,95 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def _name(args: argparse.Namespace, mode: str) -> str:
+    """A mode's name in --cache-dir."""
+    return f"{args.model}-B{args.batch}-T{args.seq}-{mode}-{_mode_dtype(mode, args.dtype)}"
+
+
+def _executables_path(cache_dir: str | None, args: argparse.Namespace, mode: str) -> str | None:
+    """Where the compile pass serializes a mode's steps (`save_executables`)."""
+    if cache_dir is None:
+        return None
+    return os.path.join(cache_dir, "executables", f"{_name(args, mode)}.pkl")
+
+
+def _executables_identity(
+    args: argparse.Namespace, mode: str, microbatch: int | None, strategy
+) -> dict[str, Any]:
+    """What a mode's serialized steps were compiled for: a timed process loads them only when
+    all of it matches its own (the same sources and JAX, setting, plan, steps, device)."""
+    import jax
+
+    identity = {
+        "code_version": code_version(),
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "mode": mode,
+        "dtype": _mode_dtype(mode, args.dtype),
+        "microbatch": microbatch,
+        "strategy": strategy,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+    }
+    return json.loads(json.dumps(identity))  # tuples as lists, as when read back
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label: str) -> None:
+    """Writes a mode's three compiled steps (`jax.experimental.serialize_executable`) with their
+    `identity`, so that its timed process neither traces, lowers nor compiles them. A step that
+    cannot be serialized leaves no file (the timed process then loads the compilation cache)."""
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    try:
+        steps = [serialize_executable.serialize(c) for c in compiled]
+        blob = pickle.dumps({"identity": identity, "steps": steps})
+    except Exception as e:  # e.g. a backend without serialization
+        _log(label, f"steps not serialized ({_error_message(e)})")
+        _remove(path)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)  # a killed writer leaves no half file under the name
+
+
+def load_executables(path: str, identity: dict[str, Any], label: str) -> tuple | None:
+    """The three steps `save_executables` wrote for this `identity`, or None (nothing there,
+    written for something else, or not loadable: then the steps are lowered and compiled, from
+    the compilation cache where it has them). Only for files this script wrote: unpickling runs
+    code, as loading any compiled executable does."""
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        if saved["identity"] != identity:
+            differ = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
+            _log(label, f"serialized steps were compiled for another {', '.join(differ)}")
+            return None
+        return tuple(serialize_executable.deserialize_and_load(*step) for step in saved["steps"])
+    except Exception as e:
+        _log(label, f"serialized steps not loaded ({_error_message(e)}); compiling")
+        return None
+
+
 def compile_pass(
     tasks: list[Task],
     jobs: int,
@@ -881,7 +1030,8 @@ def compile_pass(
     """Compiles every task (`--compile-only` children, `jobs` at a time); a plan mode waits
     for its setting's non-private row (its memory budget; or takes it from `earlier`). Larger
     settings start first. With `cache_dir`, the executables end up in cache_dir/merged (each
-    child writes its own cache first) and the rows in cache_dir/compile_rows.jsonl; a task
+    child writes its own cache first), each mode's serialized steps in cache_dir/executables
+    and the rows in cache_dir/compile_rows.jsonl; a task
     compiled there before (a row without error, by the same code, and a plan budgeted against
     its non-private row) is not compiled again. `out` gets each row as it is done."""
     import shutil
@@ -925,10 +1075,7 @@ def compile_pass(
     t0 = time.perf_counter()
 
     def own_cache(args: argparse.Namespace, mode: str) -> str | None:
-        if cache_dir is None:
-            return None
-        name = f"{args.model}-B{args.batch}-T{args.seq}-{mode}-{_mode_dtype(mode, args.dtype)}"
-        return os.path.join(cache_dir, "modes", name)
+        return None if cache_dir is None else os.path.join(cache_dir, "modes", _name(args, mode))
 
     def work(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         try:
@@ -936,6 +1083,7 @@ def compile_pass(
             dependency = futures.get(_key(args, ref)) if ref else None
             known = list(earlier) if dependency is None else [dependency.result()]
             child = argparse.Namespace(**{**vars(args), "compile_only": True})
+            child.executables = _executables_path(cache_dir, args, mode)
             cache = own_cache(args, mode)
             row = run_one(child, mode, known, _cache_env(cache, compile_pass=True))
         except Exception as e:  # a bug here must not lose the other rows
@@ -1080,7 +1228,7 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             _log(where, "timed pass: one mode at a time")
             merged = _cache_env(os.path.join(cache, "merged"), compile_pass=False)
-            rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept)
+            rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept, cache_dir=cache)
             t2 = time.perf_counter()
         setup = sum(r["setup_s"] or 0.0 for r in rows)
         loading = sum((r["cached_compile_s"] or r["compile_s"] or 0.0) for r in rows)
