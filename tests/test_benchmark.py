@@ -32,6 +32,8 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     plan waits for the non-private estimate), then timed alone, loading from the cache. Then a
     run cut short after its first row goes on with --resume, compiling nothing again."""
     out, cache = tmp_path / "results.jsonl", tmp_path / "cache"
+    # (At B8 T64 the plan fits its budget at once; at B4 T16 it is replanned, compiled three
+    # times in its process, and then not serialized.)
     args = (
         "--model=tiny",
         "--batch=8",
@@ -242,14 +244,28 @@ def test_plan_is_replanned_under_a_memory_limit():
 
 
 def test_serialized_steps_load_only_for_what_they_were_compiled_for(tmp_path, capsys):
-    """A timed process loads a compile pass's serialized steps only for its own identity."""
-    from jaxdp.commands.benchmark import load_executables
+    """A timed process loads a compile pass's serialized steps only for its own identity, and
+    they run as compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdp.commands.benchmark import load_executables, save_executables
 
     path = tmp_path / "steps.pkl"
     assert load_executables(str(path), {"mode": "vmap"}, "label") is None  # nothing there
-    saved = {"code_version": "a", "mode": "vmap", "microbatch": 4, "steps": 5}
-    path.write_bytes(pickle.dumps({"identity": saved, "steps": []}))
+    x = jnp.arange(3.0)
+    compiled = tuple(jax.jit(f).lower(x).compile() for f in (jnp.sin, jnp.cos, jnp.exp))
+    saved = {"code_version": "a", "mode": "vmap", "microbatch": 4, "strategy": [["h.0", "x"]]}
+    save_executables(str(path), saved, compiled, "label")
+    assert [p.name for p in tmp_path.iterdir()] == ["steps.pkl"]  # no temporary file left
     wanted = {**saved, "code_version": "b", "microbatch": 2}
+    del wanted["strategy"]
     assert load_executables(str(path), wanted, "label") is None
-    assert "compiled for another code_version, microbatch" in capsys.readouterr().err
-    assert load_executables(str(path), saved, "label") == ()  # (no steps in this file)
+    err = capsys.readouterr().err
+    assert "compiled for another code_version, microbatch, strategy" in err
+    loaded = load_executables(str(path), saved, "label")
+    for f, step in zip((jnp.sin, jnp.cos, jnp.exp), loaded, strict=True):
+        assert jnp.array_equal(step(x), f(x))
+    path.write_bytes(b"not a pickle")
+    assert load_executables(str(path), saved, "label") is None
+    assert "serialized steps not loaded (UnpicklingError" in capsys.readouterr().err

@@ -100,6 +100,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -166,6 +167,15 @@ RESULT_KEYS = (
     "device",
     "backend",
     "num_devices",
+)
+
+
+# The compiler's cost and memory estimates of a mode's steps.
+ESTIMATE_KEYS = (
+    "grad_step_temp_bytes",
+    "update_step_temp_bytes",
+    "grad_step_flops",
+    "estimated_peak_bytes",
 )
 
 
@@ -466,20 +476,25 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         setup.setdefault("setup_s", time.time() - launched)
         builds.append(microbatch)
         hits_before = len(_CACHE_HITS)
-        t0 = time.perf_counter()
         ran_first_step = False
-        identity = _executables_identity(args, mode, microbatch, strategy)
+        identity = None
+        if args.executables:
+            identity = _executables_identity(args, mode, microbatch, strategy)
+        t0 = time.perf_counter()
         loaded = None
-        if args.executables and not args.compile_only:
+        if identity and not args.compile_only:
             loaded = load_executables(args.executables, identity, label)
         if loaded is not None:  # no tracing, lowering or compiling: the compile pass's steps
             zero_accum, grad_step, update_step = loaded
             result["compile_s"] = time.perf_counter() - t0
-            # One step first (the first warmup step, if any): a loaded executable that cannot
-            # run fails here, not in the timed steps.
+            # One step first (the first warmup step, if any; else an extra one with a key of
+            # its own): a loaded executable that cannot run fails here, not in timed steps.
+            first_key = keys[0]
+            if not args.warmup:
+                first_key = jax.device_put(jax.random.fold_in(base_key, len(keys)), replicated)
             try:
                 acc = grad_step(
-                    state.params, batch, keys[0], zero_accum(state.params), state.frozen
+                    state.params, batch, first_key, zero_accum(state.params), state.frozen
                 )
                 state, _ = update_step(state, acc)
                 acc = zero_accum(state.params)
@@ -487,14 +502,18 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 result["compile_cache_hits"] = 3
                 result["steps_loaded_from"] = "serialized executables"
                 ran_first_step = True
-            except Exception as e:  # (its state may be donated: built again)
+            except Exception as e:
+                from jaxdp.run import _out_of_memory
+
+                if _out_of_memory(e):  # the mode's own failure, not the executables'
+                    raise
                 _log(label, f"serialized steps failed to run ({_error_message(e)}); compiling")
-                loaded = None
+                # Its state may be donated: built again, after the first one is let go.
+                loaded = state = acc = zero_accum = grad_step = update_step = None
                 state, steps = placed_state()
-                t0 = time.perf_counter()
         if loaded is None:
             zero_accum = steps.zero_accum.lower(state.params).compile()
-            compile_s = time.perf_counter() - t0
+            compile_s = time.perf_counter() - t0  # (with a failed load before it, if any)
             if args.compile_only:
                 acc = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -610,8 +629,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             compiled = (zero_accum, grad_step, update_step)
             save_executables(args.executables, built["identity"], compiled, label)
         elif args.executables:
-            # On a CPU, an executable compiled after others in one process may call code of
-            # theirs, and then does not run elsewhere: the timed process lowers it instead.
+            # Observed on a CPU: a replanned mode's last executables, loaded elsewhere, failed
+            # to run ("Function ... not found"); the timed process lowers them instead.
             _log(label, "replanned: steps not serialized (the compilation cache has them)")
             _remove(args.executables)  # nor are an earlier run's kept
         _log(label, f"compiled in {result['compile_s']:.1f}s")
@@ -904,6 +923,9 @@ def run_tasks(
             args.executables = _executables_path(cache_dir, args, mode)
             row = run_one(args, mode, rows, env)
             if row["error"] is None and row["compile_cache_hits"] == 3:
+                for key in ESTIMATE_KEYS:  # a loaded executable may not report them
+                    if row[key] is None:
+                        row[key] = first[key]
                 row["cached_compile_s"] = row["compile_s"]
                 row["compile_s"] = first["compile_s"]
                 row["compile_jobs"] = first["compile_jobs"]
@@ -943,11 +965,33 @@ def _executables_path(cache_dir: str | None, args: argparse.Namespace, mode: str
     return os.path.join(cache_dir, "executables", f"{_name(args, mode)}.pkl")
 
 
+def _plugin_versions() -> dict[str, str]:
+    """The installed JAX backend plugins (CUDA, ROCm) and their versions."""
+    from importlib import metadata
+
+    return {
+        d.metadata["Name"]: d.version
+        for d in metadata.distributions()
+        if (d.metadata["Name"] or "").lower().startswith(("jax-cuda", "jax_cuda", "jax-rocm"))
+    }
+
+
+# Environment settings of where executables are cached and how memory is allocated: they differ
+# between the compile pass and the timed pass, and do not change the compiled program.
+_NOT_THE_PROGRAM = (
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_ENABLE_COMPILATION_CACHE",
+    "JAX_PERSISTENT_CACHE_",
+    "XLA_PYTHON_CLIENT_",
+)
+
+
 def _executables_identity(
     args: argparse.Namespace, mode: str, microbatch: int | None, strategy
 ) -> dict[str, Any]:
     """What a mode's serialized steps were compiled for: a timed process loads them only when
-    all of it matches its own (the same sources and JAX, setting, plan, steps, device)."""
+    all of it matches its own (the same sources, JAX and plugins, environment settings, host,
+    device, setting and plan)."""
     import jax
 
     identity = {
@@ -959,10 +1003,18 @@ def _executables_identity(
         "dtype": _mode_dtype(mode, args.dtype),
         "microbatch": microbatch,
         "strategy": strategy,
-        "steps": args.steps,
-        "warmup": args.warmup,
         "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
+        # What else changes the program: the backend's and plugin's versions, XLA's and JAX's
+        # settings from the environment, and (a CPU's executable is native code) the host.
+        "platform_version": jax.devices()[0].client.platform_version,
+        "plugins": _plugin_versions(),
+        "environment": {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(("XLA_", "JAX_")) and not k.startswith(_NOT_THE_PROGRAM)
+        },
+        "host": platform.node(),
     }
     return json.loads(json.dumps(identity))  # tuples as lists, as when read back
 
@@ -991,9 +1043,12 @@ def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)  # a killed writer leaves no half file under the name
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)  # a killed writer leaves no half file under the name
+    finally:
+        _remove(tmp)
 
 
 def load_executables(path: str, identity: dict[str, Any], label: str) -> tuple | None:
@@ -1011,7 +1066,8 @@ def load_executables(path: str, identity: dict[str, Any], label: str) -> tuple |
         with open(path, "rb") as f:
             saved = pickle.load(f)
         if saved["identity"] != identity:
-            differ = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
+            keys = set(identity) | set(saved["identity"])
+            differ = sorted(k for k in keys if saved["identity"].get(k) != identity.get(k))
             _log(label, f"serialized steps were compiled for another {', '.join(differ)}")
             return None
         return tuple(serialize_executable.deserialize_and_load(*step) for step in saved["steps"])
