@@ -107,6 +107,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 MODES = (
@@ -329,6 +330,17 @@ def _peak_bytes() -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "host_peak_rss"
 
 
+def _train_step(steps: tuple, state, batch, key) -> tuple:
+    """One step with the three compiled steps (zero_accum, grad_step, update_step), waited for:
+    the new state and the metrics."""
+    import jax
+
+    zero_accum, grad_step, update_step = steps
+    acc = grad_step(state.params, batch, key, zero_accum(state.params), state.frozen)
+    state, metrics = update_step(state, acc)
+    return jax.block_until_ready((state, metrics))
+
+
 def _temp_bytes(compiled) -> int | None:
     """XLA's scratch memory estimate of a compiled step (None where the backend has none)."""
     analysis = compiled.memory_analysis()
@@ -493,12 +505,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             if not args.warmup:
                 first_key = jax.device_put(jax.random.fold_in(base_key, len(keys)), replicated)
             try:
-                acc = grad_step(
-                    state.params, batch, first_key, zero_accum(state.params), state.frozen
-                )
-                state, _ = update_step(state, acc)
+                state, _ = _train_step(loaded, state, batch, first_key)
                 acc = zero_accum(state.params)
-                jax.block_until_ready((state, acc))
                 result["compile_cache_hits"] = 3
                 result["steps_loaded_from"] = "serialized executables"
                 ran_first_step = True
@@ -632,7 +640,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             # Observed on a CPU: a replanned mode's last executables, loaded elsewhere, failed
             # to run ("Function ... not found"); the timed process lowers them instead.
             _log(label, "replanned: steps not serialized (the compilation cache has them)")
-            _remove(args.executables)  # nor are an earlier run's kept
+            Path(args.executables).unlink(missing_ok=True)  # nor are an earlier run's kept
         _log(label, f"compiled in {result['compile_s']:.1f}s")
         return result
     cached, source = result["compile_cache_hits"], result.get("steps_loaded_from")
@@ -645,10 +653,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     first = 1 if built["ran_first_step"] and args.warmup else 0  # (a warmup step ran already)
     for i, key in enumerate(keys[first:], start=first):
         t0 = time.perf_counter()
-        acc = zero_accum(state.params)
-        acc = grad_step(state.params, batch, key, acc, state.frozen)
-        state, metrics = update_step(state, acc)
-        jax.block_until_ready((state, metrics))
+        state, metrics = _train_step((zero_accum, grad_step, update_step), state, batch, key)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     loss = float(metrics["train_loss"])
@@ -942,7 +947,6 @@ def code_version() -> str:
     """A fingerprint of what compiled a --cache-dir's rows: jaxdp's sources, JAX's versions."""
     import hashlib
     from importlib import metadata
-    from pathlib import Path
 
     digest = hashlib.sha256()
     for name in ("jax", "jaxlib"):
@@ -1019,13 +1023,6 @@ def _executables_identity(
     return json.loads(json.dumps(identity))  # tuples as lists, as when read back
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label: str) -> None:
     """Writes a mode's three compiled steps (`jax.experimental.serialize_executable`) with their
     `identity`, so that its timed process neither traces, lowers nor compiles them. A step that
@@ -1039,7 +1036,7 @@ def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label
         blob = pickle.dumps({"identity": identity, "steps": steps})
     except Exception as e:  # e.g. a backend without serialization
         _log(label, f"steps not serialized ({_error_message(e)})")
-        _remove(path)
+        Path(path).unlink(missing_ok=True)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -1048,7 +1045,7 @@ def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label
             f.write(blob)
         os.replace(tmp, path)  # a killed writer leaves no half file under the name
     finally:
-        _remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def load_executables(path: str, identity: dict[str, Any], label: str) -> tuple | None:
