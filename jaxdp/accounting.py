@@ -52,12 +52,15 @@ import operator
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-import scipy.optimize
-from dp_accounting import pld, rdp
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting (and SciPy's optimizers) are imported where they are used: importing them takes
+# about a second, which a process that never accounts (a benchmark's or a compile's) is spared.
 
 log = logging.getLogger("jaxdp")
 
@@ -105,6 +108,9 @@ def make_accountant(
         `pld_interval`). Larger is faster and still a valid upper bound. Ignored for
         ``"rdp"``.
     """
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
     relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     if accountant == "pld":
         if not pld_discretization > 0:
@@ -157,6 +163,8 @@ def dpsgd_event(
       truncated_batch_size: maximum batch size after truncation; required for
         ``"truncated_poisson"``.
     """
+    import dp_accounting
+
     noise_multiplier = _check_noise_multiplier(noise_multiplier)
     sampling_prob = _check_sampling_prob(sampling_prob)
     steps = _check_steps(steps)
@@ -549,6 +557,8 @@ def _bisect(
     """The smallest evaluated sigma in [lo, hi] with eps(sigma) <= target, once the bracket
     (eps(lo) > target >= eps(hi)) is narrower than ``tol`` (relative above 1): a value that meets
     the target by construction. Brent's method on log(epsilon) finds the crossing."""
+    import scipy.optimize
+
     feasible = [hi]
 
     def gap(sigma: float) -> float:
@@ -566,6 +576,9 @@ def _make_rdp() -> dp_accounting.PrivacyAccountant:
     """The RDP accountant for PLD calibration's initial guess: integer orders only, whose
     subsampled-Gaussian bounds are closed-form (fractional orders near 1 can fail to converge
     and fill the log with warnings; a guess does not need them)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
     return rdp.RdpAccountant(
         orders=[float(a) for a in range(2, 257)],
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -580,6 +593,8 @@ def _compose(
 
 
 def _check_supported(acc: dp_accounting.PrivacyAccountant, event: dp_accounting.DpEvent) -> None:
+    from dp_accounting import pld
+
     if not acc.supports(event):
         name = "pld" if isinstance(acc, pld.PLDAccountant) else "rdp"
         raise ValueError(
@@ -684,6 +699,9 @@ class EpsilonCurve:
                 pld_discretization=self.pld_discretization,
             )
         if self._one_step is None:
+            import dp_accounting
+            from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
             # Exactly what PLDAccountant composes for a PoissonSampledDpEvent(GaussianDpEvent).
             self._one_step = pld_lib.from_gaussian_mechanism(
                 standard_deviation=self.noise_multiplier,

@@ -30,15 +30,17 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import optax
 
 from jaxdp import accounting, sampling
 from jaxdp.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from jaxdp.clipping import CLIPPING_MODES
 from jaxdp.noise import add_gaussian_noise
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 log = logging.getLogger("jaxdp")
 
@@ -300,6 +302,8 @@ class PrivacyPlan:
         """The DpEvent of `steps` steps, at the accounting noise multiplier."""
         steps = self.num_steps if steps is None else steps
         if not self.enabled:
+            import dp_accounting
+
             return dp_accounting.NonPrivateDpEvent()
         return accounting.dpsgd_event(self.accounting_noise_multiplier, self.sampling_prob, steps)
 

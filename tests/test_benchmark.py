@@ -64,9 +64,15 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
         assert r["steps_loaded_from"] == "serialized executables"
         assert r["cached_compile_s"] > 0
         # Where a timed process's time goes: set-up, loading its steps, then its steps.
-        assert 0 < r["setup_s"] and r["setup_s"] + r["cached_compile_s"] < r["process_s"]
+        parts = (r["setup_s"], r["cached_compile_s"], r["run_s"])
+        assert all(x > 0 for x in parts) and sum(parts) < r["process_s"]
+        split = r["import_s"] + r["backend_s"] + r["state_s"]
+        assert min(r["import_s"], r["backend_s"], r["state_s"]) > 0
+        assert split == pytest.approx(r["setup_s"])
     assert "compile pass: 3 of 3 done" in proc.stderr
     assert re.search(r"compile pass \d+ s, timed pass \d+ s, of which", proc.stderr)
+    assert re.search(r"3 modes in \d+ s; their processes, summed: \d+ s", proc.stderr)
+    assert re.search(r"running them \d+ s and the rest \(estimates, exit\) -?\d+ s", proc.stderr)
     assert "(3 of 3 steps loaded from the serialized executables)" in proc.stderr
     executables = cache / "executables"
     assert sorted(p.name for p in executables.iterdir()) == [
@@ -180,6 +186,27 @@ def test_benchmark_plan_and_bf16_modes_compile(tmp_path):
     expected = rows["nonprivate_bf16"]["grad_step_flops"] / bf["grad_step_flops"]
     assert bf["flops_ratio_vs_nonprivate"] == pytest.approx(expected)
     assert "| ghost_plan_bf16 | bfloat16 |" in proc.stderr  # the markdown table
+
+
+def test_a_modes_process_does_not_import_dp_accounting():
+    """Each of the suite's 42 processes imports what a mode's step needs; dp-accounting (about
+    0.7 s of imports on a CPU) is imported only where something is accounted."""
+    code = (
+        "import sys, jax, optax\n"
+        "import jaxdp.commands.benchmark\n"
+        "from jaxdp import clipping_plan, lora, sharding, steps\n"
+        "from jaxdp.plan import PrivacyPlan\n"
+        "plan = PrivacyPlan(num_examples=8000, expected_batch_size=8, num_steps=3, "
+        "l2_clip_norm=1.0, noise_multiplier=1.0, target_delta=1e-6)\n"
+        "plan.optimizer(optax.adamw(1e-4), jax.random.key(0))\n"
+        "print('dp_accounting' in sys.modules)\n"
+        "print(plan.epsilon() > 0, 'dp_accounting' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "True"]
 
 
 def test_benchmark_suite_arguments():

@@ -28,7 +28,11 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
     tokens_per_s         B * T / step_s
     compile_s            lowering + compiling zero_accum, grad_step and update_step
     setup_s              the mode's process before compiling: importing JAX, starting the
-                         backend, building the model, the state and the batch
+                         backend, building the model, the state and the batch; split into
+                         import_s (Python's start-up and the imports), backend_s (starting
+                         JAX's backend) and state_s (model, train state, batch, keys)
+    run_s                the steps that ran once compiled: the warmup and timed steps (and a
+                         loaded executable's check step)
     process_s            the mode's whole process, as its parent timed it (start-up, setup,
                          compile, steps, exit)
     steps, warmup, memory_limit_gib   the arguments it ran with (steps null: compile-only)
@@ -389,6 +393,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from jaxdp.gpt2 import GPT2Config, init_model
     from jaxdp.plan import PrivacyPlan
 
+    imported = time.time()
+
     def on_event(event: str, **kwargs) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             _CACHE_HITS.append(event)
@@ -404,6 +410,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "num_devices": jax.device_count(),
         "dtype": dtype,
     }
+    backend_started = time.time()
     if B % jax.device_count():
         raise ValueError(f"--batch {B} must be divisible by the {jax.device_count()} devices.")
 
@@ -485,10 +492,15 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         # Ahead-of-time compile, so compile_s excludes execution and step_s excludes compilation.
         _log(label, "compiling")
         # Imports, backend, state, batch: the first build's (a replanned mode builds again).
-        setup.setdefault("setup_s", time.time() - launched)
+        if "setup_s" not in setup:
+            now = time.time()
+            setup["setup_s"] = now - launched
+            setup["import_s"] = imported - launched
+            setup["backend_s"] = backend_started - imported
+            setup["state_s"] = now - backend_started
         builds.append(microbatch)
         hits_before = len(_CACHE_HITS)
-        ran_first_step = False
+        ran_first_step, first_step_s = False, 0.0
         identity = None
         if args.executables:
             identity = _executables_identity(args, mode, microbatch, strategy)
@@ -505,8 +517,10 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             if not args.warmup:
                 first_key = jax.device_put(jax.random.fold_in(base_key, len(keys)), replicated)
             try:
+                t1 = time.perf_counter()
                 state, _ = _train_step(loaded, state, batch, first_key)
                 acc = zero_accum(state.params)
+                first_step_s = time.perf_counter() - t1
                 result["compile_cache_hits"] = 3
                 result["steps_loaded_from"] = "serialized executables"
                 ran_first_step = True
@@ -559,6 +573,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             result=result,
             identity=identity,
             ran_first_step=ran_first_step,
+            first_step_s=first_step_s,
             state=state,
             zero_accum=zero_accum,
             grad_step=grad_step,
@@ -649,7 +664,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     _log(label, f"compiled in {result['compile_s']:.1f}s{how}; running")
     del acc
 
-    times = []
+    times, started = [], time.perf_counter()
     first = 1 if built["ran_first_step"] and args.warmup else 0  # (a warmup step ran already)
     for i, key in enumerate(keys[first:], start=first):
         t0 = time.perf_counter()
@@ -657,6 +672,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     loss = float(metrics["train_loss"])
+    result["run_s"] = built["first_step_s"] + time.perf_counter() - started
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite train_loss {loss}")
 
@@ -777,6 +793,10 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["memory_ratio_vs_nonprivate"] = None
     row["cached_compile_s"] = None
     row["setup_s"] = None
+    row["import_s"] = None
+    row["backend_s"] = None
+    row["state_s"] = None
+    row["run_s"] = None
     row["memory_limit_gib"] = None
     row["reference_peak_bytes"] = None  # a plan mode's budget: the non-private XLA estimate
     row["process_s"] = None
@@ -1161,6 +1181,15 @@ def compile_pass(
         for args, mode in order:  # a dependency is always submitted first
             futures[_key(args, mode)] = pool.submit(work, args, mode)
         rows.update({key: future.result() for key, future in futures.items()})
+    if finished:  # where this pass's time went, summed over its processes (run `jobs` at once)
+        total = lambda key: sum(r.get(key) or 0.0 for r in finished)
+        _log(
+            "compile pass",
+            f"{len(finished)} modes in {time.perf_counter() - t0:.0f} s; their processes, "
+            f"summed: {total('process_s'):.0f} s, of which setup {total('setup_s'):.0f} s "
+            f"(imports {total('import_s'):.0f}, backend {total('backend_s'):.0f}, model and "
+            f"state {total('state_s'):.0f}) and compiling {total('compile_s'):.0f} s",
+        )
     if cache_dir is not None:  # every mode's cache, also those of a run cut short before this
         merged, modes = os.path.join(cache_dir, "merged"), os.path.join(cache_dir, "modes")
         os.makedirs(merged, exist_ok=True)
@@ -1283,12 +1312,17 @@ def main(argv: list[str] | None = None) -> int:
             merged = _cache_env(os.path.join(cache, "merged"), compile_pass=False)
             rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept, cache_dir=cache)
             t2 = time.perf_counter()
-        setup = sum(r["setup_s"] or 0.0 for r in rows)
+        total = lambda key: sum(r.get(key) or 0.0 for r in rows)
+        setup, run = total("setup_s"), total("run_s")
         loading = sum((r["cached_compile_s"] or r["compile_s"] or 0.0) for r in rows)
         how = (
             f"compile s: a cold compile, {jobs} modes compiling at once; compile pass "
-            f"{t1 - t0:.0f} s, timed pass {t2 - t1:.0f} s, of which the modes' setup (imports, "
-            f"backend, state) {setup:.0f} s and loading (or compiling) their steps {loading:.0f} s"
+            f"{t1 - t0:.0f} s, timed pass {t2 - t1:.0f} s, of "
+            f"which the modes' setup {setup:.0f} s (imports {total('import_s'):.0f}, "
+            f"backend {total('backend_s'):.0f}, model and state "
+            f"{total('state_s'):.0f}), loading (or compiling) their steps "
+            f"{loading:.0f} s, running them {run:.0f} s and the rest (estimates, exit) "
+            f"{t2 - t1 - setup - loading - run:.0f} s"
         )
     ran = len(rows)
     rows = kept + rows
