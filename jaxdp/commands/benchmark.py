@@ -33,6 +33,8 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
                          JAX's backend) and state_s (model, train state, batch, keys)
     run_s                the steps that ran once compiled: the warmup and timed steps (and a
                          loaded executable's check step)
+    failed_load_s        serialized steps that loaded but failed their check step: loading,
+                         that step and a new state (then compiled: compile_s); else null
     process_s            the mode's whole process, as its parent timed it (start-up, setup,
                          compile, steps, exit)
     steps, warmup, memory_limit_gib   the arguments it ran with (steps null: compile-only)
@@ -516,6 +518,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             first_key = keys[0]
             if not args.warmup:
                 first_key = jax.device_put(jax.random.fold_in(base_key, len(keys)), replicated)
+            failure = None
             try:
                 t1 = time.perf_counter()
                 state, _ = _train_step(loaded, state, batch, first_key)
@@ -529,13 +532,18 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
                 if _out_of_memory(e):  # the mode's own failure, not the executables'
                     raise
-                _log(label, f"serialized steps failed to run ({_error_message(e)}); compiling")
+                failure = _error_message(e)  # (the traceback, which holds the state, ends here)
+            if failure is not None:
+                _log(label, f"serialized steps failed to run ({failure}); compiling")
                 # Its state may be donated: built again, after the first one is let go.
                 loaded = state = acc = zero_accum = grad_step = update_step = None
                 state, steps = placed_state()
+                # Loading, the failed step and the new state: none of it is compiling.
+                result["failed_load_s"] = time.perf_counter() - t0
+                t0, hits_before = time.perf_counter(), len(_CACHE_HITS)
         if loaded is None:
             zero_accum = steps.zero_accum.lower(state.params).compile()
-            compile_s = time.perf_counter() - t0  # (with a failed load before it, if any)
+            compile_s = time.perf_counter() - t0
             if args.compile_only:
                 acc = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -648,13 +656,17 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     )
     batch, keys, acc = built["batch"], built["keys"], built["acc"]
     if args.compile_only:
-        if args.executables and len(builds) == 1:
+        # Only steps compiled in this process are serialized: one loaded from the persistent
+        # compilation cache (a replanned plan's unchanged steps, a kept --cache-dir's after an
+        # edit) serializes, but on a CPU failed to run when loaded in another process ("Function
+        # ... not found"). Such a mode's timed process lowers its steps from the cache instead.
+        from_cache = result.get("compile_cache_hits")
+        if args.executables and len(builds) == 1 and not from_cache:
             compiled = (zero_accum, grad_step, update_step)
             save_executables(args.executables, built["identity"], compiled, label)
         elif args.executables:
-            # Observed on a CPU: a replanned mode's last executables, loaded elsewhere, failed
-            # to run ("Function ... not found"); the timed process lowers them instead.
-            _log(label, "replanned: steps not serialized (the compilation cache has them)")
+            why = "replanned" if len(builds) > 1 else f"{from_cache} of 3 from the cache"
+            _log(label, f"steps not serialized ({why}; the compilation cache has them)")
             Path(args.executables).unlink(missing_ok=True)  # nor are an earlier run's kept
         _log(label, f"compiled in {result['compile_s']:.1f}s")
         return result
@@ -797,6 +809,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["backend_s"] = None
     row["state_s"] = None
     row["run_s"] = None
+    row["failed_load_s"] = None  # serialized steps that loaded but failed their check step
     row["memory_limit_gib"] = None
     row["reference_peak_bytes"] = None  # a plan mode's budget: the non-private XLA estimate
     row["process_s"] = None
@@ -964,12 +977,14 @@ COMPILE_ROWS = "compile_rows.jsonl"  # in --cache-dir: the compile pass's rows
 
 
 def code_version() -> str:
-    """A fingerprint of what compiled a --cache-dir's rows: jaxdp's sources, JAX's versions."""
+    """A fingerprint of what compiled a --cache-dir's rows: jaxdp's sources and the versions of
+    JAX, Flax, Optax, NumPy and ml_dtypes."""
     import hashlib
     from importlib import metadata
 
     digest = hashlib.sha256()
-    for name in ("jax", "jaxlib"):
+    # The libraries that shape the traced program, besides jaxdp's sources.
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes"):
         digest.update(f"{name}=={metadata.version(name)};".encode())
     package = Path(__file__).resolve().parents[1]
     for path in sorted(package.rglob("*.py")):
@@ -1010,6 +1025,21 @@ _NOT_THE_PROGRAM = (
 )
 
 
+def _cpu_features() -> str:
+    """A fingerprint of this CPU's model and instruction-set flags (Linux; else the platform's
+    processor name): a CPU backend's executable is native code for them, and host names repeat
+    across containers."""
+    import hashlib
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [x for x in f if x.startswith(("model name", "flags"))]
+        text = "".join(sorted(set(lines)))
+    except OSError:
+        text = platform.processor() or platform.machine()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _executables_identity(
     args: argparse.Namespace, mode: str, microbatch: int | None, strategy
 ) -> dict[str, Any]:
@@ -1039,6 +1069,7 @@ def _executables_identity(
             if k.startswith(("XLA_", "JAX_")) and not k.startswith(_NOT_THE_PROGRAM)
         },
         "host": platform.node(),
+        "cpu": _cpu_features(),
     }
     return json.loads(json.dumps(identity))  # tuples as lists, as when read back
 
@@ -1058,12 +1089,15 @@ def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label
         _log(label, f"steps not serialized ({_error_message(e)})")
         Path(path).unlink(missing_ok=True)
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(blob)
         os.replace(tmp, path)  # a killed writer leaves no half file under the name
+    except OSError as e:  # a full disk loses the shortcut, not the compile's row
+        _log(label, f"steps not serialized ({_error_message(e)})")
+        Path(path).unlink(missing_ok=True)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
