@@ -1082,21 +1082,16 @@ def save_executables(path: str, identity: dict[str, Any], compiled: tuple, label
 
     from jax.experimental import serialize_executable
 
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         steps = [serialize_executable.serialize(c) for c in compiled]
         blob = pickle.dumps({"identity": identity, "steps": steps})
-    except Exception as e:  # e.g. a backend without serialization
-        _log(label, f"steps not serialized ({_error_message(e)})")
-        Path(path).unlink(missing_ok=True)
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(blob)
         os.replace(tmp, path)  # a killed writer leaves no half file under the name
-    except OSError as e:  # a full disk loses the shortcut, not the compile's row
-        _log(label, f"steps not serialized ({_error_message(e)})")
+    except Exception as e:  # a backend without serialization, a full disk: the shortcut is
+        _log(label, f"steps not serialized ({_error_message(e)})")  # lost, not the compile
         Path(path).unlink(missing_ok=True)
     finally:
         Path(tmp).unlink(missing_ok=True)
