@@ -69,10 +69,19 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
         assert all(x > 0 for x in parts) and sum(parts) < r["process_s"]
         assert min(r["import_s"], r["backend_s"], r["state_s"]) > 0
         assert r["failed_load_s"] is None
+    # The first mode's process starts at its turn; each next one as the one before it does,
+    # and waits for it to end (its imports are done by then, or partly).
+    assert rows[0]["waited_s"] is None and rows[0]["ahead_s"] is None
+    for r in rows[1:]:
+        assert r["waited_s"] >= 0 and r["ahead_s"] > 0
+        assert r["ahead_s"] <= r["import_s"] + 0.1  # nothing but its imports ran ahead
+        # Waiting is neither set-up nor the process's time; the steps still come after it.
+        assert r["setup_s"] == pytest.approx(r["import_s"] + r["backend_s"] + r["state_s"])
     assert "compile pass: 3 of 3 done" in proc.stderr
     assert re.search(r"compile pass \d+ s, timed pass \d+ s, of which", proc.stderr)
     assert re.search(r"3 modes in \d+ s; their processes, summed: \d+ s", proc.stderr)
     assert re.search(r"running them \d+ s and the rest \(estimates, exit\) \d+ s", proc.stderr)
+    assert re.search(r"imports \d+, \d+ of them while the mode before ran", proc.stderr)
     assert "(3 of 3 steps loaded from the serialized executables)" in proc.stderr
     executables = cache / "executables"
     assert sorted(p.name for p in executables.iterdir()) == [
@@ -233,6 +242,28 @@ def test_a_modes_process_does_not_import_dp_accounting():
         noise_multiplier=1.0, target_delta=1e-6,
     )  # fmt: skip
     assert plan.epsilon() > 0  # accounting imports it where it accounts
+
+
+def test_a_mode_started_ahead_waits_without_touching_the_device():
+    """A timed process started while the mode before it runs imports, then waits for "go"
+    before JAX starts a backend; if its parent ends first, it ends without running."""
+    from jaxdp.commands.benchmark import WAIT
+
+    command = [sys.executable, "-m", "jaxdp.commands.benchmark", "--model=tiny", "--batch=2"]
+    command += ["--seq=8", "--modes=nonprivate", "--single-mode=nonprivate", "--steps=1"]
+    proc = subprocess.run(
+        command,
+        cwd=REPO,
+        input="",  # the parent went away: no "go"
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, WAIT: "1"},
+    )
+    # Had a backend started during the imports, the row would say so (and nothing would wait).
+    assert proc.returncode != 0 and not proc.stdout.strip()
+    assert "the parent ended before this mode's turn; not run" in proc.stderr
+    assert "compiling" not in proc.stderr
 
 
 def test_only_steps_compiled_in_the_process_are_serialized(tmp_path):

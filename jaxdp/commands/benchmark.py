@@ -35,6 +35,10 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
                          loaded executable's check step)
     failed_load_s        serialized steps that loaded but failed their check step: loading,
                          that step and a new state (then compiled: compile_s); else null
+    waited_s, ahead_s    a timed process started while the mode before it ran (it loads what
+                         the compile pass left): how long it waited for that one to end
+                         before starting JAX's backend, and how long it ran before its turn
+                         (its imports); not in setup_s or process_s. Else null
     process_s            the mode's whole process, as its parent timed it (start-up, setup,
                          compile, steps, exit)
     steps, warmup, memory_limit_gib   the arguments it ran with (steps null: compile-only)
@@ -112,6 +116,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -377,6 +382,12 @@ def _flops(compiled, loop_trips: int) -> float | None:
 
 
 LAUNCHED = "JAXDP_BENCHMARK_LAUNCHED"  # set by the parent for a mode's process: time.time()
+# Set by the parent: after its imports, the process waits for "go" on stdin before it starts
+# JAX's backend (the timed pass starts a mode while the one before it still runs).
+WAIT = "JAXDP_BENCHMARK_WAIT"
+_TURN = threading.Event()  # set when this process may use the device
+if not os.environ.get(WAIT):
+    _TURN.set()
 _CACHE_HITS: list[str] = []  # the persistent compilation cache's hit events in this process
 
 
@@ -396,6 +407,16 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from jaxdp.plan import PrivacyPlan
 
     imported = time.time()
+    waited_s = 0.0
+    if os.environ.get(WAIT):  # the device is the previous mode's until the parent says go
+        from jax._src import xla_bridge
+
+        if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+            raise RuntimeError("JAX's backend started during the imports, before its turn")
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("benchmark: the parent ended before this mode's turn; not run")
+        waited_s = time.time() - imported
+        _TURN.set()
 
     def on_event(event: str, **kwargs) -> None:
         if event == "/jax/compilation_cache/cache_hits":
@@ -411,6 +432,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "num_devices": jax.device_count(),
         "dtype": dtype,
+        "waited_s": waited_s if os.environ.get(WAIT) else None,
     }
     backend_started = time.time()
     if B % jax.device_count():
@@ -496,9 +518,9 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         # Imports, backend, state, batch: the first build's (a replanned mode builds again).
         if "setup_s" not in setup:
             now = time.time()
-            setup["setup_s"] = now - launched
+            setup["setup_s"] = now - launched - waited_s
             setup["import_s"] = imported - launched
-            setup["backend_s"] = backend_started - imported
+            setup["backend_s"] = backend_started - imported - waited_s
             setup["state_s"] = now - backend_started
         builds.append(microbatch)
         hits_before = len(_CACHE_HITS)
@@ -704,6 +726,8 @@ def run_single(args: argparse.Namespace) -> None:
         _log(_label(args, mode), f"failed: {_error_message(e)}")
         result = {"error": _error_message(e)}
         try:
+            if not _TURN.is_set():  # failed before its turn: the device is another mode's
+                raise RuntimeError
             import jax
 
             result.update(device=jax.devices()[0].device_kind, backend=jax.default_backend())
@@ -738,31 +762,81 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     return command + (["--compile-only"] if args.compile_only else [])
 
 
+class _ModeProcess:
+    """One mode's process (this environment, XLA_FLAGS etc., plus `env`). With `wait`, it
+    imports what it needs and then waits (`go`) before it starts JAX's backend: the timed pass
+    starts the next mode's process while the current one runs, so that its imports are done by
+    the time the device is free; nothing touches the device before `go`."""
+
+    def __init__(self, command: list[str], env: dict[str, str] | None, wait: bool = False):
+        # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it
+        # happens.
+        self.started = time.perf_counter()
+        self.waiting = wait
+        self.went: float | None = None  # when `go` was sent
+        env = {**os.environ, **(env or {}), LAUNCHED: repr(time.time())}
+        if wait:
+            env[WAIT] = "1"
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def go(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.went = time.perf_counter()
+            try:
+                self.proc.stdin.write("go\n")
+                self.proc.stdin.close()
+            except OSError:  # it ended already (its result says why)
+                pass
+
+    def result(self) -> dict[str, Any]:
+        """Its JSON line, with process_s: the whole process as timed here (start-up, compile,
+        steps, exit) less waited_s, the time it waited for `go`; and for a process that
+        waited, ahead_s: how long it ran before `go` (its imports, while another mode ran)."""
+        self.go()
+        try:
+            stdout = self.proc.stdout.read()  # (stderr streams through; stdin is closed)
+            self.proc.wait()
+        except BaseException:  # interrupted: it does not outlive its parent
+            self.stop()
+            raise
+        process_s = time.perf_counter() - self.started
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if lines:
+            try:
+                result = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                pass
+            else:
+                waited = result.get("waited_s") or 0.0
+                if self.went is not None:
+                    result["ahead_s"] = max(0.0, self.went - self.started - waited)
+                return {**result, "process_s": process_s - waited}
+        if self.proc.returncode < 0:
+            why = f"killed by signal {-self.proc.returncode} (out of host memory?)"
+        else:
+            why = f"exited with status {self.proc.returncode}"
+        error = f"benchmark subprocess {why} without a result; see its stderr"
+        return {"error": error, "process_s": process_s}
+
+    def stop(self) -> None:
+        """Ends it, if it is still running (a parent interrupted or failing)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def run_mode(
     args: argparse.Namespace, mode: str, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Runs one mode in a fresh subprocess (this environment, XLA_FLAGS etc., plus `env`)."""
-    # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it happens.
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        _child_command(args, mode),
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {}), LAUNCHED: repr(time.time())},
-    )
-    process_s = time.perf_counter() - t0  # the whole process: start-up, compile, steps, exit
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        try:
-            return {**json.loads(lines[-1]), "process_s": process_s}
-        except json.JSONDecodeError:
-            pass
-    if proc.returncode < 0:
-        why = f"killed by signal {-proc.returncode} (out of host memory?)"
-    else:
-        why = f"exited with status {proc.returncode}"
-    error = f"benchmark subprocess {why} without a result; see its stderr"
-    return {"error": error, "process_s": process_s}
+    return _ModeProcess(_child_command(args, mode), env).result()
 
 
 def _cache_env(cache_dir: str | None, compile_pass: bool) -> dict[str, str]:
@@ -810,6 +884,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["state_s"] = None
     row["run_s"] = None
     row["failed_load_s"] = None  # serialized steps that loaded but failed their check step
+    row["waited_s"] = None  # a timed process started ahead: waiting for the mode before it
+    row["ahead_s"] = None  # ... and running (importing) before its turn
     row["memory_limit_gib"] = None
     row["reference_peak_bytes"] = None  # a plan mode's budget: the non-private XLA estimate
     row["process_s"] = None
@@ -835,6 +911,36 @@ def _reference_mode(mode: str) -> str | None:
     return "nonprivate_bf16" if mode.endswith("_bf16") else "nonprivate"
 
 
+def _reference(args: argparse.Namespace, mode: str, earlier: list[dict[str, Any]]) -> int | None:
+    """A plan mode's budget: the XLA estimate of its setting's non-private row
+    (`_reference_mode`) among `earlier`, if any, else --reference-peak-bytes."""
+    ref = _reference_mode(mode)
+    if ref is None:
+        return None
+    return next(
+        (
+            r["estimated_peak_bytes"]
+            for r in earlier
+            if _key(args, ref) == (r["model"], r["batch"], r["seq"], r["mode"])
+            and r["estimated_peak_bytes"]
+        ),
+        args.reference_peak_bytes,
+    )
+
+
+def _start(
+    args: argparse.Namespace, mode: str, reference: int | None, env, wait: bool = False
+) -> _ModeProcess:
+    child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
+    return _ModeProcess(_child_command(child, mode), env, wait)
+
+
+def _finish(
+    args: argparse.Namespace, mode: str, reference: int | None, process: _ModeProcess
+) -> dict[str, Any]:
+    return {**_task_row(args, mode, process.result()), "reference_peak_bytes": reference}
+
+
 def run_one(
     args: argparse.Namespace,
     mode: str,
@@ -845,19 +951,8 @@ def run_one(
     against the XLA estimate of its setting's non-private row (`_reference_mode`) among
     `earlier`, if any, else --reference-peak-bytes."""
     _log(_label(args, mode), "starting")
-    reference = None
-    if ref := _reference_mode(mode):
-        reference = next(
-            (
-                r["estimated_peak_bytes"]
-                for r in earlier
-                if _key(args, ref) == (r["model"], r["batch"], r["seq"], r["mode"])
-                and r["estimated_peak_bytes"]
-            ),
-            args.reference_peak_bytes,
-        )
-    child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
-    return {**_task_row(args, mode, run_mode(child, mode, env)), "reference_peak_bytes": reference}
+    reference = _reference(args, mode, list(earlier))
+    return _finish(args, mode, reference, _start(args, mode, reference, env))
 
 
 def _task_row(args: argparse.Namespace, mode: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -946,30 +1041,60 @@ def run_tasks(
     cached_compile_s this process's load. A mode the pass failed to compile, or whose steps
     were not all found, is compiled in its timed process, and compile_s is that compile.
     Ratios are taken against the non-private rows among `earlier` (--resume) and those run so
-    far."""
+    far. A mode that loads its steps starts its process while the mode before it runs, and
+    waits for it to end before it touches the device (its imports are then done: the row's
+    waited_s)."""
     rows: list[dict[str, Any]] = list(earlier)
-    for args, mode in tasks:
-        first = None if compiled is None else compiled[_key(args, mode)]
-        if first is None or first["error"] is not None:
-            row = run_one(args, mode, rows, env)
-            if first is not None:  # e.g. out of memory with --jobs compiles at once
-                row["compile_pass_error"] = first["error"]
-        else:
-            args = argparse.Namespace(**vars(args))
-            if first.get("plan_choice"):
-                args.fixed_plan = json.dumps(first["plan_choice"])
-            args.executables = _executables_path(cache_dir, args, mode)
-            row = run_one(args, mode, rows, env)
-            if row["error"] is None and row["compile_cache_hits"] == 3:
+    first = [None if compiled is None else compiled[_key(args, mode)] for args, mode in tasks]
+
+    def loadable(i: int) -> tuple[argparse.Namespace, int | None] | None:
+        """Task i's arguments and budget if it loads what the compile pass left (its command
+        then depends on no row of this pass), else None."""
+        if first[i] is None or first[i]["error"] is not None:
+            return None
+        args, mode = tasks[i]
+        args = argparse.Namespace(**vars(args))
+        if first[i].get("plan_choice"):
+            args.fixed_plan = json.dumps(first[i]["plan_choice"])
+        args.executables = _executables_path(cache_dir, args, mode)
+        return args, first[i]["reference_peak_bytes"]  # the budget its plan was chosen for
+
+    # The next loadable mode's process starts as this one does and imports while it runs
+    # (without touching the device: `_ModeProcess`); it waits for this one to end.
+    ahead: tuple[argparse.Namespace, int | None, _ModeProcess] | None = None
+    try:
+        for i, (args, mode) in enumerate(tasks):
+            _log(_label(args, mode), "starting")
+            if ahead is not None:
+                args, reference, process = ahead
+                ahead = None
+                process.go()
+            elif (known := loadable(i)) is not None:
+                args, reference = known
+                process = _start(args, mode, reference, env)
+            else:  # compiled in its own process: a plan budgeted against this pass's rows
+                reference = _reference(args, mode, rows)
+                process = _start(args, mode, reference, env)
+            if i + 1 < len(tasks) and (known := loadable(i + 1)) is not None:
+                (next_args, next_reference), next_mode = known, tasks[i + 1][1]
+                waiting = _start(next_args, next_mode, next_reference, env, wait=True)
+                ahead = (next_args, next_reference, waiting)
+            row = _finish(args, mode, reference, process)
+            if first[i] is not None and first[i]["error"] is not None:
+                row["compile_pass_error"] = first[i]["error"]  # e.g. out of memory with --jobs
+            elif first[i] is not None and row["error"] is None and row["compile_cache_hits"] == 3:
                 for key in ESTIMATE_KEYS:  # a loaded executable may not report them
                     if row[key] is None:
-                        row[key] = first[key]
+                        row[key] = first[i][key]
                 row["cached_compile_s"] = row["compile_s"]
-                row["compile_s"] = first["compile_s"]
-                row["compile_jobs"] = first["compile_jobs"]
-        rows.append(row)
-        add_ratios(rows)  # against the non-private rows run so far
-        _write(out, row)
+                row["compile_s"] = first[i]["compile_s"]
+                row["compile_jobs"] = first[i]["compile_jobs"]
+            rows.append(row)
+            add_ratios(rows)  # against the non-private rows run so far
+            _write(out, row)
+    finally:  # interrupted: the process started ahead does not outlive this one
+        if ahead is not None:
+            ahead[2].stop()
     return rows[len(earlier) :]
 
 
@@ -1137,7 +1262,6 @@ def compile_pass(
     compiled there before (a row without error, by the same code, and a plan budgeted against
     its non-private row) is not compiled again. `out` gets each row as it is done."""
     import shutil
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     keys = {_key(args, mode) for args, mode in tasks}
@@ -1342,16 +1466,17 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept, cache_dir=cache)
             t2 = time.perf_counter()
         total = lambda key: sum(r.get(key) or 0.0 for r in rows)
-        setup, run = total("setup_s"), total("run_s")
+        setup, run, ahead = total("setup_s"), total("run_s"), total("ahead_s")
         loading = sum((r["cached_compile_s"] or r["compile_s"] or 0.0) for r in rows)
         how = (
             f"compile s: a cold compile, {jobs} modes compiling at once; compile pass "
             f"{t1 - t0:.0f} s, timed pass {t2 - t1:.0f} s, of "
-            f"which the modes' setup {setup:.0f} s (imports {total('import_s'):.0f}, "
-            f"backend {total('backend_s'):.0f}, model and state "
+            f"which the modes' setup {setup - ahead:.0f} s (imports {total('import_s'):.0f}, "
+            f"{ahead:.0f} of them while the mode before ran; backend "
+            f"{total('backend_s'):.0f}, model and state "
             f"{total('state_s'):.0f}), loading (or compiling) their steps "
             f"{loading:.0f} s, running them {run:.0f} s and the rest (estimates, exit) "
-            f"{t2 - t1 - setup - loading - run:.0f} s"
+            f"{t2 - t1 - (setup - ahead) - loading - run:.0f} s"
         )
     ran = len(rows)
     rows = kept + rows
