@@ -70,11 +70,17 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
         assert min(r["import_s"], r["backend_s"], r["state_s"]) > 0
         assert r["failed_load_s"] is None
     # The first mode's process starts at its turn; each next one as the one before it does,
-    # and waits for it to end (its imports are done by then, or partly).
+    # and waits for it to end (its imports are done by then, or partly); each mode's steps
+    # wait for the next one's imports.
     assert rows[0]["waited_s"] is None and rows[0]["ahead_s"] is None
-    for r in rows[1:]:
-        assert r["waited_s"] >= 0 and r["ahead_s"] > 0
+    assert [r["next_imports_s"] is not None for r in rows] == [True, True, False]
+    for before, r in zip(rows[:-1], rows[1:], strict=True):
+        assert r["waited_s"] >= 0 and r["ahead_s"] > 0 and before["next_imports_s"] >= 0
         assert r["ahead_s"] <= r["import_s"] + 0.1  # nothing but its imports ran ahead
+        # It got the device only once the mode before it had ended: its time before its turn
+        # covers that mode's whole turn (up to the start of its own process).
+        turn_before = before["process_s"] - (before["ahead_s"] or 0.0)
+        assert r["waited_s"] + r["ahead_s"] >= turn_before - 0.05
         # Waiting is neither set-up nor the process's time; the steps still come after it.
         assert r["setup_s"] == pytest.approx(r["import_s"] + r["backend_s"] + r["state_s"])
     assert "compile pass: 3 of 3 done" in proc.stderr
@@ -82,6 +88,7 @@ def test_benchmark_tiny_nonprivate_and_vmap(tmp_path):
     assert re.search(r"3 modes in \d+ s; their processes, summed: \d+ s", proc.stderr)
     assert re.search(r"running them \d+ s and the rest \(estimates, exit\) \d+ s", proc.stderr)
     assert re.search(r"imports \d+, \d+ of them while the mode before ran", proc.stderr)
+    assert re.search(r"waiting for the next mode's imports \d+ s", proc.stderr)
     assert "(3 of 3 steps loaded from the serialized executables)" in proc.stderr
     executables = cache / "executables"
     assert sorted(p.name for p in executables.iterdir()) == [
@@ -264,6 +271,33 @@ def test_a_mode_started_ahead_waits_without_touching_the_device():
     assert proc.returncode != 0 and not proc.stdout.strip()
     assert "the parent ended before this mode's turn; not run" in proc.stderr
     assert "compiling" not in proc.stderr
+
+
+def test_a_mode_started_ahead_that_fails_on_its_turn_reports_its_wait(tmp_path):
+    """A mode that fails on its turn (here: a plan that is not JSON) still reports how long it
+    waited, so that neither its process_s nor its ahead_s counts the mode before it."""
+    import time
+
+    from jaxdp.commands.benchmark import _ModeProcess
+
+    command = [sys.executable, "-m", "jaxdp.commands.benchmark", "--model=tiny", "--batch=2"]
+    command += ["--seq=8", "--modes=ghost_plan", "--single-mode=ghost_plan", "--steps=1"]
+    imported = tmp_path / "imported"
+    process = _ModeProcess([*command, "--fixed-plan={not json"], None, True, str(imported))
+    try:
+        while not imported.exists():  # its imports are done; the mode "before it" runs on
+            assert process.proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(1.0)
+        ahead = time.perf_counter() - process.started
+        row = process.result()
+        total = time.perf_counter() - process.started
+    finally:
+        process.stop()
+    assert row["error"] and "Expecting property name" in row["error"]
+    assert row["waited_s"] >= 0.9 and row["ahead_s"] <= ahead - 0.9
+    assert row["process_s"] == pytest.approx(total - row["waited_s"], abs=0.1)
+    assert row["next_imports_s"] is None and "device" in row  # (on its turn it may look)
 
 
 def test_only_steps_compiled_in_the_process_are_serialized(tmp_path):

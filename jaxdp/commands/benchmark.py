@@ -37,8 +37,11 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
                          that step and a new state (then compiled: compile_s); else null
     waited_s, ahead_s    a timed process started while the mode before it ran (it loads what
                          the compile pass left): how long it waited for that one to end
-                         before starting JAX's backend, and how long it ran before its turn
-                         (its imports); not in setup_s or process_s. Else null
+                         before starting JAX's backend (not in setup_s or process_s), and how
+                         long it ran before its turn (its imports: part of import_s, setup_s
+                         and process_s). Else null
+    next_imports_s       how long the mode waited, before its first step, for the imports of
+                         the mode started behind it (none run while it is timed); else null
     process_s            the mode's whole process, as its parent timed it (start-up, setup,
                          compile, steps, exit)
     steps, warmup, memory_limit_gib   the arguments it ran with (steps null: compile-only)
@@ -382,12 +385,61 @@ def _flops(compiled, loop_trips: int) -> float | None:
 
 
 LAUNCHED = "JAXDP_BENCHMARK_LAUNCHED"  # set by the parent for a mode's process: time.time()
-# Set by the parent: after its imports, the process waits for "go" on stdin before it starts
-# JAX's backend (the timed pass starts a mode while the one before it still runs).
+# Set by the parent for a timed process (`_ModeProcess`, `run_tasks`): WAIT, it waits after its
+# imports for "go" on stdin before it starts JAX's backend (it was started while the mode before
+# it still runs); IMPORTED, a file it creates once imported; NEXT_IMPORTED, that file of the mode
+# after it, which it waits for before its steps (so that no import runs while it is timed).
 WAIT = "JAXDP_BENCHMARK_WAIT"
-_TURN = threading.Event()  # set when this process may use the device
-if not os.environ.get(WAIT):
-    _TURN.set()
+IMPORTED = "JAXDP_BENCHMARK_IMPORTED"
+NEXT_IMPORTED = "JAXDP_BENCHMARK_NEXT_IMPORTED"
+NEXT_IMPORTS_TIMEOUT_S = 60.0  # (the next process died while importing: its steps run anyway)
+
+
+class _Turn:
+    """A timed process's hand-over with the modes before and after it (see WAIT)."""
+
+    def __init__(self) -> None:
+        self.mine = not os.environ.get(WAIT)  # whether it may use the device
+        self.waited_s: float | None = None  # for "go"
+        self.next_imports_s: float | None = None  # for the next mode's imports
+
+    def announce(self) -> None:
+        """Imported (or failed to): the mode before it may run its steps."""
+        if path := os.environ.pop(IMPORTED, None):
+            Path(path).touch()
+
+    def wait(self) -> None:
+        """After the imports: waits for the parent's "go" (the device is free)."""
+        self.announce()
+        if self.mine:
+            return
+        from jax._src import xla_bridge
+
+        if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+            raise RuntimeError("JAX's backend started during the imports, before its turn")
+        t0 = time.time()
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("benchmark: the parent ended before this mode's turn; not run")
+        self.waited_s, self.mine = time.time() - t0, True
+
+    def before_steps(self, label: str) -> None:
+        """Before its first step: waits until the next mode's process has imported."""
+        path = os.environ.get(NEXT_IMPORTED)
+        if not path or self.next_imports_s is not None:
+            return
+        t0 = time.perf_counter()
+        while not os.path.exists(path):
+            if time.perf_counter() - t0 > NEXT_IMPORTS_TIMEOUT_S:
+                _log(label, f"the next mode's imports did not end in {NEXT_IMPORTS_TIMEOUT_S} s")
+                break
+            time.sleep(0.005)
+        self.next_imports_s = time.perf_counter() - t0
+
+    def fields(self) -> dict[str, float | None]:
+        return {"waited_s": self.waited_s, "next_imports_s": self.next_imports_s}
+
+
+_TURN = _Turn()
 _CACHE_HITS: list[str] = []  # the persistent compilation cache's hit events in this process
 
 
@@ -407,16 +459,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from jaxdp.plan import PrivacyPlan
 
     imported = time.time()
-    waited_s = 0.0
-    if os.environ.get(WAIT):  # the device is the previous mode's until the parent says go
-        from jax._src import xla_bridge
-
-        if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
-            raise RuntimeError("JAX's backend started during the imports, before its turn")
-        if sys.stdin.readline().strip() != "go":
-            raise SystemExit("benchmark: the parent ended before this mode's turn; not run")
-        waited_s = time.time() - imported
-        _TURN.set()
+    _TURN.wait()  # (started ahead: the device is the mode before it's until then)
+    waited_s = _TURN.waited_s or 0.0
 
     def on_event(event: str, **kwargs) -> None:
         if event == "/jax/compilation_cache/cache_hits":
@@ -432,7 +476,6 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "num_devices": jax.device_count(),
         "dtype": dtype,
-        "waited_s": waited_s if os.environ.get(WAIT) else None,
     }
     backend_started = time.time()
     if B % jax.device_count():
@@ -542,6 +585,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 first_key = jax.device_put(jax.random.fold_in(base_key, len(keys)), replicated)
             failure = None
             try:
+                _TURN.before_steps(label)
                 t1 = time.perf_counter()
                 state, _ = _train_step(loaded, state, batch, first_key)
                 acc = zero_accum(state.params)
@@ -698,6 +742,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     _log(label, f"compiled in {result['compile_s']:.1f}s{how}; running")
     del acc
 
+    _TURN.before_steps(label)
     times, started = [], time.perf_counter()
     first = 1 if built["ran_first_step"] and args.warmup else 0  # (a warmup step ran already)
     for i, key in enumerate(keys[first:], start=first):
@@ -723,16 +768,18 @@ def run_single(args: argparse.Namespace) -> None:
         result = measure(args, mode)
         result["error"] = None
     except (Exception, MemoryError) as e:  # engine missing, out of memory, ...
+        _TURN.announce()  # (failed while importing: the mode before it need not wait)
         _log(_label(args, mode), f"failed: {_error_message(e)}")
         result = {"error": _error_message(e)}
         try:
-            if not _TURN.is_set():  # failed before its turn: the device is another mode's
+            if not _TURN.mine:  # failed before its turn: the device is another mode's
                 raise RuntimeError
             import jax
 
             result.update(device=jax.devices()[0].device_kind, backend=jax.default_backend())
         except Exception:
             pass
+    result.update(_TURN.fields())
     print(json.dumps(result), flush=True)
 
 
@@ -764,19 +811,32 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
 
 class _ModeProcess:
     """One mode's process (this environment, XLA_FLAGS etc., plus `env`). With `wait`, it
-    imports what it needs and then waits (`go`) before it starts JAX's backend: the timed pass
-    starts the next mode's process while the current one runs, so that its imports are done by
-    the time the device is free; nothing touches the device before `go`."""
+    imports what it needs, creates the file `imported` and then waits (`go`) before it starts
+    JAX's backend: the timed pass starts the next mode's process while the current one runs, so
+    that its imports are done by the time the device is free; nothing touches the device before
+    `go`. With `next_imported`, it waits for that file (the next mode's) before its steps."""
 
-    def __init__(self, command: list[str], env: dict[str, str] | None, wait: bool = False):
+    def __init__(
+        self,
+        command: list[str],
+        env: dict[str, str] | None,
+        wait: bool = False,
+        imported: str | None = None,
+        next_imported: str | None = None,
+    ):
         # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it
         # happens.
         self.started = time.perf_counter()
         self.waiting = wait
         self.went: float | None = None  # when `go` was sent
         env = {**os.environ, **(env or {}), LAUNCHED: repr(time.time())}
-        if wait:
-            env[WAIT] = "1"
+        for name, value in ((WAIT, "1" if wait else None), (IMPORTED, imported)):
+            env.pop(name, None)  # (not inherited from this environment)
+            if value is not None:
+                env[name] = value
+        env.pop(NEXT_IMPORTED, None)
+        if next_imported is not None:
+            env[NEXT_IMPORTED] = next_imported
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
@@ -798,7 +858,9 @@ class _ModeProcess:
     def result(self) -> dict[str, Any]:
         """Its JSON line, with process_s: the whole process as timed here (start-up, compile,
         steps, exit) less waited_s, the time it waited for `go`; and for a process that
-        waited, ahead_s: how long it ran before `go` (its imports, while another mode ran)."""
+        waited, ahead_s: how long it ran before `go` (its imports, while another mode ran).
+        A process that was started ahead but ended before its turn, or without a result, has
+        neither (its time on the device is not known)."""
         self.go()
         try:
             stdout = self.proc.stdout.read()  # (stderr streams through; stdin is closed)
@@ -814,16 +876,19 @@ class _ModeProcess:
             except json.JSONDecodeError:
                 pass
             else:
-                waited = result.get("waited_s") or 0.0
-                if self.went is not None:
-                    result["ahead_s"] = max(0.0, self.went - self.started - waited)
+                waited = result.get("waited_s")
+                if self.went is None:
+                    return {**result, "process_s": process_s}
+                if waited is None:  # it ended before its turn
+                    return {**result, "process_s": None}
+                result["ahead_s"] = max(0.0, self.went - self.started - waited)
                 return {**result, "process_s": process_s - waited}
         if self.proc.returncode < 0:
             why = f"killed by signal {-self.proc.returncode} (out of host memory?)"
         else:
             why = f"exited with status {self.proc.returncode}"
         error = f"benchmark subprocess {why} without a result; see its stderr"
-        return {"error": error, "process_s": process_s}
+        return {"error": error, "process_s": None if self.went is not None else process_s}
 
     def stop(self) -> None:
         """Ends it, if it is still running (a parent interrupted or failing)."""
@@ -886,6 +951,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row["failed_load_s"] = None  # serialized steps that loaded but failed their check step
     row["waited_s"] = None  # a timed process started ahead: waiting for the mode before it
     row["ahead_s"] = None  # ... and running (importing) before its turn
+    row["next_imports_s"] = None  # waiting before its steps for the next mode's imports
     row["memory_limit_gib"] = None
     row["reference_peak_bytes"] = None  # a plan mode's budget: the non-private XLA estimate
     row["process_s"] = None
@@ -929,10 +995,10 @@ def _reference(args: argparse.Namespace, mode: str, earlier: list[dict[str, Any]
 
 
 def _start(
-    args: argparse.Namespace, mode: str, reference: int | None, env, wait: bool = False
+    args: argparse.Namespace, mode: str, reference: int | None, env, **handover
 ) -> _ModeProcess:
     child = argparse.Namespace(**{**vars(args), "reference_peak_bytes": reference})
-    return _ModeProcess(_child_command(child, mode), env, wait)
+    return _ModeProcess(_child_command(child, mode), env, **handover)
 
 
 def _finish(
@@ -1043,7 +1109,8 @@ def run_tasks(
     Ratios are taken against the non-private rows among `earlier` (--resume) and those run so
     far. A mode that loads its steps starts its process while the mode before it runs, and
     waits for it to end before it touches the device (its imports are then done: the row's
-    waited_s)."""
+    waited_s, ahead_s); the mode before it runs no step until those imports are done
+    (next_imports_s)."""
     rows: list[dict[str, Any]] = list(earlier)
     first = [None if compiled is None else compiled[_key(args, mode)] for args, mode in tasks]
 
@@ -1059,42 +1126,63 @@ def run_tasks(
         args.executables = _executables_path(cache_dir, args, mode)
         return args, first[i]["reference_peak_bytes"]  # the budget its plan was chosen for
 
-    # The next loadable mode's process starts as this one does and imports while it runs
-    # (without touching the device: `_ModeProcess`); it waits for this one to end.
+    # The next loadable mode's process starts as this one does and imports while this one
+    # sets up (without touching the device: `_ModeProcess`); this one's steps wait for those
+    # imports to end (a file in `handover`), the next one for this one to end.
     ahead: tuple[argparse.Namespace, int | None, _ModeProcess] | None = None
-    try:
-        for i, (args, mode) in enumerate(tasks):
-            _log(_label(args, mode), "starting")
-            if ahead is not None:
-                args, reference, process = ahead
-                ahead = None
-                process.go()
-            elif (known := loadable(i)) is not None:
-                args, reference = known
-                process = _start(args, mode, reference, env)
-            else:  # compiled in its own process: a plan budgeted against this pass's rows
-                reference = _reference(args, mode, rows)
-                process = _start(args, mode, reference, env)
-            if i + 1 < len(tasks) and (known := loadable(i + 1)) is not None:
-                (next_args, next_reference), next_mode = known, tasks[i + 1][1]
-                waiting = _start(next_args, next_mode, next_reference, env, wait=True)
-                ahead = (next_args, next_reference, waiting)
-            row = _finish(args, mode, reference, process)
-            if first[i] is not None and first[i]["error"] is not None:
-                row["compile_pass_error"] = first[i]["error"]  # e.g. out of memory with --jobs
-            elif first[i] is not None and row["error"] is None and row["compile_cache_hits"] == 3:
-                for key in ESTIMATE_KEYS:  # a loaded executable may not report them
-                    if row[key] is None:
-                        row[key] = first[i][key]
-                row["cached_compile_s"] = row["compile_s"]
-                row["compile_s"] = first[i]["compile_s"]
-                row["compile_jobs"] = first[i]["compile_jobs"]
-            rows.append(row)
-            add_ratios(rows)  # against the non-private rows run so far
-            _write(out, row)
-    finally:  # interrupted: the process started ahead does not outlive this one
-        if ahead is not None:
-            ahead[2].stop()
+    process: _ModeProcess | None = None
+    with tempfile.TemporaryDirectory(prefix="jaxdp-bench-handover-") as handover:
+
+        def next_imported(i: int) -> str | None:
+            """The file task i+1's process creates once imported, if it is started ahead."""
+            if i + 1 < len(tasks) and loadable(i + 1) is not None:
+                return os.path.join(handover, f"imported-{i + 1}")
+            return None
+
+        try:
+            for i, (args, mode) in enumerate(tasks):
+                _log(_label(args, mode), "starting")
+                if ahead is not None:
+                    args, reference, process = ahead
+                    ahead = None
+                    process.go()
+                else:
+                    if (known := loadable(i)) is not None:
+                        args, reference = known
+                    else:  # compiled in its own process: a plan budgeted against this pass's rows
+                        reference = _reference(args, mode, rows)
+                    process = _start(args, mode, reference, env, next_imported=next_imported(i))
+                if imported := next_imported(i):
+                    next_args, next_reference = loadable(i + 1)
+                    waiting = _start(
+                        next_args,
+                        tasks[i + 1][1],
+                        next_reference,
+                        env,
+                        wait=True,
+                        imported=imported,
+                        next_imported=next_imported(i + 1),
+                    )
+                    ahead = (next_args, next_reference, waiting)
+                row = _finish(args, mode, reference, process)
+                if first[i] is not None and first[i]["error"] is not None:
+                    row["compile_pass_error"] = first[i]["error"]  # e.g. out of memory (--jobs)
+                elif (
+                    first[i] is not None and row["error"] is None and row["compile_cache_hits"] == 3
+                ):
+                    for key in ESTIMATE_KEYS:  # a loaded executable may not report them
+                        if row[key] is None:
+                            row[key] = first[i][key]
+                    row["cached_compile_s"] = row["compile_s"]
+                    row["compile_s"] = first[i]["compile_s"]
+                    row["compile_jobs"] = first[i]["compile_jobs"]
+                rows.append(row)
+                add_ratios(rows)  # against the non-private rows run so far
+                _write(out, row)
+        finally:  # interrupted or failing: no mode's process outlives this one
+            for started in (process, ahead and ahead[2]):
+                if started is not None:
+                    started.stop()
     return rows[len(earlier) :]
 
 
@@ -1466,7 +1554,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_tasks(tasks, args.out, merged, compiled, earlier=kept, cache_dir=cache)
             t2 = time.perf_counter()
         total = lambda key: sum(r.get(key) or 0.0 for r in rows)
-        setup, run, ahead = total("setup_s"), total("run_s"), total("ahead_s")
+        setup, run, waits = total("setup_s"), total("run_s"), total("next_imports_s")
+        # (a failed mode's row has no setup_s: nor does its ahead_s count here)
+        ahead = sum(r.get("ahead_s") or 0.0 for r in rows if r.get("setup_s") is not None)
         loading = sum((r["cached_compile_s"] or r["compile_s"] or 0.0) for r in rows)
         how = (
             f"compile s: a cold compile, {jobs} modes compiling at once; compile pass "
@@ -1475,8 +1565,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{ahead:.0f} of them while the mode before ran; backend "
             f"{total('backend_s'):.0f}, model and state "
             f"{total('state_s'):.0f}), loading (or compiling) their steps "
-            f"{loading:.0f} s, running them {run:.0f} s and the rest (estimates, exit) "
-            f"{t2 - t1 - (setup - ahead) - loading - run:.0f} s"
+            f"{loading:.0f} s, waiting for the next mode's imports {waits:.0f} s, running "
+            f"them {run:.0f} s and the rest (estimates, exit) "
+            f"{t2 - t1 - (setup - ahead) - loading - waits - run:.0f} s"
         )
     ran = len(rows)
     rows = kept + rows
