@@ -827,16 +827,14 @@ class _ModeProcess:
         # stderr streams through, so a hard crash (OOM kill, XLA abort) is visible where it
         # happens.
         self.started = time.perf_counter()
-        self.waiting = wait
+        self.wait = wait
         self.went: float | None = None  # when `go` was sent
         env = {**os.environ, **(env or {}), LAUNCHED: repr(time.time())}
-        for name, value in ((WAIT, "1" if wait else None), (IMPORTED, imported)):
+        handover = {WAIT: "1" if wait else None, IMPORTED: imported, NEXT_IMPORTED: next_imported}
+        for name, value in handover.items():
             env.pop(name, None)  # (not inherited from this environment)
             if value is not None:
                 env[name] = value
-        env.pop(NEXT_IMPORTED, None)
-        if next_imported is not None:
-            env[NEXT_IMPORTED] = next_imported
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
@@ -846,8 +844,7 @@ class _ModeProcess:
         )
 
     def go(self) -> None:
-        if self.waiting:
-            self.waiting = False
+        if self.wait and self.went is None:
             self.went = time.perf_counter()
             try:
                 self.proc.stdin.write("go\n")
@@ -895,13 +892,6 @@ class _ModeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def run_mode(
-    args: argparse.Namespace, mode: str, env: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Runs one mode in a fresh subprocess (this environment, XLA_FLAGS etc., plus `env`)."""
-    return _ModeProcess(_child_command(args, mode), env).result()
 
 
 def _cache_env(cache_dir: str | None, compile_pass: bool) -> dict[str, str]:
@@ -1114,17 +1104,18 @@ def run_tasks(
     rows: list[dict[str, Any]] = list(earlier)
     first = [None if compiled is None else compiled[_key(args, mode)] for args, mode in tasks]
 
-    def loadable(i: int) -> tuple[argparse.Namespace, int | None] | None:
-        """Task i's arguments and budget if it loads what the compile pass left (its command
-        then depends on no row of this pass), else None."""
-        if first[i] is None or first[i]["error"] is not None:
+    def loaded_args(args: argparse.Namespace, mode: str, row) -> tuple | None:
+        """A task's arguments and budget if it loads what the compile pass left in `row` (its
+        command then depends on no row of this pass), else None."""
+        if row is None or row["error"] is not None:
             return None
-        args, mode = tasks[i]
         args = argparse.Namespace(**vars(args))
-        if first[i].get("plan_choice"):
-            args.fixed_plan = json.dumps(first[i]["plan_choice"])
+        if row.get("plan_choice"):
+            args.fixed_plan = json.dumps(row["plan_choice"])
         args.executables = _executables_path(cache_dir, args, mode)
-        return args, first[i]["reference_peak_bytes"]  # the budget its plan was chosen for
+        return args, row["reference_peak_bytes"]  # the budget its plan was chosen for
+
+    loadable = [loaded_args(*task, row) for task, row in zip(tasks, first, strict=True)]
 
     # The next loadable mode's process starts as this one does and imports while this one
     # sets up (without touching the device: `_ModeProcess`); this one's steps wait for those
@@ -1135,7 +1126,7 @@ def run_tasks(
 
         def next_imported(i: int) -> str | None:
             """The file task i+1's process creates once imported, if it is started ahead."""
-            if i + 1 < len(tasks) and loadable(i + 1) is not None:
+            if i + 1 < len(tasks) and loadable[i + 1] is not None:
                 return os.path.join(handover, f"imported-{i + 1}")
             return None
 
@@ -1147,13 +1138,13 @@ def run_tasks(
                     ahead = None
                     process.go()
                 else:
-                    if (known := loadable(i)) is not None:
-                        args, reference = known
+                    if loadable[i] is not None:
+                        args, reference = loadable[i]
                     else:  # compiled in its own process: a plan budgeted against this pass's rows
                         reference = _reference(args, mode, rows)
                     process = _start(args, mode, reference, env, next_imported=next_imported(i))
                 if imported := next_imported(i):
-                    next_args, next_reference = loadable(i + 1)
+                    next_args, next_reference = loadable[i + 1]
                     waiting = _start(
                         next_args,
                         tasks[i + 1][1],
