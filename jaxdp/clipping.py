@@ -156,6 +156,10 @@ def clip_and_sum(
     first and the unit's sum is clipped, so each unit contributes at most C however many rows it
     has (records, users, micro-batch clipping cells). `thresholds` [K_c]: see `clip_factors`.
 
+    The clipped sum is float32 whatever the gradients' dtype (bf16 parameters give bf16
+    gradients): the norms are taken of the float32 values that are summed, and the sum is never
+    rounded back to a lower precision, which would let one unit contribute more than C.
+
     Returns (clipped sum, info): per row "norms" [B] (the row's own gradient norm), "clipped"
     [B] bool (its unit was scaled down), "finite", "real"; and the per-unit `UnitStats`
     ("units")."""
@@ -168,7 +172,6 @@ def clip_and_sum(
     norms = jnp.sqrt(sum(_sq_norms(leaves)))  # [B]
     finite = jnp.isfinite(norms)
     keep = real & finite
-    dtypes = [g.dtype for g in leaves]
     # where() rather than multiplying by 0: NaN * 0 would still be NaN.
     leaves = [jnp.where(_bcast(keep, g), g, 0).astype(jnp.float32) for g in leaves]
     if segment_ids is not None:
@@ -181,8 +184,7 @@ def clip_and_sum(
     sq = _sq_norms(leaves)
     factors, unit_clipped, below = clip_factors(sq, l2_clip_norm, clipping, thresholds)
     summed = [
-        weighted_sum(g, jnp.where(unit_keep, f, 0.0)).astype(dtype)
-        for g, f, dtype in zip(leaves, factors, dtypes, strict=True)
+        weighted_sum(g, jnp.where(unit_keep, f, 0.0)) for g, f in zip(leaves, factors, strict=True)
     ]
     units = UnitStats.of(sq, below & unit_keep[:, None], unit_real)
     clipped = unit_clipped & unit_keep

@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     # choice by cost under a memory budget (jaxdp.clipping_plan)
     c.dp.ghost_strategy = "auto"
     c.dp.group_size = 1  # > 1: micro-batch clipping of fixed groups; costs 2x in accounting
+    # Micro-batch clipping's number of content-hash cells: a public number fixed before
+    # training (e.g. the units you expect / group_size), never computed from the data.
+    c.dp.num_cells = _optional(int)
     c.dp.accountant = "pld"  # "pld" | "rdp"
     c.dp.sampling = "poisson"  # "poisson" | "shuffle" (APPROXIMATE epsilon, labelled as such)
     # Noise, Poisson draws and dropout are keyed by secrets drawn from the OS's cryptographic

@@ -45,7 +45,7 @@ from jaxdp.hf import HubUnavailableError
 SOURCES = ("text_files", "jsonl", "csv", "hf", "tfds")
 UNITS = ("block", "record", "user")
 SEPARATORS = ("line", "paragraph")
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: users told apart by value and type
 _BATCH = 4096  # lines or records tokenized at once
 
 
@@ -239,6 +239,11 @@ def _from_rows(rows: Iterator[dict], source: TextSource, where) -> Iterator[tupl
         user = None if source.user_field is None else _field(row, source.user_field, where(i))
         if not isinstance(text, str):
             raise ValueError(f"{where(i)}: field {source.text_field!r} is not text: {text!r}.")
+        if source.user_field is not None and user is None:
+            raise ValueError(
+                f"{where(i)}: field {source.user_field!r} is null: every record needs its user's "
+                f"id (records without one cannot be given to a user)."
+            )
         yield text, user
 
 
@@ -408,13 +413,26 @@ def _tokenize_records(source: TextSource, tokenizer: Any):
         yield ids, [u for _, u in batch]
 
 
+def user_key(user: Any) -> str:
+    """The identity of a user id: its exact JSON value AND type, so that ids which merely
+    compare equal in Python (JSON `1`, `1.0` and `true`; the string "1") are different users."""
+    if isinstance(user, np.generic):  # dataset columns: NumPy scalars, as their Python value
+        user = user.item()
+    if isinstance(user, bytes):
+        return "bytes:" + user.hex()
+    try:
+        return json.dumps(user, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError):
+        return f"{type(user).__module__}.{type(user).__qualname__}:{user!r}"
+
+
 def load_records(
     source: TextSource, tokenizer: Any, *, cache_dir: str | os.PathLike | None = None
 ) -> Records:
     """The source's records, tokenized (optionally cached like `load_tokens`). User ids are
-    numbered in order of first appearance."""
+    numbered in order of first appearance, told apart by `user_key` (value and type)."""
     dtype = token_dtype(len(tokenizer))
-    user_index: dict[Any, int] = {}
+    user_index: dict[str, int] = {}
     cache = None
     if cache_dir is not None:
         key = _cache_key("records", source, tokenizer)
@@ -432,7 +450,7 @@ def load_records(
         chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype))
         lengths += [len(x) for x in ids]
         if source.user_field is not None:
-            users += [user_index.setdefault(u, len(user_index)) for u in batch_users]
+            users += [user_index.setdefault(user_key(u), len(user_index)) for u in batch_users]
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
     user_array = np.asarray(users, np.int64) if source.user_field is not None else None
@@ -458,6 +476,9 @@ class UnitRows:
     starts: np.ndarray  # [N] first row of each unit
     counts: np.ndarray  # [N] rows of each unit
     kind: str  # one of UNITS
+    # The configured cap on a unit's rows (max_blocks_per_unit; 1 for blocks). Everything that
+    # shapes the computation or is published reads this setting, never the data's own maximum.
+    cap: int = 1
 
     @property
     def num_units(self) -> int:
@@ -473,7 +494,14 @@ class UnitRows:
 
     @property
     def padded(self) -> bool:
-        return bool(np.any(self.lengths < self.block_size))
+        """Whether rows may be shorter than the block (records and users: a setting, not a
+        property of the data, so the compiled step is the same on neighbouring datasets)."""
+        return self.kind != "block"
+
+    @property
+    def several_rows(self) -> bool:
+        """Whether a unit may have several rows (by the configured cap)."""
+        return self.kind != "block" and self.cap > 1
 
     @property
     def unit_of_row(self) -> np.ndarray:
@@ -504,16 +532,12 @@ class UnitRows:
             starts=self.starts[:units],
             counts=self.counts[:units],
             kind=self.kind,
+            cap=self.cap,
         )
 
     def describe(self) -> str:
-        T = self.block_size
-        if self.kind == "block":
-            return f"example (one block of {T} tokens)"
-        cap = self.max_rows_per_unit
-        rows = f"up to {cap} blocks of {T} tokens" if cap > 1 else f"its first {T} tokens"
-        what = "record" if self.kind == "record" else "user (all records with the same user id"
-        return f"{what}{')' if self.kind == 'user' else ''}, {rows}"
+        """The privacy unit in words, from the settings alone (`describe_unit`)."""
+        return describe_unit(self.kind, self.block_size, self.cap)
 
     def append_blocks(self, blocks: np.ndarray) -> UnitRows:
         """These rows plus full `blocks`, each a unit of its own (audit canaries)."""
@@ -525,6 +549,7 @@ class UnitRows:
             starts=np.concatenate([self.starts, M + np.arange(n)]),
             counts=np.concatenate([self.counts, np.ones(n, np.int64)]),
             kind=self.kind,
+            cap=self.cap,
         )
 
     def sha256(self) -> str:
@@ -533,6 +558,20 @@ class UnitRows:
         for array in (self.lengths, self.starts, self.counts):
             h.update(np.ascontiguousarray(array, np.int64).tobytes())
         return h.hexdigest()
+
+
+def describe_unit(kind: str, block_size: int, max_blocks_per_unit: int = 1) -> str:
+    """The privacy unit in words: a function of the SETTINGS only (the unit kind, the block size
+    and the configured cap), never of the data (the longest unit present, say, would tell a
+    dataset from its neighbour with one long record more)."""
+    if kind not in UNITS:
+        raise ValueError(f"Unknown privacy unit {kind!r}; use one of {UNITS}.")
+    T, cap = block_size, max_blocks_per_unit
+    if kind == "block":
+        return f"example (one block of {T} tokens)"
+    rows = f"up to {cap} blocks of {T} tokens" if cap > 1 else f"its first {T} tokens"
+    what = "record" if kind == "record" else "user (all records with the same user id)"
+    return f"{what}, {rows}"
 
 
 def block_rows(tokens: np.ndarray, block_size: int) -> UnitRows:
@@ -582,7 +621,7 @@ def record_rows(
     starts = (
         np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
     )
-    return UnitRows(tokens=tokens, lengths=lengths, starts=starts, counts=counts, kind=unit)
+    return UnitRows(tokens=tokens, lengths=lengths, starts=starts, counts=counts, kind=unit, cap=K)
 
 
 def load_blocks(

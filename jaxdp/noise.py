@@ -21,10 +21,18 @@ all leaves (in tree order), in chunks of up to 2^20 values, chunk c from
 `fold_in(fold_in(fold_in(key, count), 0), c)` (`noise_keys`, `tree_noise`), so a run resumed
 from a checkpoint draws exactly the noise the uninterrupted run would have drawn.
 
+`key` may be one key or a 1-D array of K independent keys (`jaxdp.randomness.Secrets.noise_key`
+gives K = 2 threefry2x32 keys: 128 bits of secret). Every noise value is then the sum of one
+normal drawn from each key's stream (as above, per key) divided by sqrt(K): the same N(0, 1),
+unpredictable without every key. It costs K draws per value.
+
 `secure=True` draws each noise coordinate as the sum of four independent normals divided by two
-(the same distribution), as Opacus's `secure_mode` does after Holohan & Braghin (2021), which
-makes floating-point attacks on the Gaussian sampler (Mironov 2012; Jin et al. 2022) harder. It
-costs four noise draws per step instead of one.
+(the same distribution; with K keys, 4 / K from each), as Opacus's `secure_mode` does after
+Holohan & Braghin (2021), which makes floating-point attacks on the Gaussian sampler (Mironov
+2012; Jin et al. 2022) harder. It costs four noise draws per step instead of one.
+
+The sum, the noise and the noisy mean are float32 whatever the parameters' dtype; the output is
+rounded to the parameters' dtype only after the noise is added (post-processing).
 """
 
 from __future__ import annotations
@@ -56,23 +64,42 @@ class GaussianNoiseState(NamedTuple):
 NOISE_CHUNK = 1 << 20
 
 
+def _per_stream(f: Callable[[jax.Array], jax.Array], key: jax.Array) -> jax.Array:
+    """f of a single key, or of each of a wide key's K keys (results stacked on the LAST axis)."""
+    return f(key) if key.ndim == 0 else jax.vmap(f, out_axes=-1)(key)
+
+
 def _step_key(key: jax.Array, count: jax.Array | int, purpose: int) -> jax.Array:
-    """Update `count`'s key for the gradient noise (purpose 0) or the count noise (1)."""
-    return jax.random.fold_in(jax.random.fold_in(key, count), purpose)
+    """Update `count`'s key(s) for the gradient noise (purpose 0) or the count noise (1)."""
+    return _per_stream(lambda k: jax.random.fold_in(jax.random.fold_in(k, count), purpose), key)
 
 
 def noise_keys(key: jax.Array, count: jax.Array | int, num_chunks: int) -> jax.Array:
-    """The keys [num_chunks] of update number `count`'s gradient-noise chunks."""
-    step = _step_key(key, count, 0)
-    return jax.vmap(lambda c: jax.random.fold_in(step, c))(jnp.arange(num_chunks))
+    """The keys [num_chunks] (a wide key's: [num_chunks, K]) of update number `count`'s
+    gradient-noise chunks."""
+
+    def chunks(k):
+        step = jax.random.fold_in(jax.random.fold_in(k, count), 0)
+        return jax.vmap(lambda c: jax.random.fold_in(step, c))(jnp.arange(num_chunks))
+
+    return _per_stream(chunks, key)
 
 
 def count_noise_key(key: jax.Array, count: jax.Array | int) -> jax.Array:
-    """The key of update number `count`'s noise on the adaptive-clipping counts."""
+    """The key(s) of update number `count`'s noise on the adaptive-clipping counts."""
     return _step_key(key, count, 1)
 
 
 def _normal(key: jax.Array, shape, secure: bool) -> jax.Array:
+    """Standard normal float32 values of `shape` from a key, or from all K keys of a wide key.
+
+    A wide key draws one normal per key (secure: 4 / K per key, at least one) and returns their
+    sum divided by the square root of their number: N(0, 1) again, and a function of every
+    key, so predicting it needs all of them (`jaxdp.randomness.wide_stream_key`)."""
+    if key.ndim:
+        per_key = max(1, 4 // key.shape[0]) if secure else 1
+        draws = jax.vmap(lambda k: jax.random.normal(k, (per_key, *shape), jnp.float32))(key)
+        return jnp.sum(draws, axis=(0, 1)) / math.sqrt(key.shape[0] * per_key)
     if not secure:
         return jax.random.normal(key, shape, jnp.float32)
     draws = jax.random.normal(key, (4, *shape), jnp.float32)
@@ -139,6 +166,8 @@ def add_gaussian_noise(
         raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}.")
     if not (isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise TypeError("key must be a JAX PRNG key (jax.random.key / jaxdp.randomness).")
+    if key.ndim > 1:
+        raise ValueError(f"key must be one key or a 1-D array of keys, got shape {key.shape}.")
     stddev = noise_multiplier * l2_clip_norm
     # Only the key's data (state) and implementation (threefry2x32 for jaxdp's keys) are kept.
     key_data, impl = jax.random.key_data(key), jax.random.key_impl(key)
@@ -177,11 +206,18 @@ def add_gaussian_noise(
                 c = jnp.maximum(fused.sensitivity(thresholds, names), l2_clip_norm)
             std = noise_multiplier * c
         noise = tree_noise(key, state.count, [g.shape for g in leaves], secure)
+        # The sum, the noise and the noisy mean in float32 whatever the parameters' dtype: a
+        # bf16 sum or noise would put the release on a coarse lattice that tells a zero
+        # gradient from a nonzero one. Rounding to the parameters' dtype comes only after the
+        # noise (post-processing).
         noisy = [
-            (g + std * z.astype(g.dtype)) / expected_batch_size
+            (g.astype(jnp.float32) + std * z) / expected_batch_size
             for g, z in zip(leaves, noise, strict=True)
         ]
-        sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32) * expected_batch_size)) for g in noisy)
+        sq = sum(jnp.sum(jnp.square(g * expected_batch_size)) for g in noisy)
+        if params is not None:
+            dtypes = [p.dtype for p in jax.tree.leaves(params)]
+            noisy = [g.astype(dtype) for g, dtype in zip(noisy, dtypes, strict=True)]
         new_state = state._replace(count=state.count + 1, noisy_sq_norm=jnp.asarray(sq))
         if adaptive is not None:
             k = state.clip_norms.shape[0]

@@ -16,12 +16,18 @@ The guarantee (see `jaxdp.accounting` for the accountant): every step includes e
 `num_examples` examples independently with probability `sampling_prob = expected_batch_size /
 num_examples`; each example's gradient is clipped to L2 norm `l2_clip_norm` (flat, or per layer
 with budgets C / sqrt(K)); with `group_size` k > 1 the drawn members of each content-hash cell
-(`jaxdp.sampling.content_cells`, `num_cells` = ceil(N / k)) are summed and clipped together;
+(`jaxdp.sampling.content_cells`; `num_cells`, a public setting fixed before training and never
+computed from the data) are summed and clipped together;
 Gaussian noise of standard deviation `noise_multiplier * l2_clip_norm` is added to the clipped
 sum once per step. Adding or removing one example changes the clipped sum by at most C (by 2C
 with cells), so each step is the Poisson-subsampled Gaussian mechanism with noise multiplier
 sigma (sigma / 2 with cells), and the run is its `num_steps`-fold composition, for neighbouring
-datasets under the fixed public parameters q, delta and num_cells (N is treated as public).
+datasets under the fixed public parameters q and delta (N is treated as public) and the cell
+map (the content hash and num_cells, which do not depend on the data).
+
+delta: `target_delta` must lie in (0, 1); a delta above 1 / N is allowed but warned about (a
+mechanism that publishes one random unit in the clear is (0, 1/N)-DP: *How to DP-fy ML*, Ponomareva
+et al. 2023, recommend delta much smaller than 1 / N), and the record states delta * N.
 """
 
 from __future__ import annotations
@@ -63,9 +69,9 @@ GROUP_PRIVACY = (
 )
 PUBLIC_PARAMETERS = (
     "num_examples (N) is treated as public, as in the DP-SGD literature, and with it "
-    "sampling_prob = expected_batch_size / N, the default target_delta = 1 / (10 N) and, with "
-    "micro-batch clipping, num_cells: the guarantee is for neighbouring datasets under these "
-    "fixed parameters"
+    "sampling_prob = expected_batch_size / N, the default target_delta = 1 / (10 N), epsilon "
+    "and delta * N: the guarantee is for neighbouring datasets under these fixed parameters; "
+    "micro-batch clipping's num_cells is a setting, never computed from the data"
 )
 ADAPTIVE_NOTE = {
     "flat": "the clip norm follows the target quantile of the per-unit gradient norms, from a "
@@ -97,6 +103,7 @@ class PrivacyPlan:
     sampling: str = "poisson"  # "poisson" | "shuffle"
     clipping: str = "flat"  # "flat" | "per_layer"
     group_size: int = 1
+    num_cells: int | None = None  # micro-batch clipping's cells: a public setting
     secure_noise: bool = False
     unit: str = DEFAULT_UNIT
     unit_kind: str = "example"  # "example" | "block" | "record" | "user": what epsilon is per
@@ -121,6 +128,7 @@ class PrivacyPlan:
         sampling: str = "poisson",
         clipping: str = "flat",
         group_size: int = 1,
+        num_cells: int | None = None,
         secure_noise: bool = False,
         unit: str = DEFAULT_UNIT,
         unit_kind: str = "example",
@@ -131,7 +139,11 @@ class PrivacyPlan:
         Give `noise_multiplier`, or `target_epsilon` to calibrate it (the smallest noise
         multiplier whose epsilon after the planned steps is at most the target), or both: then
         the run stops before the target would be exceeded (`num_steps` is shortened). `steps`
-        or `epochs` (epochs / sampling_prob steps). `target_delta` defaults to 1 / (10 N).
+        or `epochs` (epochs / sampling_prob steps). `target_delta` defaults to 1 / (10 N); one
+        above 1 / N is warned about. With `group_size` k > 1 (micro-batch clipping) give
+        `num_cells`, a number fixed from public information before training (e.g. the N you
+        expect / k): computed from the data, a removal that changed it would move every example
+        to another cell.
         With `adaptive`, the noise multiplier is that of the pair (gradient, count) and is
         what the accountant uses; the gradient gets `gradient_noise_multiplier`.
         Raises ValueError with a message naming the setting to change.
@@ -151,6 +163,18 @@ class PrivacyPlan:
             raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}.")
         if group_size > 1 and sampling != "poisson":
             raise ValueError("group_size > 1 needs sampling='poisson'.")
+        if group_size > 1 and not (
+            isinstance(num_cells, int) and not isinstance(num_cells, bool) and num_cells >= 1
+        ):
+            raise ValueError(
+                f"group_size={group_size} (micro-batch clipping) needs num_cells, an integer >= 1 "
+                f"fixed from public information before training (e.g. the number of units you "
+                f"expect divided by the group size), got {num_cells!r}: a cell count computed "
+                f"from the data would change when a unit is added or removed and move every "
+                f"example to another cell."
+            )
+        if group_size == 1 and num_cells is not None:
+            raise ValueError("num_cells is micro-batch clipping's: it needs group_size > 1.")
         if noise_multiplier is not None and not (
             math.isfinite(noise_multiplier) and noise_multiplier >= 0
         ):
@@ -201,6 +225,7 @@ class PrivacyPlan:
             sampling=sampling,
             clipping=clipping,
             group_size=group_size,
+            num_cells=num_cells,
             secure_noise=secure_noise,
             unit=unit,
             unit_kind=unit_kind,
@@ -253,11 +278,6 @@ class PrivacyPlan:
     @property
     def sampling_prob(self) -> float:
         return self.expected_batch_size / self.num_examples
-
-    @property
-    def num_cells(self) -> int | None:
-        """Micro-batch clipping's number of content-hash cells (None without it)."""
-        return math.ceil(self.num_examples / self.group_size) if self.group_size > 1 else None
 
     @property
     def accounting_noise_multiplier(self) -> float:
@@ -354,8 +374,9 @@ class PrivacyPlan:
             return relation
         return (
             f"{relation}; micro-batch clipping: each example belongs to one of {self.num_cells} "
-            f"cells by a hash of its content, the drawn members of a cell are clipped together, "
-            f"so one example changes one cell's clipped sum by at most 2C"
+            f"cells (a setting, not computed from the data) by a hash of its content, the drawn "
+            f"members of a cell are clipped together, so adding or removing one example changes "
+            f"one cell's clipped sum by at most 2C and leaves every other cell as it was"
         )
 
     def record(self, steps: int | None = None, *, randomness: str | None = None) -> dict:
@@ -379,6 +400,7 @@ class PrivacyPlan:
         return {
             "epsilon": eps if math.isfinite(eps) else None,
             "delta": self.target_delta,
+            "delta_times_num_examples": self.target_delta * self.num_examples,
             "epsilon_is_approximate": self.approximate,
             "guarantee": self.describe(),
             "randomness": randomness,
@@ -435,6 +457,7 @@ class PrivacyPlan:
         "l2_clip_norm",
         "clipping",
         "group_size",
+        "num_cells",
         "secure_noise",
         "adaptive_clipping",
         "sampling_method",
@@ -482,4 +505,13 @@ def _check_common(num_examples, expected_batch_size, steps, epochs, target_delta
     delta = 1.0 / (10 * num_examples) if target_delta is None else float(target_delta)
     if not 0 < delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}.")
+    if delta > 1 / num_examples:
+        log.warning(
+            "target_delta=%.3g exceeds 1/N = %.3g: a mechanism that publishes one random unit "
+            "in the clear meets delta = 1/N. Use delta well below 1/N (How to DP-fy ML); "
+            "privacy.json states delta * N = %.3g.",
+            delta,
+            1 / num_examples,
+            delta * num_examples,
+        )
     return num_examples, B, q, steps, delta

@@ -15,8 +15,13 @@ Secret roots (`Secrets`), which the DP guarantee rests on:
   depend on which other examples were drawn; for the sensitivity argument to hold whatever that
   does to positions, the masks must be unknown (then they are i.i.d. whatever the positions).
 
-They are drawn from the operating system's cryptographic randomness (`secrets`, i.e.
-`os.urandom`) at the first start of a workdir, stored in its private part (`W/private/run.json`,
+Each root is a 128-bit integer drawn from the operating system's cryptographic randomness
+(`secrets`, i.e. `os.urandom`) at the first start of a workdir. The noise is drawn from two
+independent threefry2x32 keys hashed from its root (`wide_stream_key`): 128 bits stand behind
+every noise value. Dropout masks use one threefry2x32 key (64 bits) hashed from the 128-bit
+root: recovering it would take a 2^64 search, and a guess cannot even be checked without the
+private data the masks were applied to; the Poisson draws use NumPy's PCG64, seeded with the
+whole 128-bit root. The roots are stored in the workdir's private part (`W/private/run.json`,
 mode 0600) and in every checkpoint (the noise key is part of the optimizer state), and restored on
 resume so that a resumed run replays exactly. They are never printed, logged or exported. A
 fixed seed (`dp.noise_seed`) is possible for tests and reproductions; every epsilon of such a run
@@ -78,6 +83,19 @@ def stream_key(seed: int, stream: Stream) -> jax.Array:
     return jax.random.wrap_key_data(words, impl=KEY_IMPL)
 
 
+# Independent threefry2x32 keys behind every noise value: 2 x 64 = 128 bits of secret.
+NOISE_KEY_STREAMS = 2
+
+
+def wide_stream_key(seed: int, stream: Stream, num_keys: int = NOISE_KEY_STREAMS) -> jax.Array:
+    """`num_keys` independent threefry2x32 keys [num_keys] at the root of `stream`, hashed from
+    the whole seed (`num_keys` x 64 bits). `jaxdp.noise` draws every noise value from all of
+    them (the normalised sum of one normal per key), so predicting the noise needs every key:
+    with 2 keys, 128 bits of secret, where one threefry key has 64."""
+    words = seed_sequence(seed, stream).generate_state(2 * num_keys, np.uint32)
+    return jax.random.wrap_key_data(words.reshape(num_keys, 2), impl=KEY_IMPL)
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Secrets:
     """The secret roots of one run (see the module docstring). `repr` hides the values."""
@@ -108,7 +126,8 @@ class Secrets:
         return "secret: drawn from the operating system's cryptographic randomness"
 
     def noise_key(self) -> jax.Array:
-        return stream_key(self.noise, Stream.NOISE)
+        """The noise's keys [NOISE_KEY_STREAMS] (128 bits: `wide_stream_key`)."""
+        return wide_stream_key(self.noise, Stream.NOISE)
 
     def dropout_key(self) -> jax.Array:
         return stream_key(self.dropout, Stream.DROPOUT)

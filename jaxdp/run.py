@@ -213,7 +213,9 @@ def run(
         )
 
     # ---- Privacy plan: the noise multiplier, and the number of steps the budget allows.
-    plan = privacy_plan(cfg, N, unit=train_rows.describe(), unit_kind=train_rows.kind)
+    # The unit's description comes from the settings, never from the data (`describe_unit`).
+    unit = data.describe_unit(cfg.data.privacy_unit, T, cfg.data.max_blocks_per_unit)
+    plan = privacy_plan(cfg, N, unit=unit, unit_kind=cfg.data.privacy_unit)
     approx = " (APPROXIMATE: batches not Poisson-sampled)" if plan.approximate else ""
     log.info(
         "%d training examples of %d tokens; %s; q=%.5g, sigma=%.4g, C=%g, %d steps%s",
@@ -492,6 +494,17 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if dp.group_size > 1 and dp.sampling != "poisson":
         raise ConfigError("dp.group_size > 1 needs dp.sampling='poisson'.")
+    if (
+        dp.enabled
+        and dp.group_size > 1
+        and not (isinstance(dp.num_cells, int) and dp.num_cells >= 1)
+    ):
+        raise ConfigError(
+            f"dp.group_size={dp.group_size} needs dp.num_cells: a public number of cells fixed "
+            f"before training (e.g. the number of units you expect / group_size), never computed "
+            f"from the data (a removal that changed it would move every example to another "
+            f"cell), got {dp.num_cells!r}."
+        )
     if dp.engine == "ghost" and dp.group_size != 1:
         raise ConfigError("dp.engine='ghost' supports per-example clipping only (group_size=1).")
     if dp.engine in ("ghost", "fused") and dp.enabled and not _one_row_units(d):
@@ -510,10 +523,14 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
             )
     if dp.enabled and dp.noise_multiplier is None and dp.target_epsilon is None:
         raise ConfigError("Set dp.noise_multiplier or dp.target_epsilon (or both).")
-    for name in ("noise_multiplier", "target_epsilon", "target_delta"):
+    for name in ("noise_multiplier", "target_epsilon"):
         value = dp[name]
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"dp.{name} must be a non-negative number, got {value}.")
+    if dp.target_delta is not None and not 0 < dp.target_delta < 1:
+        raise ConfigError(
+            f"dp.target_delta must be in (0, 1) (and well below 1 / N), got {dp.target_delta}."
+        )
     if m.lora_rank < 0:
         raise ConfigError(f"model.lora_rank must be >= 0, got {m.lora_rank}.")
     if m.dropout is not None and not 0 <= m.dropout < 1:
@@ -632,6 +649,7 @@ def privacy_plan(
             sampling=dp.sampling,
             clipping=dp.clipping,
             group_size=dp.group_size,
+            num_cells=dp.num_cells if dp.group_size > 1 else None,
             secure_noise=dp.secure_noise,
             adaptive=adaptive_clipping(dp),
             **units,
@@ -863,12 +881,12 @@ class BatchMaker:
                 plan.expected_batch_size, plan.num_examples, self.micro, rows.counts
             )
         else:
-            default = int(round(plan.expected_batch_size)) * max(1, rows.max_rows_per_unit)
+            default = int(round(plan.expected_batch_size)) * rows.cap
         self.size = int(math.ceil((physical or default) / self.micro) * self.micro)
         self.units = None  # the clipping unit of every row, when units have several rows
         if plan.enabled and plan.group_size > 1:
             self.units = sampling.content_cells(rows.tokens, plan.num_cells)
-        elif plan.enabled and rows.max_rows_per_unit > 1:
+        elif plan.enabled and rows.several_rows:
             self.units = rows.unit_of_row
 
     def physical(self, units: np.ndarray):

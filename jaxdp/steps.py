@@ -142,8 +142,11 @@ def zero_accum(
 ) -> GradAccum:
     """An empty accumulator for one logical step. `thresholds`: the step's clipping thresholds
     (`clip_thresholds(state)`; needed with adaptive clipping); `raw_sum`: Engine.diagnostics;
-    the stats' sizes (`make_zero_accum` knows them; else they grow on the first `grad_step`)."""
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    the stats' sizes (`make_zero_accum` knows them; else they grow on the first `grad_step`).
+
+    The sums are float32 whatever the parameters' dtype: the clipped sum (and the noise added to
+    it) is never rounded to a lower precision before the noise is added."""
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     return GradAccum(
         grad_sum=zeros(),
         stats=ClipStats.zeros(num_thresholds, num_groups),
@@ -219,6 +222,8 @@ def make_grad_step(
         return loss_fn if loss_fn is not None else model_example_loss(graphdef, frozen)
 
     def grad_step(params, batch: Batch, key, acc: GradAccum, frozen=None) -> GradAccum:
+        if _dp(plan) and engine.name in ("ghost", "fused"):
+            _check_float32(params, engine.name)
         is_padding, segment_ids = batch["is_padding"], batch.get("segment_ids")
         examples = {k: v for k, v in batch.items() if k not in ("is_padding", "segment_ids")}
         thresholds = acc.thresholds if acc.thresholds.shape[0] else None
@@ -265,6 +270,20 @@ def make_grad_step(
         )
 
     return grad_step
+
+
+def _check_float32(params: PyTree, engine: str) -> None:
+    """The ghost and fused engines return their clipped sums in the parameters' dtype (a
+    custom_vjp's cotangent has its primal's dtype): refuse trainable parameters that are not
+    float32, whose rounding could let one unit contribute more than C."""
+    low = sorted({str(x.dtype) for x in jax.tree.leaves(params) if x.dtype != jnp.float32})
+    if low:
+        raise ValueError(
+            f"The {engine} engine needs float32 trainable parameters, got {', '.join(low)}: "
+            f"keep the parameters float32 and compute in bf16 (train.dtype / "
+            f"GPT2Config.compute_dtype), or use the vmap engine, whose clipped sums and noise "
+            f"stay float32 for any parameter dtype."
+        )
 
 
 def _summed_grad(graphdef, loss_fn, frozen):
@@ -322,8 +341,10 @@ def make_update_step(
                 # The noise transform scales its noise to the thresholds the sums were clipped
                 # with (and checks them against its own).
                 extra["below"], extra["thresholds"] = acc.stats.below, acc.thresholds
-        else:
-            grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), acc.grad_sum)
+        else:  # (the float32 mean, in the parameters' dtype)
+            grads = jax.tree.map(
+                lambda g, p: (g / jnp.maximum(n, 1.0)).astype(p.dtype), acc.grad_sum, state.params
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.maximum(n - acc.stats.num_nonfinite, 1.0)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import dp_plan
 
 from jaxdp import clipping, fused, ghost, steps
 from jaxdp.gpt2 import GPT2Config, Tape, init_model
@@ -134,3 +135,71 @@ def test_a_per_layer_plan_is_honoured_layer_by_layer(bf16_config):
         params, {"tokens": tokens}, jnp.zeros((tokens.shape[0],), bool)
     )
     assert _norm64(out) > 0
+
+
+def _linear_loss(params, example, key):
+    del key
+    return jnp.sum(example["x"].astype(params["w"].dtype) * params["w"])  # gradient: x
+
+
+def test_make_private_with_bf16_parameters_does_the_dp_arithmetic_in_float32():
+    """bf16 parameters: the accumulator, the clipped sum and the noise are float32, one example
+    contributes at most C (in float64), and the noisy mean is the float32 reference
+    ((sum + sigma C z) / B, z from the two noise keys, drawn here with jax.random directly),
+    rounded to bf16 only at the end."""
+    import jaxdp
+    from jaxdp.randomness import Secrets
+
+    d, N, C, sigma, B = 301, 12, 1.0, 0.7, 6.0
+    rng = np.random.default_rng(0)
+    # Gradients just above C, with values bf16 cannot hold exactly: rounding matters here.
+    x = rng.normal(size=(N, d)) / np.sqrt(d) * 1.0007
+    data = {"x": jnp.asarray(x, jnp.bfloat16)}
+    params = {"w": jnp.asarray(rng.normal(size=d), jnp.bfloat16)}
+    secrets = Secrets.from_seed(3)
+    private = jaxdp.make_private(
+        _linear_loss, params, optax.sgd(1.0), num_examples=N, expected_batch_size=B, steps=1,
+        noise_multiplier=sigma, l2_clip_norm=C, microbatch_size=2, physical_batch_size=4,
+        secrets=secrets,
+    )  # fmt: skip
+    state = private.initial_state
+    # Each example alone: its clipped contribution, in float64, is at most C.
+    for i in range(N):
+        one = {"x": data["x"][i : i + 1].repeat(4, 0), "is_padding": np.arange(4) > 0}
+        acc = private.accumulate(state, one, private.zero_grads(state), step=0)
+        assert acc.grad_sum["w"].dtype == jnp.float32
+        assert _norm64(acc.grad_sum) <= C
+    # A whole step's sum over several physical batches and microbatches, then the noise.
+    acc = private.zero_grads(state)
+    for j, batch in enumerate(private.batches(0, data)):
+        acc = private.accumulate(state, batch, acc, step=0, index=j)
+    assert acc.grad_sum["w"].dtype == jnp.float32
+    updates, _ = private.optimizer.update(acc.grad_sum, state.opt_state, state.params)
+    assert updates["w"].dtype == jnp.bfloat16  # rounded to the parameters' dtype, at the end
+    keys = jax.random.wrap_key_data(
+        np.asarray(jax.random.key_data(secrets.noise_key())), impl="threefry2x32"
+    )
+    z = sum(
+        jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(k, 0), 0), 0), (d,)
+        )
+        for k in keys
+    ) / np.float32(np.sqrt(2))
+    expected = (np.asarray(acc.grad_sum["w"], np.float32) + np.float32(sigma * C) * z) / B
+    np.testing.assert_array_equal(
+        np.asarray(updates["w"], np.float32),
+        -np.asarray(jnp.asarray(expected, jnp.float32).astype(jnp.bfloat16), np.float32),
+    )
+
+
+@pytest.mark.parametrize("engine", ["ghost", "fused"])
+def test_engines_that_sum_in_the_parameters_dtype_refuse_bf16_parameters(tiny_config, engine):
+    model = init_model(tiny_config, seed=0)
+    graphdef, state = steps.init_state(model, optax.sgd(0.1))
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), state.params)
+    plan = dp_plan(1.0, 1.0, 2, clipping="per_layer" if engine == "fused" else "flat")
+    grad_step = steps.make_grad_step(plan, steps.Engine(engine), graphdef=graphdef)
+    acc = steps.make_zero_accum(plan, steps.Engine(engine))(params)
+    batch = {"tokens": jnp.zeros((2, 5), jnp.int32), "is_padding": jnp.zeros(2, bool)}
+    with pytest.raises(ValueError, match="float32 trainable parameters"):
+        grad_step(params, batch, None, acc, state.frozen)

@@ -197,17 +197,32 @@ def test_unit_clipping_in_clipped_grad_equals_loop(tiny_config, microbatch_size)
     assert count == len(drawn)
 
 
+def _cells(blocks, k):
+    """The trainer's cell map of dataset `blocks` (micro-batch clipping with group size k): the
+    plan is made for THIS dataset's size, as the trainer makes it, with dp.num_cells = 3."""
+    from conftest import load_config
+
+    from jaxdp import run as run_lib
+    from jaxdp.sampling import content_cells
+
+    cfg = load_config("tiny_offline")
+    cfg.dp.update(group_size=k, num_cells=3, noise_multiplier=1.0, target_epsilon=None)
+    cfg.dp.expected_batch_size = 1
+    plan = run_lib.privacy_plan(cfg, max(len(blocks), 1))
+    return content_cells(blocks, plan.num_cells)
+
+
 def _clipped_sum(blocks, drawn, grad_of, C, k):
     """The vmap engine's clipped sum for the examples `drawn` of dataset `blocks` (unit = the
-    example for k = 1, its content cell among ceil(6 / k) cells otherwise), in one microbatch."""
-    from jaxdp.sampling import content_cells, pack_units
+    example for k = 1, its content cell otherwise), in one microbatch."""
+    from jaxdp.sampling import pack_units
 
     grads = np.stack([grad_of(b) for b in blocks]) if len(blocks) else np.zeros((0, 4))
     drawn = np.asarray(drawn, np.int64)
     if k == 1:
         units = np.arange(len(blocks))
     else:
-        units = content_cells(blocks, math.ceil(6 / k))  # num_cells: a fixed, public parameter
+        units = _cells(blocks, k)
     (batch,), dropped = pack_units(drawn, units[drawn], 8, 8)
     assert dropped == 0
     segment_ids = None if k == 1 else jnp.asarray(batch.segment_ids)
@@ -294,3 +309,36 @@ def test_position_cells_counterexample_is_bounded_with_content_cells():
         return total
 
     assert np.linalg.norm(clipped_sum(blocks) - clipped_sum(blocks[1:])) <= 2 * C * (1 + 1e-6)
+
+
+def test_cells_do_not_move_when_a_removal_changes_n():
+    """N 65 -> 64 with k = 2 (ceil(N / k) would go 33 -> 32): every remaining example keeps its
+    cell, and over random draws the clipped sum moves by at most 2C (brute force)."""
+    from jaxdp.sampling import pack_units
+
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 50, size=(65, 4))
+    C, k = 1.0, 2
+    grads = rng.normal(size=(65, 3)) * 2
+    for x in (0, 31, 64):
+        small = np.delete(blocks, x, axis=0)
+        np.testing.assert_array_equal(np.delete(_cells(blocks, k), x), _cells(small, k))
+        for _ in range(20):
+            drawn = np.flatnonzero(rng.random(65) < 0.3)
+            drawn = np.union1d(drawn, [x])
+            sums = []
+            for data, g, idx in (
+                (blocks, grads, drawn),
+                (
+                    small,
+                    np.delete(grads, x, axis=0),
+                    np.array([i - (i > x) for i in drawn if i != x]),
+                ),
+            ):
+                (batch,), _ = pack_units(idx, _cells(data, k)[idx], 128, 128)
+                out, _ = clipping.clip_and_sum(
+                    {"w": jnp.asarray(g[batch.rows])}, C, jnp.asarray(batch.is_padding),
+                    segment_ids=jnp.asarray(batch.segment_ids),
+                )  # fmt: skip
+                sums.append(np.asarray(out["w"], np.float64))
+            assert np.linalg.norm(sums[0] - sums[1]) <= 2 * C * (1 + 1e-6)

@@ -59,11 +59,17 @@ def test_budget_shortens_the_run_to_what_the_target_allows():
 
 def test_epochs_group_clipping_and_defaults():
     plan = PrivacyPlan.create(
-        num_examples=1000, expected_batch_size=30, epochs=2.5, noise_multiplier=1.6, group_size=4
+        num_examples=1000,
+        expected_batch_size=30,
+        epochs=2.5,
+        noise_multiplier=1.6,
+        group_size=4,
+        num_cells=250,
     )
     assert plan.num_steps == math.ceil(2.5 / 0.03)
     assert plan.target_delta == 1 / (10 * 1000)
     assert plan.num_cells == 250 and plan.accounting_noise_multiplier == 0.8  # sensitivity 2C
+    assert plan.record()["delta_times_num_examples"] == pytest.approx(0.1)
     assert plan.epsilon(10) == pytest.approx(
         direct_epsilon(0.8, 0.03, 10, 1e-4, accounting.pld_interval(0.8)), rel=1e-9
     )
@@ -92,11 +98,27 @@ def test_non_private_and_noiseless_plans_claim_nothing():
         (dict(noise_multiplier=None), "noise multiplier or a target"),
         (dict(steps=None), "steps or of epochs"),
         (dict(clipping="elementwise"), "Unknown clipping"),
-        (dict(group_size=2, sampling="shuffle"), "poisson"),
+        (dict(group_size=2, num_cells=5, sampling="shuffle"), "poisson"),
+        (dict(group_size=2), "needs num_cells"),
+        (dict(num_cells=5), "needs group_size > 1"),
         (dict(target_delta=1.5), "target_delta"),
+        (dict(target_delta=1.0), "target_delta"),
+        (dict(target_delta=0.0), "target_delta"),
     ],
 )
 def test_bad_settings_name_what_to_change(kwargs, match):
     args = dict(num_examples=1000, expected_batch_size=10, steps=5, noise_multiplier=1.0)
     with pytest.raises(ValueError, match=match):
         PrivacyPlan.create(**(args | kwargs))
+
+
+def test_delta_above_one_over_n_is_warned_about_and_stated_as_delta_times_n(caplog):
+    args = dict(num_examples=80, expected_batch_size=8, steps=5, noise_multiplier=1.0)
+    with caplog.at_level("WARNING", logger="jaxdp"):
+        default = PrivacyPlan.create(**args)
+    assert default.target_delta == 1 / 800 and "exceeds 1/N" not in caplog.text
+    assert default.record()["delta_times_num_examples"] == pytest.approx(0.1)
+    with caplog.at_level("WARNING", logger="jaxdp"):
+        loose = PrivacyPlan.create(**args, target_delta=0.05)
+    assert "exceeds 1/N" in caplog.text
+    assert loose.record()["delta_times_num_examples"] == pytest.approx(4.0)

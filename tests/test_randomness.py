@@ -18,12 +18,18 @@ def _keys_by_purpose(seed: int) -> dict[str, set[tuple[int, ...]]]:
     """Every key each purpose uses for steps/indices below 24, as the code derives them."""
     secrets = Secrets.from_seed(seed)  # the worst case: one seed for everything
     out: dict[str, set] = {}
+    # The noise's keys one by one (each chunk and count draw uses all K of a wide key).
+    single = lambda keys: [_data(k) for k in keys.reshape(-1)]
+    K = randomness.NOISE_KEY_STREAMS
     chunks = {
-        _data(k) for t in range(STEPS) for k in noise.noise_keys(secrets.noise_key(), t, INDICES)
+        k for t in range(STEPS) for k in single(noise.noise_keys(secrets.noise_key(), t, INDICES))
     }
-    counts = {_data(noise.count_noise_key(secrets.noise_key(), t)) for t in range(STEPS)}
-    # Every gradient-noise chunk and every count-noise draw has a key of its own.
-    assert len(chunks) == STEPS * INDICES and len(counts) == STEPS and not chunks & counts
+    counts = {
+        k for t in range(STEPS) for k in single(noise.count_noise_key(secrets.noise_key(), t))
+    }
+    # Every gradient-noise chunk and every count-noise draw has keys of its own.
+    assert len(chunks) == STEPS * INDICES * K and len(counts) == STEPS * K
+    assert not chunks & counts
     out["noise"] = chunks | counts
     dropout = set()
     for t in range(STEPS):
@@ -95,3 +101,30 @@ def test_fixed_seed_is_labelled():
     assert Secrets.generate().label != randomness.FIXED_SEED_LABEL
     with pytest.raises(ValueError, match="non-negative"):
         Secrets.from_seed(-1)
+
+
+def test_every_noise_value_rests_on_128_secret_bits():
+    """The noise key is two independent threefry2x32 keys (2 x 64 bits) hashed from a 128-bit
+    secret, and every noise value is (z_1 + z_2) / sqrt(2) of one normal from each: changing
+    either key changes every value (a brute-force reference, jax.random directly)."""
+    import jax.numpy as jnp
+
+    key = Secrets.generate().noise_key()
+    words = np.asarray(jax.random.key_data(key))
+    assert words.dtype == np.uint32 and words.size * 32 >= 128
+    assert key.shape == (randomness.NOISE_KEY_STREAMS,) and not np.array_equal(words[0], words[1])
+    got = noise.tree_noise(key, 3, [(5, 7)])[0]
+    chunk = lambda k: jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(k, 3), 0), 0)
+    draws = [jax.random.normal(chunk(k), (35,), jnp.float32) for k in key]
+    expected = (draws[0] + draws[1]) / np.float32(np.sqrt(2))
+    np.testing.assert_allclose(np.ravel(got), expected, rtol=1e-6, atol=1e-7)
+    for i in range(2):  # the other key alone does not determine a single value
+        changed = words.copy()
+        changed[i] ^= np.uint32(1)
+        other = jax.random.wrap_key_data(changed, impl=randomness.KEY_IMPL)
+        moved = np.ravel(noise.tree_noise(other, 3, [(5, 7)])[0]) != np.ravel(got)
+        assert moved.all()
+    # Still N(0, 1): mean and variance of many values (6 standard errors).
+    many = np.asarray(noise.tree_noise(key, 0, [(200_000,)])[0], np.float64)
+    assert abs(many.mean()) < 6 / np.sqrt(len(many))
+    assert abs(many.var() - 1) < 6 * np.sqrt(2 / len(many))

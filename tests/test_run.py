@@ -316,7 +316,7 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     cfg = small(load_config("tiny_offline"), num_steps=10)
     cfg.dp.expected_batch_size = 50
     cfg.dp.microbatch_size = 4
-    cfg.dp.group_size = 2
+    cfg.dp.group_size, cfg.dp.num_cells = 2, 500
     cfg.dp.noise_multiplier = 1.6
     plan = run_lib.privacy_plan(cfg, 1000)
     assert plan.accounting_noise_multiplier == 0.8
@@ -328,7 +328,7 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     # Calibrated: twice the noise of per-example clipping for the same target.
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 4.0
     grouped = run_lib.privacy_plan(cfg, 1000)
-    cfg.dp.group_size = 1
+    cfg.dp.group_size, cfg.dp.num_cells = 1, None
     single = run_lib.privacy_plan(cfg, 1000)
     assert grouped.noise_multiplier == pytest.approx(2 * single.noise_multiplier, rel=1e-12)
     assert grouped.epsilon(10) <= 4.0
@@ -342,8 +342,11 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     [
         ({"engine": "gohst"}, "Unknown dp.engine 'gohst'"),
         ({"engine": "ghost", "ghost_strategy": "fast"}, "Unknown dp.ghost_strategy 'fast'"),
-        ({"engine": "ghost", "group_size": 2}, "per-example clipping only"),
-        ({"group_size": 9}, "at least dp.group_size"),
+        ({"engine": "ghost", "group_size": 2, "num_cells": 5}, "per-example clipping only"),
+        ({"group_size": 9, "num_cells": 5}, "at least dp.group_size"),
+        ({"group_size": 2}, "needs dp.num_cells"),
+        ({"target_delta": 1.0}, r"target_delta must be in \(0, 1\)"),
+        ({"target_delta": 0.0}, r"target_delta must be in \(0, 1\)"),
     ],
 )
 def test_engine_settings_are_checked_before_training(overrides, message):
@@ -355,10 +358,10 @@ def test_engine_settings_are_checked_before_training(overrides, message):
 
 def test_group_clipping_run(tmp_path):
     cfg = small(load_config("tiny_offline"))
-    cfg.dp.group_size = 3
+    cfg.dp.group_size, cfg.dp.num_cells = 3, 7
     summary = run_lib.run(cfg, tmp_path)
     assert summary["group_size"] == 3
-    assert summary["num_cells"] == math.ceil(summary["num_examples"] / 3)
+    assert summary["num_cells"] == 7  # the setting, never a count of the data
     assert "2C" in summary["neighbouring_relation"]
     assert summary["accounting_noise_multiplier"] == pytest.approx(1.0 / 2)
 

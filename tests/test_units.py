@@ -284,3 +284,44 @@ def test_engines_that_norm_one_row_refuse_units_of_several_rows(tiny_config, eng
             steps.Engine(engine, microbatch_size=4),
             clipping=cfg.dp.clipping,
         )
+
+
+def test_users_are_told_apart_by_the_exact_json_value_and_type(tmp_path, tokenizer_dir):
+    """JSON 1, 1.0, true and "1" compare equal in Python (1 == 1.0 == True) but are four users;
+    the same id twice is one."""
+    tok = data.load_tokenizer(tokenizer_dir)
+    ids = [1, 1.0, True, "1", 1, "true"]
+    path = tmp_path / "users.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"text": f"record number {i}", "user_id": u}) + "\n"
+            for i, u in enumerate(ids)
+        )  # fmt: skip
+    )
+    source = data.TextSource("jsonl", files=(path,), user_field="user_id")
+    records = data.load_records(source, tok, cache_dir=tmp_path / "cache")
+    assert records.users.tolist() == [0, 1, 2, 3, 0, 4]
+    rows = data.record_rows(records, 8, unit="user", max_blocks_per_unit=2)
+    assert rows.num_units == 5
+    assert data.user_key(np.int64(1)) == data.user_key(1) != data.user_key(np.float64(1.0))
+    null = tmp_path / "null.jsonl"
+    null.write_text(json.dumps({"text": "no user", "user_id": None}) + "\n")
+    with pytest.raises(ValueError, match="is null"):
+        data.load_records(data.TextSource("jsonl", files=(null,), user_field="user_id"), tok)
+
+
+@pytest.mark.parametrize("unit", ["block", "record", "user"])
+def test_the_unit_is_described_from_the_settings_not_from_the_data(unit):
+    """The longest unit present (a statistic of the data) never reaches the description."""
+    short = _records([5] * 6, users=[0, 1, 2, 3, 4, 5])
+    long = _records([5] * 6 + [40], users=[0, 1, 2, 3, 4, 5, 6])
+    if unit == "block":
+        rows = [data.block_rows(r.tokens, 4) for r in (short, long)]
+    else:
+        rows = [data.record_rows(r, 8, unit=unit, max_blocks_per_unit=3) for r in (short, long)]
+        assert rows[0].max_rows_per_unit == 1 and rows[1].max_rows_per_unit == 3
+    assert rows[0].describe() == rows[1].describe()
+    assert rows[0].padded == rows[1].padded and rows[0].several_rows == rows[1].several_rows
+    if unit != "block":
+        assert "up to 3 blocks of 8 tokens" in rows[0].describe()
+        assert data.describe_unit(unit, 8, 1).endswith("its first 8 tokens")
