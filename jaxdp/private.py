@@ -34,6 +34,7 @@ from jaxdp import steps as steps_lib
 from jaxdp.adaptive import AdaptiveClipping
 from jaxdp.plan import PrivacyPlan
 from jaxdp.randomness import Secrets
+from jaxdp.release import mechanism_record
 
 PyTree = Any
 
@@ -100,6 +101,12 @@ class PrivateTraining:
         for j, batch in enumerate(self.batches(step, data)):
             grads = self.accumulate(state, batch, grads, step=step, index=j)
         return self.update(state, grads)
+
+    def record(self, steps_taken: int | None = None) -> dict[str, Any]:
+        """The publishable privacy statement after `steps_taken` steps (default: all planned),
+        through the release boundary (`jaxdp.release.mechanism_record`): settings, documented
+        public values (N, q, delta, epsilon) and nothing computed from the data."""
+        return mechanism_record(self.plan, steps_taken, randomness=self.secrets.label)
 
     def epsilon(self, steps_taken: int | None = None) -> float:
         """Epsilon at the plan's delta after `steps_taken` steps (default: all planned)."""

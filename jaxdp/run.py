@@ -20,7 +20,6 @@ the current step with a checkpoint and an honest privacy.json for the steps it r
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import threading
@@ -53,7 +52,8 @@ from jaxdp.generate import generate
 from jaxdp.gpt2 import COMPUTE_DTYPES, PRESETS, GPT2Config, GPT2LMHeadModel, init_model
 from jaxdp.params import merge
 from jaxdp.plan import PrivacyPlan
-from jaxdp.tracking import Event, JsonlLog, MetricsWriter, Observers, Progress, should_stop
+from jaxdp.release import RunRelease, mechanism_record
+from jaxdp.tracking import Event, MetricsWriter, Observers, Progress, should_stop
 from jaxdp.workdir import RunMismatchError, RunRecord, Workdir, fingerprint_diff
 
 log = logging.getLogger("jaxdp")
@@ -248,8 +248,9 @@ def run(
     # first start, once every check has passed; read back, fingerprint checked, at later ones.
     fingerprint = run_fingerprint(cfg, plan, train_rows)
     secrets = open_run(wd, cfg, fingerprint, lead)
-    if lead:
-        wd.config.write_text(public_settings(cfg))
+    # Everything outside private/ is written through the release boundary (`jaxdp.release`).
+    release = RunRelease(wd, enabled=lead, tensorboard=cfg.train.tensorboard)
+    release.settings(cfg.to_dict())
 
     # ---- Optimizer and train state, sharded over the mesh.
     noise_key = secrets.noise_key() if plan.enabled else None
@@ -283,11 +284,11 @@ def run(
             )
         start, examples_seen = int(state.step), int(meta["examples_seen"])
         log.info("Resumed at step %d (epsilon so far: %s).", start, meta["privacy"]["epsilon"])
-    writer = MetricsWriter(wd, enabled=lead, tensorboard=cfg.train.tensorboard)
-    samples = SampleWriter(wd, cfg.train, tokenizer, graphdef, lead)
+    writer = MetricsWriter(wd, enabled=lead, tensorboard=cfg.train.tensorboard)  # private
+    samples = SampleWriter(release, cfg.train, tokenizer, graphdef, lead)
     if lead:  # records of steps after the checkpoint: replayed below
         writer.truncate(start)
-        samples.truncate(start)
+        release.truncate(start)
     sharding.sync_processes("jaxdp_logs")
     ledger = dict(
         model_config=dataclasses.asdict(model_config),
@@ -310,10 +311,10 @@ def run(
 
     def publish(upto: int) -> None:
         while pending_public and pending_public[0][0] <= upto:
-            writer.write(*pending_public.pop(0), {})
+            release.metrics(*pending_public.pop(0))
 
     def save(step: int) -> None:
-        privacy = plan.record(step, randomness=secrets.label)
+        privacy = mechanism_record(plan, step, randomness=secrets.label)
         ckpt.save(step, state, {"privacy": privacy, "examples_seen": examples_seen, **ledger})
         notify(Event("checkpoint", step, plan.num_steps))
         publish(step)
@@ -332,9 +333,9 @@ def run(
         return metrics
 
     is_eval_step = lambda step: step % cfg.train.eval_every == 0 or step == plan.num_steps
-    if start and is_eval_step(start) and not writer.has_public(start, "eval_loss"):
+    if start and is_eval_step(start) and not release.has_metric(start, "eval_loss"):
         # Killed between the checkpoint and its eval records: release them now, from it.
-        writer.write(start, {**public_metrics(start), **release_eval(start)}, {})
+        release.metrics(start, {**public_metrics(start), **release_eval(start)})
 
     # ---- Loop.
     progress = Progress(cfg.train.progress and lead, start, plan.num_steps)
@@ -382,7 +383,7 @@ def run(
                 t_last, tokens_since = now, 0
                 if is_eval_step(done):
                     public.update(release_eval(done))  # (checkpointed at `done` first)
-                writer.write(done, {}, private)
+                writer.write(done, private)
                 pending_public.append((done, {**public, **released}))
                 if is_eval_step(done):
                     publish(done)  # release_eval's checkpoint covers it
@@ -404,23 +405,26 @@ def run(
     final_step = int(state.step)
     if ckpt.latest_step() != final_step:
         save(final_step)
-    summary = plan.record(final_step, randomness=secrets.label)
+    summary = mechanism_record(plan, final_step, randomness=secrets.label)
     summary["planned_steps"] = plan.num_steps
     if cancelled:
         summary["cancelled"] = True
     # Gathering sharded arrays is collective: every process takes part.
     export = cfg.train.export_hf and not cancelled
     host = sharding.to_host((state.params, state.frozen)) if export else None
+    release.privacy(summary)
+    if export:
+        release.model(
+            merge(graphdef, *host), tokenizer, summary, base=base_model(cfg.model),
+            peft=cfg.train.export_peft,
+        )  # fmt: skip
+    title = plan.describe()
+    if secrets.fixed_by_user and plan.enabled:
+        title += f" ({randomness.FIXED_SEED_LABEL})"
+    release.report(title=title, target_epsilon=plan.target_epsilon if plan.enabled else None)
     if lead:
-        wd.privacy.write_text(json.dumps(summary, indent=2) + "\n")
-        if export:
-            export_model(wd, merge(graphdef, *host), cfg, tokenizer, summary)
-        target = plan.target_epsilon if plan.enabled else None
-        title = plan.describe()
-        if secrets.fixed_by_user and plan.enabled:
-            title += f" ({randomness.FIXED_SEED_LABEL})"
-        report.plot_public(wd.metrics, wd.report, title=title, target_epsilon=target)
         report.plot_private(wd.private_metrics, wd.metrics, wd.private_report, title=title)
+    release.finish()
     writer.close()
     ckpt.close()
     notify(Event("end", final_step, plan.num_steps, {"cancelled": cancelled, **summary}))
@@ -789,6 +793,9 @@ def run_fingerprint(cfg, plan: PrivacyPlan, train_rows: data.UnitRows) -> dict[s
         "config": config_fingerprint(cfg),
         "data_sha256": train_rows.sha256(),
         "plan": plan.fingerprint(),
+        # The noise's keys per value (2 since 128-bit noise): an older checkpoint's noise state
+        # holds one key and cannot continue with two.
+        "noise_keys": randomness.NOISE_KEY_STREAMS,
         # A cosine schedule's horizon shapes every step; a constant one does not depend on it.
         "lr_schedule_steps": plan.num_steps if cfg.optim.schedule == "cosine" else None,
     }
@@ -852,14 +859,6 @@ def open_run(wd: Workdir, cfg, fingerprint: dict[str, Any], lead: bool) -> rando
         raise RunMismatchError(f"Process 0 could not start the run in {wd.root}; see its error.")
     _check_same_run(wd, fingerprint, cfg)
     return RunRecord.load(wd.run_record).secrets
-
-
-def public_settings(cfg: ml_collections.ConfigDict) -> str:
-    """config.json: the run's settings, publishable (a fixed noise seed is kept private)."""
-    settings = cfg.to_dict()
-    if settings["dp"].get("noise_seed") is not None:
-        settings["dp"]["noise_seed"] = "<fixed by the user: kept in private/run.json>"
-    return json.dumps(settings, indent=2, default=str) + "\n"
 
 
 # ---- The loop's parts ----------------------------------------------------------------------
@@ -947,17 +946,16 @@ def evaluate(eval_step, state, rows: data.UnitRows, batch_size: int, mesh) -> di
 
 
 class SampleWriter:
-    """Continuations of `train.sample_prompts` at each eval, into samples.jsonl (public: the
+    """Continuations of `train.sample_prompts` at each eval, released into samples.jsonl (the
     model is post-processed with public randomness)."""
 
-    def __init__(self, wd: Workdir, t: ml_collections.ConfigDict, tokenizer, graphdef, lead):
-        self.log = JsonlLog(wd.samples, lead)
+    def __init__(
+        self, release: RunRelease, t: ml_collections.ConfigDict, tokenizer, graphdef, lead
+    ):
+        self.release = release
         self.prompts, self.max_new_tokens = tuple(t.sample_prompts), t.sample_max_new_tokens
         self.top_k, self.seed = t.sample_top_k, t.seed
         self.tokenizer, self.graphdef, self.lead = tokenizer, graphdef, lead
-
-    def truncate(self, last_step: int) -> None:
-        self.log.truncate(last_step)
 
     def write(self, params, step: int) -> None:
         for i, prompt in enumerate(self.prompts):
@@ -971,26 +969,18 @@ class SampleWriter:
             )
             if self.lead:
                 text = self.tokenizer.decode(out.tolist())
-                self.log.append({"step": step, "prompt": prompt, "completion": text})
+                self.release.sample(step, prompt, text)
                 log.info("Sample at step %d: %s|%s", step, prompt, text)
 
 
-def export_model(wd: Workdir, model: GPT2LMHeadModel, cfg, tokenizer, record) -> None:
-    """W/hf (LoRA merged: a plain GPT2LMHeadModel) and, for LoRA on a pretrained base, W/peft;
-    each with a model card (README.md) stating the privacy guarantee of `record`."""
-    base = None
-    if cfg.model.init == "pretrained":
-        base = str(cfg.model.name_or_path)
-        if Path(base).expanduser().is_dir():  # a local base: where it is, for any cwd
-            base = str(Path(base).expanduser().resolve())
-    card = report.model_card(record, base_model=base)
-    if lora.has_lora(model):
-        if cfg.train.export_peft and base is not None:
-            lora.save_peft_adapter(model, wd.peft, base_model_name_or_path=base)
-            (wd.peft / "README.md").write_text(card)
-        model = lora.merge_lora(model)
-    hf.save_pretrained(model, wd.hf, tokenizer=tokenizer)
-    (wd.hf / "README.md").write_text(card)
+def base_model(m: ml_collections.ConfigDict) -> str | None:
+    """The pretrained base model for the model card and PEFT (a local one by absolute path)."""
+    if m.init != "pretrained":
+        return None
+    base = str(m.name_or_path)
+    if Path(base).expanduser().is_dir():  # a local base: where it is, for any cwd
+        base = str(Path(base).expanduser().resolve())
+    return base
 
 
 def describe_result(summary: dict[str, Any]) -> str:

@@ -3,9 +3,9 @@
 Metric keys are namespaced so that the data itself says what the run's epsilon covers:
 `public/...` (computed from the noisy model and public data: epsilon, eval metrics) and
 `private/...` (noise-free statistics of the training data: train loss, batch sizes, ...).
-`MetricsWriter` keeps them apart on disk too: public records go to W/metrics.jsonl, private ones
-to W/private/metrics.jsonl, and, when tensorboardX is installed, each to its own TensorBoard log
-(W/tensorboard, W/private/tensorboard).
+They are kept apart on disk too: public records go to W/metrics.jsonl (and W/tensorboard) through
+`jaxdp.release`, private ones to W/private/metrics.jsonl (and W/private/tensorboard) through
+`MetricsWriter`.
 """
 
 from __future__ import annotations
@@ -59,48 +59,35 @@ class JsonlLog:
 
 
 class MetricsWriter:
-    """One record per logged step, public and private apart (see the module docstring)."""
+    """The private diagnostics, one record per logged step: W/private/metrics.jsonl and, when
+    tensorboardX is installed, W/private/tensorboard. (Public records are released by
+    `jaxdp.release.RunRelease`, the only writer outside W/private.)"""
 
     def __init__(self, wd: Workdir, *, enabled: bool = True, tensorboard: bool = True):
-        self.public = JsonlLog(wd.metrics, enabled)
         self.private = JsonlLog(wd.private_metrics, enabled)
-        self._boards: dict[str, Any] = {}
+        self._board = None
         if enabled and tensorboard and importlib.util.find_spec("tensorboardX") is not None:
             # tensorboardX is optional: TensorBoard logs are written when it is installed.
             from tensorboardX import SummaryWriter
 
-            self._boards = {
-                PUBLIC: SummaryWriter(str(wd.root / "tensorboard")),
-                PRIVATE: SummaryWriter(str(wd.private / "tensorboard")),
-            }
+            self._board = SummaryWriter(str(wd.private / "tensorboard"))
 
     def truncate(self, last_step: int) -> None:
-        self.public.truncate(last_step)
         self.private.truncate(last_step)
 
-    def has_public(self, step: int, key: str) -> bool:
-        """Whether the public log holds `key` for `step` (read on every process alike)."""
-        records = read_metrics(self.public.path, PUBLIC)
-        return any(r.get("step") == step and key in r for r in records)
-
-    def write(self, step: int, public: dict[str, Any], private: dict[str, Any]) -> None:
-        for prefix, values, log_file in (
-            (PUBLIC, public, self.public),
-            (PRIVATE, private, self.private),
-        ):
-            if not values:
-                continue
-            record = {"step": step, **namespaced(prefix, values)}
-            log_file.append(record)
-            board = self._boards.get(prefix)
-            if board is not None:
-                for tag, value in record.items():
-                    if tag != "step" and isinstance(value, (int, float)) and value is not None:
-                        board.add_scalar(tag, value, step)
+    def write(self, step: int, private: dict[str, Any]) -> None:
+        if not private:
+            return
+        record = {"step": step, **namespaced(PRIVATE, private)}
+        self.private.append(record)
+        if self._board is not None:
+            for tag, value in record.items():
+                if tag != "step" and isinstance(value, (int, float)):
+                    self._board.add_scalar(tag, value, step)
 
     def close(self) -> None:
-        for board in self._boards.values():
-            board.close()
+        if self._board is not None:
+            self._board.close()
 
 
 def read_metrics(path: str | Path, prefix: str | None = None) -> list[dict[str, Any]]:

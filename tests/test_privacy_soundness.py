@@ -67,7 +67,7 @@ def test_released_files_hold_no_secret_and_no_noise_free_statistic(tmp_path):
     for value in (secrets.noise, secrets.sampling, secrets.dropout):
         needles += [str(value).encode(), f"{value:x}".encode()]
     for key in (secrets.noise_key(), secrets.dropout_key()):
-        words = np.asarray(jax.random.key_data(key)).astype("<u4")
+        words = np.asarray(jax.random.key_data(key)).astype("<u4").ravel()
         needles += [words.tobytes()] + [str(int(w)).encode() for w in words]
     public = _public_files(tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in public}
