@@ -82,6 +82,7 @@ PRIVACY_FIELDS: dict[str, Source] = {
     "covers": S,
     "not_covered": S,
     "group_privacy": S,
+    "per_example_gradient_bound": S,  # the reward model's: a property of its loss
 }
 
 # One record of metrics.jsonl (keys without their "public/" prefix).
@@ -101,6 +102,20 @@ METRIC_FIELDS: dict[str, Source] = {
     "eval_loss": R,  # the released model on the public eval set
     "eval_ppl": R,
     "eval_accuracy": R,
+    "heldout_accuracy": R,  # the reward model on public held-out preferences
+}
+
+# The reward model's report.json.
+REWARD_REPORT_FIELDS: dict[str, Source] = {
+    "heldout_accuracy": R,
+    "epsilon": N,
+    "delta": N,
+    "steps": N,
+    "num_train": N,
+    "num_heldout": S,  # the public held-out set's size
+    "noise_multiplier": N,
+    "expected_batch_size": S,
+    "lora_rank": S,
 }
 
 # One record of samples.jsonl: the released model continuing public prompts.
@@ -185,6 +200,12 @@ class RunRelease:
         return any(r.get("step") == step and key in r for r in records)
 
     # ---- renderings of released fields ----------------------------------------------------
+
+    def json(self, name: str, record: dict[str, Any], fields: dict[str, Source]) -> None:
+        """Another released JSON file of field list `fields` (the reward model's report)."""
+        checked(record, fields, name)
+        if self.enabled:
+            (self.wd.root / name).write_text(json.dumps(record, indent=2) + "\n")
 
     def report(self, *, title: str, target_epsilon: float | None) -> None:
         if self.enabled:

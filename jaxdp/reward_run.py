@@ -32,7 +32,9 @@ from jaxdp.gpt2 import GPT2Config, init_model
 from jaxdp.params import path_name, split
 from jaxdp.private import make_private
 from jaxdp.randomness import Secrets
+from jaxdp.release import REWARD_REPORT_FIELDS, RunRelease, mechanism_record
 from jaxdp.tracking import JsonlLog, Progress
+from jaxdp.workdir import Workdir
 
 log = logging.getLogger("jaxdp")
 UNIT = "preference tuple (prompt, chosen response, rejected response)"
@@ -187,10 +189,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         phi_l = reward.compute_features(graphdef, fp, held["rejected"], held["rejected_last"])
         return reward.accuracy(np.asarray(p["w"]), phi_w, phi_l)
 
-    public_log, private_log = (
-        JsonlLog(wd / "metrics.jsonl"),
-        JsonlLog(wd / "private" / "metrics.jsonl"),
-    )
+    # Everything outside private/ goes through the release boundary (`jaxdp.release`).
+    release = RunRelease(Workdir(wd), tensorboard=False)
+    private_log = JsonlLog(wd / "private" / "metrics.jsonl")
     state = private.initial_state
     progress = Progress(cfg.train.progress, 0, plan.num_steps)
     history = []
@@ -202,12 +203,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             if done % cfg.train.eval_every == 0 or done == plan.num_steps:
                 record["heldout_accuracy"] = held_out_accuracy(state)
                 history.append(record)
-            public_log.append(record)
+            release.metrics(done, {k: v for k, v in record.items() if k != "step"})
             private_log.append({"step": done, "train_loss": float(metrics["train_loss"])})
             progress.update(eps=f"{record['epsilon']:.3g}")
     progress.close()
 
-    privacy = plan.record(randomness=secrets.label)
+    privacy = mechanism_record(plan, randomness=secrets.label)
     privacy |= {
         "privacy_unit": UNIT,
         "epsilon_per": "preference tuple",
@@ -216,7 +217,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         "metrics.jsonl, and every policy computed from the reward model and public inputs "
         "(best-of-N, Gibbs): post-processing",
     }
-    (wd / "privacy.json").write_text(json.dumps(privacy, indent=2) + "\n")
+    release.privacy(privacy)
     save_reward_model(wd / "reward_model", state.params, cfg, dim)
     accuracy = history[-1].get("heldout_accuracy") if history else None
     report = {
@@ -230,8 +231,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         "expected_batch_size": plan.expected_batch_size,
         "lora_rank": cfg.model.lora_rank,
     }
-    (wd / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(history, wd / "report.png", report)
+    release.json("report.json", report, REWARD_REPORT_FIELDS)
+    _plot(history, wd / "report.png", report)  # a rendering of report.json and metrics
+    release.finish()
     return report
 
 
