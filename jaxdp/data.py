@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -420,10 +421,33 @@ def user_key(user: Any) -> str:
         user = user.item()
     if isinstance(user, bytes):
         return "bytes:" + user.hex()
+    if isinstance(user, float) and not math.isfinite(user):
+        raise ValueError(
+            f"A user id is {user}: every NaN (a missing value in a float column) would be one "
+            f"user. Give every record a real id."
+        )
     try:
-        return json.dumps(user, sort_keys=True, allow_nan=True)
+        return json.dumps(user, sort_keys=True)
     except (TypeError, ValueError):
         return f"{type(user).__module__}.{type(user).__qualname__}:{user!r}"
+
+
+def _check_unambiguous(user: Any, key: str, seen: dict[Any, str]) -> None:
+    """Refuses a user column holding two different ids that compare equal in Python (JSON 1,
+    1.0 and true; a NumPy 1 and 1.0): keyed apart they would split one person into two units,
+    merged they could join two people; either breaks the per-user guarantee, so the ids must be
+    made consistent first."""
+    value = user.item() if isinstance(user, np.generic) else user
+    try:
+        first = seen.setdefault(value, key)
+    except TypeError:  # unhashable (a list or an object): compared by its JSON text alone
+        return
+    if first != key:
+        raise ValueError(
+            f"The user column holds ids {first} and {key}, which compare equal but are not the "
+            f"same id: one person split in two, or two merged? Make the ids consistent (all "
+            f"strings, say) and run again."
+        )
 
 
 def load_records(
@@ -433,6 +457,7 @@ def load_records(
     numbered in order of first appearance, told apart by `user_key` (value and type)."""
     dtype = token_dtype(len(tokenizer))
     user_index: dict[str, int] = {}
+    equal_ids: dict[Any, str] = {}  # Python value -> the first id's key (see _check_unambiguous)
     cache = None
     if cache_dir is not None:
         key = _cache_key("records", source, tokenizer)
@@ -450,7 +475,10 @@ def load_records(
         chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype))
         lengths += [len(x) for x in ids]
         if source.user_field is not None:
-            users += [user_index.setdefault(user_key(u), len(user_index)) for u in batch_users]
+            for u in batch_users:
+                key = user_key(u)
+                _check_unambiguous(u, key, equal_ids)
+                users.append(user_index.setdefault(key, len(user_index)))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
     user_array = np.asarray(users, np.int64) if source.user_field is not None else None

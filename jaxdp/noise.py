@@ -22,12 +22,12 @@ all leaves (in tree order), in chunks of up to 2^20 values, chunk c from
 from a checkpoint draws exactly the noise the uninterrupted run would have drawn.
 
 `key` may be one key or a 1-D array of K independent keys (`jaxdp.randomness.Secrets.noise_key`
-gives K = 2 threefry2x32 keys: 128 bits of secret). Every noise value is then the sum of one
-normal drawn from each key's stream (as above, per key) divided by sqrt(K): the same N(0, 1),
-unpredictable without every key. It costs K draws per value.
+gives K = 2 threefry2x32 keys: 128 bits of secret). Every noise value's random bits are then the
+XOR of one word from each key's stream (`_normal`), turned into N(0, 1): unpredictable without
+every key, and no key can be guessed on its own. It costs K draws of bits per value.
 
 `secure=True` draws each noise coordinate as the sum of four independent normals divided by two
-(the same distribution; with K keys, 4 / K from each), as Opacus's `secure_mode` does after
+(the same distribution), as Opacus's `secure_mode` does after
 Holohan & Braghin (2021), which makes floating-point attacks on the Gaussian sampler (Mironov
 2012; Jin et al. 2022) harder. It costs four noise draws per step instead of one.
 
@@ -93,17 +93,32 @@ def count_noise_key(key: jax.Array, count: jax.Array | int) -> jax.Array:
 def _normal(key: jax.Array, shape, secure: bool) -> jax.Array:
     """Standard normal float32 values of `shape` from a key, or from all K keys of a wide key.
 
-    A wide key draws one normal per key (secure: 4 / K per key, at least one) and returns their
-    sum divided by the square root of their number: N(0, 1) again, and a function of every
-    key, so predicting it needs all of them (`jaxdp.randomness.wide_stream_key`)."""
-    if key.ndim:
-        per_key = max(1, 4 // key.shape[0]) if secure else 1
-        draws = jax.vmap(lambda k: jax.random.normal(k, (per_key, *shape), jnp.float32))(key)
-        return jnp.sum(draws, axis=(0, 1)) / math.sqrt(key.shape[0] * per_key)
-    if not secure:
-        return jax.random.normal(key, shape, jnp.float32)
-    draws = jax.random.normal(key, (4, *shape), jnp.float32)
-    return jnp.sum(draws, axis=0) / 2.0  # N(0, 1): four unit variances, halved
+    A wide key's keys are combined BEFORE the values are formed: each draw's 32 random bits are
+    the XOR of one word from every key's stream, then turned into a normal by the inverse error
+    function (as `jax.random.normal` does). The XOR of independent words is uniform if any one
+    of them is, so a guess of some of the keys tells nothing about the output: predicting it
+    needs all of them (2 keys: 128 bits). (Adding normals drawn per key instead would let an
+    adversary test one 64-bit key at a time against a release.) secure: four such normals,
+    summed and halved."""
+    draws = 4 if secure else 1
+    if key.ndim == 0:
+        key = key[None]
+    bits = jax.random.bits(key[0], (draws, *shape), jnp.uint32)
+    for k in range(1, key.shape[0]):
+        bits = bits ^ jax.random.bits(key[k], (draws, *shape), jnp.uint32)
+    z = _normal_from_bits(bits)
+    return z[0] if not secure else jnp.sum(z, axis=0) / 2.0  # N(0, 1): four variances, halved
+
+
+def _normal_from_bits(bits: jax.Array) -> jax.Array:
+    """uint32 bits -> standard normal float32: 23 bits make a uniform in [-1, 1) (never -1),
+    and sqrt(2) erfinv(u) is N(0, 1), as in `jax.random.normal`."""
+    floats = jax.lax.bitcast_convert_type(
+        (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32
+    )  # [1, 2)
+    lo = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
+    u = jnp.maximum(lo, (floats - 1.0) * (1.0 - lo) + lo)
+    return jnp.sqrt(jnp.float32(2.0)) * jax.lax.erf_inv(u)
 
 
 def chunk_layout(sizes: list[int]) -> tuple[int, int]:

@@ -230,10 +230,13 @@ class RunRelease:
         (self.wd.hf / "README.md").write_text(card)
 
     def finish(self) -> None:
-        """Every released file's modification time set to RELEASE_MTIME."""
+        """Every released file's modification time set to RELEASE_MTIME (the run directory's
+        and private/'s too). Creation and change times cannot be reset: publish the files'
+        contents (`archive`), not the directory itself."""
         if self.enabled:
-            for path in public_paths(self.wd):
-                os.utime(path, (RELEASE_MTIME, RELEASE_MTIME))
+            for path in [*public_paths(self.wd), self.wd.private, self.wd.root]:
+                if path.exists():
+                    os.utime(path, (RELEASE_MTIME, RELEASE_MTIME))
 
     def _sync_board(self) -> None:
         if self.enabled and self.tensorboard:
@@ -243,6 +246,31 @@ class RunRelease:
 def public_paths(wd: Workdir) -> list[Path]:
     """Every file and directory of the run directory outside private/."""
     return sorted(p for p in wd.root.rglob("*") if p != wd.private and wd.private not in p.parents)
+
+
+def archive(wd: Workdir, out: str | Path) -> Path:
+    """A deterministic .tar.gz of the run's publishable files (sorted; every entry's time
+    RELEASE_MTIME, owner 0, mode 0644/0755): what to publish, with no file system timing."""
+    import gzip
+    import tarfile
+
+    out = Path(out)
+    with (
+        out.open("wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,  # (no name, no time)
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for path in public_paths(wd):
+            info = tarfile.TarInfo(path.relative_to(wd.root).as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname = RELEASE_MTIME, 0, 0, "", ""
+            if path.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = path.stat().st_size, 0o644
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+    return out
 
 
 def render_report(metrics_path: Path, out_path: Path, title: str, target_epsilon) -> Path:

@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     sessions = db.connect(db.default_url(workdir))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     keys = [db.create_tenant(sessions, f"load-{stamp}-{i}", 20.0) for i in range(args.clients)]
-    base_model = args.base_model or tiny_base_model(workdir / "base", args.tokenizer)
+    # Jobs name a base model the admin registered (`jaxdp serve admin add-model`).
+    db.add_base_model(
+        sessions, "load-base", args.base_model or tiny_base_model(workdir / "base", args.tokenizer)
+    )
+    base_model = "load-base"
     proc, base = (None, args.url) if args.url else start_server(workdir, args)
     timings = Timings()
     try:

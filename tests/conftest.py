@@ -175,3 +175,35 @@ def train_command(workdir, *flags, small: bool = True) -> list[str]:
         *(SMALL_FLAGS if small else []),
         *flags,
     ]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service_db_url(request, tmp_path):
+    """The service's database: SQLite in tmp_path, or a fresh database on the PostgreSQL server
+    at JAXDP_TEST_POSTGRES_URL (.ci/postgres.sh starts one; without it the PostgreSQL case is
+    skipped, or fails under JAXDP_REQUIRE_POSTGRES=1, as in CI)."""
+    from jaxdp.serve import db
+
+    if request.param == "sqlite":
+        yield db.default_url(tmp_path)
+        return
+    server = os.environ.get("JAXDP_TEST_POSTGRES_URL")
+    if not server:
+        message = "no PostgreSQL: set JAXDP_TEST_POSTGRES_URL (source .ci/postgres.sh start)"
+        if os.environ.get("JAXDP_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    import uuid
+
+    import sqlalchemy
+
+    name = f"jaxdp_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +161,21 @@ def check_run_release(cfg, workdirs: dict[str, Path], counts: dict[str, int]) ->
     files = {name: released(wd) for name, wd in workdirs.items()}
     paths = {name: set(f) for name, f in files.items()}
     assert paths["D"] == paths["D+x"] == paths["D-x"], paths
-    for name, found in files.items():  # no timing: every released file has the fixed time
-        for rel, path in found.items():
-            assert path.stat().st_mtime == release.RELEASE_MTIME, (name, rel)
+    for name, wd in workdirs.items():
+        # Walked here, not through the library's list: everything outside private/ is a
+        # released file, and nothing (the directory itself included) carries a real time.
+        walked = {
+            (Path(dirpath) / f).relative_to(wd).as_posix()
+            for dirpath, dirnames, filenames in os.walk(wd)
+            if not Path(dirpath).relative_to(wd).parts[:1] == ("private",)
+            for f in [*filenames, *(d for d in dirnames if (dirpath, d) != (str(wd), "private"))]
+        }
+        assert walked == paths[name], walked ^ paths[name]
+        for path in [wd, wd / "private", *files[name].values()]:
+            assert path.stat().st_mtime == release.RELEASE_MTIME, (name, path)
+        archive = release.archive(Workdir(wd), wd.parent / f"{name}.tar.gz")
+        again = release.archive(Workdir(wd), wd.parent / f"{name}-again.tar.gz")
+        assert archive.read_bytes() == again.read_bytes()
     plans = {name: _plan(cfg, counts[name]) for name in NAMES}
     label = randomness.FIXED_SEED_LABEL
 

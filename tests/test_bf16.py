@@ -10,7 +10,7 @@ import optax
 import pytest
 from conftest import dp_plan
 
-from jaxdp import clipping, fused, ghost, steps
+from jaxdp import clipping, fused, ghost, noise, steps
 from jaxdp.gpt2 import GPT2Config, Tape, init_model
 from jaxdp.loss import model_example_loss
 
@@ -179,12 +179,9 @@ def test_make_private_with_bf16_parameters_does_the_dp_arithmetic_in_float32():
     keys = jax.random.wrap_key_data(
         np.asarray(jax.random.key_data(secrets.noise_key())), impl="threefry2x32"
     )
-    z = sum(
-        jax.random.normal(
-            jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(k, 0), 0), 0), (d,)
-        )
-        for k in keys
-    ) / np.float32(np.sqrt(2))
+    chunk = lambda k: jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(k, 0), 0), 0)
+    bits = [np.asarray(jax.random.bits(chunk(k), (1, d), jnp.uint32)) for k in keys]
+    z = noise._normal_from_bits(jnp.asarray(bits[0] ^ bits[1]))[0]  # tests/test_randomness.py
     expected = (np.asarray(acc.grad_sum["w"], np.float32) + np.float32(sigma * C) * z) / B
     np.testing.assert_array_equal(
         np.asarray(updates["w"], np.float32),

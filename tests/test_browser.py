@@ -27,7 +27,7 @@ from jaxdp.serve import db
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -62,12 +62,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, base_model):
     """`jaxdp serve` on 127.0.0.1 with one worker, public embeddings of WORDS, and a tenant."""
     workdir = tmp_path_factory.mktemp("service")
     vectors = np.random.default_rng(3).normal(size=(len(WORDS), 8)).astype(np.float32)
     perturb.Embeddings(tuple(WORDS), vectors).save(workdir / "embeddings")
-    key = db.create_tenant(db.connect(db.default_url(workdir)), "clinic", 20.0)
+    sessions = db.connect(db.default_url(workdir))
+    key = db.create_tenant(sessions, "clinic", 20.0)
+    db.add_base_model(sessions, "tiny-gpt2", base_model)
     port = free_port()
     flags = f"--workdir {workdir} --port {port} --poll-interval 0.2 --heartbeat-interval 1"
     log = open(workdir / "server.log", "w")
@@ -138,12 +140,14 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     d.find_element(By.ID, "upload").click()
     assert "30 records" in wait_text(d, "upload-status", "Uploaded")
     (dataset,) = api(server, "/api/datasets")
-    assert dataset["records"] == 30 and dataset["local_epsilon_per_word"] == 3.0
+    assert dataset["records"] == 30 and dataset["local_epsilon_declared_by_uploader"] == 3.0
+    assert dataset["name"] != upload.name  # the file's name never left the browser
     (path,) = server["workdir"].glob(f"tenants/*/datasets/{dataset['id']}.jsonl")
     stored = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     assert stored[:20] == [p for _, p in preview]
     # Train: the form's settings, progress as it runs, then the result and downloads.
-    settings = {"base": base_model, "target-eps": "8", "epochs": "1", "batch": "10",
+    Select(d.find_element(By.ID, "base")).select_by_value("tiny-gpt2")  # the admin's list
+    settings = {"target-eps": "8", "epochs": "1", "batch": "10",
                 "lora-rank": "2", "lr": "0.01", "block": "16"}  # fmt: skip
     for element_id, value in settings.items():
         field = d.find_element(By.ID, element_id)
@@ -154,7 +158,9 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     wait_text(d, "progress-text", "step 3 of 3", timeout=240)
     assert "succeeded" in wait_text(d, "job-status", "succeeded", timeout=60)
     result = d.find_element(By.ID, "result").text
-    assert "per record, DP-SGD" in result and "ε = 3 per word" in result
+    assert (
+        "per record, DP-SGD" in result and "ε = 3 per word, as declared by the uploader" in result
+    )
     assert "not a sum" in result
     (job,) = api(server, "/api/jobs")
     assert job["state"] == "succeeded" and job["plan"]["steps"] == 3

@@ -4,6 +4,7 @@ D + x and D - x with the same secrets releases nothing that is not a setting, do
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -64,6 +65,26 @@ def test_trainer_releases_nothing_of_the_data_beyond_its_noised_model(tmp_path, 
     _check(tmp_path, *FAST[case])
 
 
+def test_the_harness_fails_on_a_planted_leak(tmp_path, monkeypatch):
+    """Finding 1 planted back (the unit's description computed from the data): the harness
+    must fail."""
+    from jaxdp import run as run_lib
+
+    real = run_lib.privacy_plan
+
+    def leaky(cfg, num_examples, unit=None, unit_kind="block"):
+        return real(
+            cfg, num_examples, unit=f"{unit}, of {num_examples} present", unit_kind=unit_kind
+        )
+
+    monkeypatch.setattr(run_lib, "privacy_plan", leaky)
+    make = _config()
+    workdirs, counts, cfg = run_trainer_on_neighbours(make, tmp_path, "block")
+    monkeypatch.setattr(run_lib, "privacy_plan", real)  # the harness's plans are the real ones
+    with pytest.raises(AssertionError, match="privacy_unit"):
+        check_run_release(cfg, workdirs, counts)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(set(SLOW) - set(FAST)))
 def test_every_unit_engine_and_clipping_feature_on_neighbouring_datasets(tmp_path, case):
@@ -86,7 +107,7 @@ def test_make_private_record_on_neighbouring_datasets():
         expected_batch_size=8, steps=3, l2_clip_norm=0.5, target_epsilon=4.0,
         clipping="per_layer",
     )  # fmt: skip
-    records, expected = {}, {}
+    records, expected, public = {}, {}, {name: [] for name in NAMES}
     for name in NAMES:
         rows = datasets[name]
         data = {"x": x[rows], "y": y[rows]}
@@ -97,13 +118,22 @@ def test_make_private_record_on_neighbouring_datasets():
         )  # fmt: skip
         state = private.initial_state
         for t in range(private.plan.num_steps):
-            state, _ = private.step(state, t, data)
+            state, metrics = private.step(state, t, data)
+            public[name].append(jax.device_get(metrics["public"]))
         records[name] = private.record()
         plan = PrivacyPlan.create(num_examples=n, **settings)
         expected[name] = plan.record(randomness=Secrets.from_seed(7).label)
         assert records[name] == expected[name]
     compare_fields(records, release.PRIVACY_FIELDS, expected, "make_private.record()")
     assert records["D"]["privacy_unit"] == records["D+x"]["privacy_unit"]
+    # The update's public metrics: declared fields only, at every step of every run; sigma / B
+    # is the plan's (documented public), the SNR estimate a noised release.
+    for name in NAMES:
+        sigma_over_b = np.float32(expected[name]["noise_multiplier"] / 8)
+        for step_metrics in public[name]:
+            assert set(step_metrics) == {"noise_to_batch", "snr_estimate"}
+            release.checked(dict(step_metrics), release.METRIC_FIELDS, "make_private metrics")
+            assert step_metrics["noise_to_batch"] == sigma_over_b
 
 
 def test_a_field_without_a_declared_source_is_not_released(tmp_path):

@@ -28,10 +28,13 @@ def tickets(n=60, seed=0) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def spec(dataset_id, base_model, **overrides):
+BASE = "tiny-gpt2"  # the name Service registers the test's base model under
+
+
+def spec(dataset_id, **overrides):
     return {
         "dataset_id": dataset_id,
-        "base_model": base_model,
+        "base_model": BASE,
         "lora_rank": 2,
         "target_epsilon": 8.0,
         "steps": 3,
@@ -46,11 +49,14 @@ def spec(dataset_id, base_model, **overrides):
 class Service:
     """The app under TestClient, with one tenant."""
 
-    def __init__(self, workdir, epsilon_cap=20.0, **app_options):
+    def __init__(self, workdir, epsilon_cap=20.0, base_model=None, db_url=None, **app_options):
         self.workdir = workdir
-        self.url = db.default_url(workdir)
-        self.client = fastapi_testclient.TestClient(create_app(workdir, **app_options))
-        self.key = db.create_tenant(db.connect(self.url), f"clinic-{time.time_ns()}", epsilon_cap)
+        self.url = db_url or db.default_url(workdir)
+        self.client = fastapi_testclient.TestClient(create_app(workdir, self.url, **app_options))
+        sessions = db.connect(self.url)
+        self.key = db.create_tenant(sessions, f"clinic-{time.time_ns()}", epsilon_cap)
+        if base_model is not None:
+            db.add_base_model(sessions, BASE, base_model)
         self.headers = {"Authorization": f"Bearer {self.key}"}
 
     def upload(self, body: bytes, format="text", **form):
@@ -69,15 +75,15 @@ class Service:
         jobs.run_worker(self.workdir, self.url, poll_interval=0.1, max_jobs=max_jobs)
 
 
-def test_end_to_end_upload_train_stream_download(tmp_path, base_model):
+def test_end_to_end_upload_train_stream_download(tmp_path, base_model, service_db_url):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch = pytest.importorskip("torch")
-    service = Service(tmp_path)
+    service = Service(tmp_path, base_model=base_model, db_url=service_db_url)
     assert service.get("/api/me").json()["epsilon_cap"] == 20.0
     dataset = service.upload(tickets(), local_epsilon="10").json()
-    assert dataset["records"] == 60 and dataset["local_epsilon_per_word"] == 10.0
-    job = service.post("/api/jobs", spec(dataset["id"], base_model))
+    assert dataset["records"] == 60 and dataset["local_epsilon_declared_by_uploader"] == 10.0
+    job = service.post("/api/jobs", spec(dataset["id"]))
     assert job.status_code == 201, job.text
     job = job.json()
     assert job["state"] == "queued" and job["plan"]["epsilon"] <= 8.0
@@ -120,8 +126,8 @@ def test_end_to_end_upload_train_stream_download(tmp_path, base_model):
         assert not any("private" in p.parts for p in directory.rglob("*"))
 
 
-def test_keys_tenants_and_bad_input(tmp_path, base_model):
-    service = Service(tmp_path, max_upload_bytes=5000)
+def test_keys_tenants_and_bad_input(tmp_path, base_model, service_db_url):
+    service = Service(tmp_path, base_model=base_model, db_url=service_db_url, max_upload_bytes=5000)
     other = db.create_tenant(db.connect(service.url), "other", 5.0)
     assert service.client.get("/api/datasets").status_code == 401
     wrong = {"Authorization": "Bearer jdp_wrong"}
@@ -129,7 +135,7 @@ def test_keys_tenants_and_bad_input(tmp_path, base_model):
     d = service.upload(tickets(20)).json()
     theirs = {"Authorization": f"Bearer {other}"}
     assert service.client.get(f"/api/datasets/{d['id']}", headers=theirs).status_code == 404
-    r = service.client.post("/api/jobs", json=spec(d["id"], base_model), headers=theirs)
+    r = service.client.post("/api/jobs", json=spec(d["id"]), headers=theirs)
     assert r.status_code == 404
     assert service.upload(b"x" * 6000).status_code == 413
     r = service.upload(b"caf\xe9 au lait\n")
@@ -138,31 +144,38 @@ def test_keys_tenants_and_bad_input(tmp_path, base_model):
     assert r.status_code == 422 and "empty" in r.json()["detail"]
     r = service.upload(b'{"text": "fine"}\n{"txt": "no"}\n', format="jsonl")
     assert r.status_code == 422 and "Line 2" in r.json()["detail"]
-    r = service.post("/api/jobs", spec(d["id"], base_model, target_epsilon=0))
+    r = service.post("/api/jobs", spec(d["id"], target_epsilon=0))
     assert r.status_code == 422
-    hopeless = dict(target_epsilon=1e-3, target_delta=1e-10, steps=1000, expected_batch_size=10)
-    r = service.post("/api/jobs", spec(d["id"], base_model, **hopeless))
+    hopeless = dict(target_epsilon=1e-3, steps=1000, expected_batch_size=10)
+    r = service.post("/api/jobs", spec(d["id"], **hopeless))
     assert r.status_code == 422 and "not attainable" in r.json()["detail"]
-    assert "gives epsilon=0.01" in r.json()["detail"]
-    r = service.post("/api/jobs", spec(d["id"], base_model, target_epsilon=25.0))
+    r = service.post("/api/jobs", spec(d["id"], target_delta=1e-10))
+    assert r.status_code == 422 and "the tenant's delta 1e-06" in r.json()["detail"]
+    for bad in ("inf", "nan", "-1", "0"):
+        assert service.upload(tickets(5), local_epsilon=bad).status_code == 422, bad
+    r = service.post("/api/jobs", spec(d["id"], target_epsilon=25.0))
     assert r.status_code == 422 and "over the tenant's cap of 20" in r.json()["detail"]
-    r = service.post("/api/jobs", spec(d["id"], base_model, steps=None))
+    r = service.post("/api/jobs", spec(d["id"], steps=None))
     assert r.status_code == 422
-    r = service.post("/api/jobs", spec(d["id"], "./no/such/model"))
-    assert r.status_code == 422 and "not found" in r.json()["detail"]
+    for name in ("./no/such/model", str(service.workdir), "gpt2"):  # only registered names
+        r = service.post("/api/jobs", spec(d["id"], base_model=name))
+        assert r.status_code == 422 and f"No base model named {name!r}" in r.json()["detail"]
+        assert "registered: tiny-gpt2." in r.json()["detail"]
     # OpenAPI for the whole API.
     paths = service.client.get("/openapi.json").json()["paths"]
     assert {"/api/datasets", "/api/jobs", "/api/jobs/{job_id}/events", "/api/ledger"} <= set(paths)
 
 
-def test_ledger_composes_jobs_refuses_over_the_cap_and_never_refunds(tmp_path, base_model):
+def test_ledger_composes_jobs_refuses_over_the_cap_and_never_refunds(
+    tmp_path, base_model, service_db_url
+):
     import dp_accounting
 
-    service = Service(tmp_path, epsilon_cap=2.0)
+    service = Service(tmp_path, base_model=base_model, db_url=service_db_url, epsilon_cap=2.0)
     d = service.upload(tickets(40)).json()
-    first = service.post("/api/jobs", spec(d["id"], base_model, target_epsilon=1.2)).json()
-    # Alone 1.9 fits the cap of 2; composed with the first job's 1.2 it does not.
-    second = service.post("/api/jobs", spec(d["id"], base_model, target_epsilon=1.9))
+    first = service.post("/api/jobs", spec(d["id"], target_epsilon=1.5)).json()
+    # Alone 1.9 fits the cap of 2; composed with the first job's 1.5 it does not.
+    second = service.post("/api/jobs", spec(d["id"], target_epsilon=1.9))
     assert second.status_code == 422, second.text
     assert "over the tenant's cap of 2" in second.json()["detail"]
     # The ledger is dp-accounting's PLD composition of the jobs' events, called directly.
@@ -170,14 +183,14 @@ def test_ledger_composes_jobs_refuses_over_the_cap_and_never_refunds(tmp_path, b
     event = dp_accounting.PoissonSampledDpEvent(
         plan["sampling_prob"], dp_accounting.GaussianDpEvent(plan["noise_multiplier"])
     )
-    delta = 1 / (10 * 40)
+    delta = db.DEFAULT_TENANT_DELTA  # the tenant's, for every dataset
     direct = dp_accounting.pld.PLDAccountant().compose(event, plan["steps"]).get_epsilon(delta)
     ledger = service.get("/api/ledger").json()
     assert ledger[0]["epsilon"] == pytest.approx(direct, rel=1e-3)
     # Cancelling the queued job spends nothing; deleting the dataset refunds nothing.
     service.post(f"/api/jobs/{first['id']}/cancel", {})
     assert service.get("/api/ledger").json()[0]["epsilon"] == 0.0
-    third = service.post("/api/jobs", spec(d["id"], base_model, target_epsilon=1.2)).json()
+    third = service.post("/api/jobs", spec(d["id"], target_epsilon=1.5)).json()
     service.work()
     assert service.get(f"/api/jobs/{third['id']}").json()["state"] == "succeeded"
     spent = service.get("/api/ledger").json()[0]["epsilon"]
@@ -195,18 +208,18 @@ def test_ledger_composes_jobs_refuses_over_the_cap_and_never_refunds(tmp_path, b
     # The same records again, or some of them in a new dataset, carry what they spent.
     again = service.upload(tickets(40)).json()
     assert ledger()[again["id"]]["epsilon"] == spent
-    r = service.post("/api/jobs", spec(again["id"], base_model, target_epsilon=1.9))
+    r = service.post("/api/jobs", spec(again["id"], target_epsilon=1.9))
     assert r.status_code == 422 and "over the tenant's cap" in r.json()["detail"]
     old = tickets(40).decode().splitlines()
     new = [f"new {i} {line}" for i, line in enumerate(tickets(40, seed=1).decode().splitlines())]
     mixed = service.upload(("\n".join(old[:20] + new[:20]) + "\n").encode()).json()
     assert ledger()[mixed["id"]]["epsilon"] == spent
-    r = service.post("/api/jobs", spec(mixed["id"], base_model, target_epsilon=1.9))
+    r = service.post("/api/jobs", spec(mixed["id"], target_epsilon=1.9))
     assert r.status_code == 422
     fresh = service.upload(("\n".join(new) + "\n").encode()).json()
     assert ledger()[fresh["id"]]["epsilon"] == 0.0
-    r = service.post("/api/jobs", spec(mixed["id"], base_model, target_epsilon=0.3)).json()
-    r = service.post("/api/jobs", spec(fresh["id"], base_model, target_epsilon=1.9))
+    r = service.post("/api/jobs", spec(mixed["id"], target_epsilon=0.3)).json()
+    r = service.post("/api/jobs", spec(fresh["id"], target_epsilon=1.9))
     assert r.status_code == 201, r.text  # its records' only other job is the mixed one's 0.3
     # Brute force, record by record: the events of every job on a dataset holding the record,
     # composed by dp-accounting directly; the ledger reports each dataset's worst record.
@@ -230,16 +243,15 @@ def test_ledger_composes_jobs_refuses_over_the_cap_and_never_refunds(tmp_path, b
         return accountant.compose(dp_accounting.ComposedDpEvent(mine)).get_epsilon(delta)
 
     for dataset_id, records in texts.items():
-        delta = 1 / (10 * len(records))
         holders = [frozenset(k for k, rs in texts.items() if r in rs) for r in records]
         worst = max(epsilon(h, delta) for h in holders)
         assert ledger()[dataset_id]["epsilon"] == pytest.approx(worst, rel=1e-3), dataset_id
 
 
 def test_server_restart_loses_nothing(tmp_path, base_model):
-    service = Service(tmp_path)
+    service = Service(tmp_path, base_model=base_model)
     d = service.upload(tickets(20)).json()
-    job = service.post("/api/jobs", spec(d["id"], base_model)).json()
+    job = service.post("/api/jobs", spec(d["id"])).json()
     service.client.close()
     restarted = fastapi_testclient.TestClient(create_app(tmp_path))
     h = service.headers
@@ -265,9 +277,9 @@ def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, ba
     from jaxdp import run as run_lib
     from jaxdp.workdir import Workdir
 
-    service = Service(tmp_path)
+    service = Service(tmp_path, base_model=base_model)
     d = service.upload(tickets(40)).json()
-    job = service.post("/api/jobs", spec(d["id"], base_model, steps=8, checkpoint_every=2)).json()
+    job = service.post("/api/jobs", spec(d["id"], steps=8, checkpoint_every=2)).json()
     context = multiprocessing.get_context("spawn")
     first = context.Process(target=_worker, args=(tmp_path, service.url), daemon=True)
     first.start()
@@ -290,7 +302,9 @@ def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, ba
     with db.connect(service.url)() as s:
         row = s.get(db.Job, job["id"])
         dataset = s.get(db.Dataset, row.dataset_id)
-        cfg = jobs.job_config(jobs.JobSpec.model_validate(row.spec), row.plan, dataset.path, None)
+        cfg = jobs.job_config(
+            jobs.JobSpec.model_validate(row.spec), row.plan, row.base_source, dataset.path, None
+        )
         job_run = jobs.job_dir(tmp_path, row)
     twin = tmp_path / "twin"
     Workdir(twin).make_private()
@@ -310,9 +324,9 @@ def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, ba
 
 
 def test_cancelling_a_running_job_stops_it_and_counts_the_steps_it_ran(tmp_path, base_model):
-    service = Service(tmp_path)
+    service = Service(tmp_path, base_model=base_model)
     d = service.upload(tickets(40)).json()
-    job = service.post("/api/jobs", spec(d["id"], base_model, steps=200)).json()
+    job = service.post("/api/jobs", spec(d["id"], steps=200)).json()
     import threading
 
     worker = threading.Thread(target=service.work, daemon=True)

@@ -287,27 +287,34 @@ def test_engines_that_norm_one_row_refuse_units_of_several_rows(tiny_config, eng
 
 
 def test_users_are_told_apart_by_the_exact_json_value_and_type(tmp_path, tokenizer_dir):
-    """JSON 1, 1.0, true and "1" compare equal in Python (1 == 1.0 == True) but are four users;
-    the same id twice is one."""
+    """JSON 1 and "1" are two users, the same id twice is one; ids that compare equal in Python
+    but are not the same JSON value (1, 1.0, true) are refused rather than merged or split, and
+    so are null and NaN."""
     tok = data.load_tokenizer(tokenizer_dir)
-    ids = [1, 1.0, True, "1", 1, "true"]
-    path = tmp_path / "users.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"text": f"record number {i}", "user_id": u}) + "\n"
-            for i, u in enumerate(ids)
-        )  # fmt: skip
-    )
-    source = data.TextSource("jsonl", files=(path,), user_field="user_id")
-    records = data.load_records(source, tok, cache_dir=tmp_path / "cache")
-    assert records.users.tolist() == [0, 1, 2, 3, 0, 4]
+
+    def load(ids, name):
+        path = tmp_path / f"{name}.jsonl"
+        lines = [
+            json.dumps({"text": f"record number {i}", "user_id": u}) for i, u in enumerate(ids)
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        source = data.TextSource("jsonl", files=(path,), user_field="user_id")
+        return data.load_records(source, tok, cache_dir=tmp_path / "cache")
+
+    records = load([1, "1", "a", 1, 2.5, "true", False, 3.0], "ok")
+    assert records.users.tolist() == [0, 1, 2, 0, 3, 4, 5, 6]
     rows = data.record_rows(records, 8, unit="user", max_blocks_per_unit=2)
-    assert rows.num_units == 5
+    assert rows.num_units == 7
+    for ambiguous in ([1, 1.0], [1, True], [0, False], [2.0, 2]):
+        with pytest.raises(ValueError, match="compare equal"):
+            load([*ambiguous, "x"], "ambiguous")
     assert data.user_key(np.int64(1)) == data.user_key(1) != data.user_key(np.float64(1.0))
-    null = tmp_path / "null.jsonl"
-    null.write_text(json.dumps({"text": "no user", "user_id": None}) + "\n")
     with pytest.raises(ValueError, match="is null"):
-        data.load_records(data.TextSource("jsonl", files=(null,), user_field="user_id"), tok)
+        load([None], "null")
+    path = tmp_path / "nan.jsonl"  # json.dumps writes NaN for a float column's missing value
+    path.write_text('{"text": "a", "user_id": NaN}\n{"text": "b", "user_id": NaN}\n')
+    with pytest.raises(ValueError, match="NaN"):
+        data.load_records(data.TextSource("jsonl", files=(path,), user_field="user_id"), tok)
 
 
 @pytest.mark.parametrize("unit", ["block", "record", "user"])

@@ -123,7 +123,9 @@ def main(argv=None) -> int:
         workdir = args.workdir / name
         summary = run_lib.run(run_cfg, workdir, extra_train_blocks=inserted)
         model, _ = checkpoint.load_model_from_workdir(workdir)
-        eps, delta = summary["epsilon"], summary["delta"]
+        # (A non-private run states no delta: the audit's bound uses the DP run's default.)
+        eps = summary["epsilon"]
+        delta = summary.get("delta") or 1 / (10 * summary["num_examples"])
         group_eps, group_delta = (
             (None, None) if eps is None else audit.group_privacy(eps, delta, args.repeats)
         )

@@ -65,9 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"jaxdp serve{'' if command == 'serve' else ' ' + command}"
     )
     if command == "admin":
-        parser.add_argument("action", choices=["create-tenant"])
-        parser.add_argument("name")
-        parser.add_argument("--epsilon-cap", type=float, required=True)
+        parser.add_argument("action", choices=["create-tenant", "add-model"])
+        parser.add_argument("name", help="the tenant's or the base model's name")
+        parser.add_argument(
+            "source", nargs="?", help="add-model: a local Hugging Face directory or a Hub id"
+        )
+        parser.add_argument("--epsilon-cap", type=float, help="create-tenant: the cap on epsilon")
+        parser.add_argument(
+            "--delta",
+            type=float,
+            default=None,
+            help="create-tenant: the tenant's delta, fixed for good (default 1e-6)",
+        )
     elif command == "build-embeddings":
         parser.add_argument("--corpus", nargs="+", required=True, help="PUBLIC text files")
         parser.add_argument("--dim", type=int, default=50)
@@ -89,14 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     url = args.db or db.default_url(workdir)
     if command == "admin":
-        try:
-            key = db.create_tenant(db.connect(url), args.name, args.epsilon_cap)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"Tenant {args.name!r} created (epsilon cap {args.epsilon_cap:g}). Its API key, "
-              f"shown once:\n{key}")  # fmt: skip
-        return 0
+        return _admin(args, url)
     if command == "build-embeddings":
         from jaxdp import perturb
 
@@ -124,6 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.terminate()
             proc.join(timeout=30)
+    return 0
+
+
+def _admin(args: argparse.Namespace, url: str) -> int:
+    from jaxdp.serve import db
+
+    try:
+        if args.action == "add-model":
+            if not args.source:
+                raise ValueError("add-model needs NAME and SOURCE (a local directory or Hub id).")
+            db.add_base_model(db.connect(url), args.name, args.source)
+            print(f"Base model {args.name!r} -> {args.source}")
+            return 0
+        if args.epsilon_cap is None:
+            raise ValueError("create-tenant needs --epsilon-cap.")
+        delta = db.DEFAULT_TENANT_DELTA if args.delta is None else args.delta
+        key = db.create_tenant(db.connect(url), args.name, args.epsilon_cap, delta)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Tenant {args.name!r} created (epsilon cap {args.epsilon_cap:g} at delta {delta:g}). "
+          f"Its API key, shown once:\n{key}")  # fmt: skip
     return 0
 
 

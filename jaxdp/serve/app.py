@@ -14,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import aliased
 from sse_starlette.sse import EventSourceResponse
 
+from jaxdp.release import mechanism_record
 from jaxdp.serve import db, jobs
 
 STATIC = Path(__file__).parent / "static"
@@ -95,7 +99,12 @@ def create_app(
 
     @app.get("/api/me")
     def me(t: Tenant) -> dict[str, Any]:
-        return {"tenant": t.name, "epsilon_cap": t.epsilon_cap}
+        return {"tenant": t.name, "epsilon_cap": t.epsilon_cap, "delta": t.delta}
+
+    @app.get("/api/models")
+    def models(t: Tenant) -> list[str]:
+        """The base models a job may name (registered by the admin)."""
+        return sorted(db.base_models(sessions))
 
     # ---- Datasets ---------------------------------------------------------------------------
 
@@ -105,14 +114,28 @@ def create_app(
         file: Annotated[UploadFile, File(description="plain text or JSONL")],
         format: Annotated[str, Form(description='"text" (a record per line) or "jsonl"')] = "text",
         name: Annotated[str | None, Form()] = None,
-        local_epsilon: Annotated[float | None, Form(gt=0, description="if perturbed")] = None,
+        public: Annotated[
+            bool,
+            Form(
+                description="declare the text public: only then may a job evaluate on it, "
+                "since evaluation metrics are released without noise"
+            ),
+        ] = False,
+        local_epsilon: Annotated[
+            float | None,
+            Form(
+                gt=0, description="declared by the uploader: the per-word epsilon it perturbed with"
+            ),
+        ] = None,
     ) -> dict[str, Any]:
+        if local_epsilon is not None and not math.isfinite(local_epsilon):
+            raise HTTPException(422, "local_epsilon must be a finite positive number.")
         raw = bytearray()
         while chunk := await file.read(UPLOAD_CHUNK):
             raw += chunk
             if len(raw) > max_upload_bytes:
                 raise HTTPException(413, f"The upload is over {max_upload_bytes} bytes.")
-        records = parse_records(bytes(raw), format)
+        records, duplicates = unique_records(parse_records(bytes(raw), format))
         body = "".join(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in records)
         dataset_id = db.new_id()
         path = workdir / "tenants" / t.id / "datasets" / f"{dataset_id}.jsonl"
@@ -125,9 +148,11 @@ def create_app(
                 name=name or file.filename or dataset_id,
                 path=str(path),
                 num_records=len(records),
+                num_duplicates=duplicates,
                 num_bytes=len(raw),
                 content_sha256=hashlib.sha256(body.encode()).hexdigest(),
                 local_epsilon=local_epsilon,
+                public=public,
             )
             s.add(d)
             s.flush()
@@ -155,9 +180,22 @@ def create_app(
 
     @app.delete("/api/datasets/{dataset_id}", status_code=204)
     def delete_dataset(t: Tenant, dataset_id: str) -> Response:
+        """Deletes the upload and every copy of its text the service derived from it (the jobs'
+        token caches); the trained models and the ledger are kept."""
         with sessions.begin() as s:
             d = own_dataset(s, t, dataset_id)
-            Path(d.path).unlink(missing_ok=True)  # the text is gone; the ledger is kept
+            using = s.scalars(select(db.Job).where(db.Job.tenant_id == t.id)).all()
+            using = [
+                j for j in using if dataset_id in (j.dataset_id, j.spec.get("eval_dataset_id"))
+            ]
+            active = [j.id for j in using if j.state not in db.TERMINAL]
+            if active:
+                raise HTTPException(
+                    409, f"Job(s) {', '.join(active)} use this dataset: cancel them first."
+                )
+            Path(d.path).unlink(missing_ok=True)
+            for job in using:
+                shutil.rmtree(jobs.job_dir(workdir, job) / "private" / "cache", ignore_errors=True)
             d.deleted_at = db.now()
         return Response(status_code=204)
 
@@ -168,18 +206,24 @@ def create_app(
         with sessions() as s:
             dataset = own_dataset(s, t, spec.dataset_id)
             if spec.eval_dataset_id:
-                own_dataset(s, t, spec.eval_dataset_id)
-        check_base_model(spec.base_model)
+                check_public_eval(s, t, own_dataset(s, t, spec.eval_dataset_id))
+        registered = db.base_models(sessions)
+        if spec.base_model not in registered:
+            names = ", ".join(sorted(registered)) or "none yet (the admin adds them)"
+            raise HTTPException(
+                422, f"No base model named {spec.base_model!r}; registered: {names}."
+            )
+        delta = t.delta  # the tenant's: every job, the cap and the ledger are stated at it
         try:  # calibration: seconds, in the request's worker thread, never training
-            plan = jobs.plan_job(spec, dataset.num_records)
+            plan = jobs.plan_job(spec, dataset.num_records, delta)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        delta = jobs.ledger_delta(dataset.num_records)
         new = (plan.accounting_noise_multiplier, plan.sampling_prob, plan.num_steps)
         with sessions.begin() as s:
-            # Lock the dataset (PostgreSQL: row lock; SQLite: BEGIN IMMEDIATE) so that two
-            # submissions cannot both pass the cap check.
-            s.execute(select(db.Dataset).where(db.Dataset.id == dataset.id).with_for_update())
+            # Lock the tenant (PostgreSQL: a row lock; SQLite: BEGIN IMMEDIATE) so that no two
+            # submissions of a tenant, on any of its datasets, can both pass the cap check: jobs
+            # on different datasets that share records compose in the same ledger.
+            s.execute(select(db.Tenant).where(db.Tenant.id == t.id).with_for_update())
             groups = jobs.ledger_groups(s, t.id, dataset.id)
             spent = jobs.worst_record_epsilon(groups, delta)
             total = jobs.worst_record_epsilon(groups, delta, new)
@@ -189,7 +233,8 @@ def create_app(
                 tenant_id=t.id,
                 dataset_id=dataset.id,
                 spec=spec.model_dump(),
-                plan=plan.record(randomness="secret: drawn when the job starts"),
+                base_source=registered[spec.base_model],
+                plan=mechanism_record(plan, randomness="secret: drawn when the job starts"),
             )
             s.add(job)
             s.flush()
@@ -238,7 +283,9 @@ def create_app(
     async def job_events(
         t: Tenant, job_id: str, request: Request, last_event_id: Annotated[int, Header()] = 0
     ) -> EventSourceResponse:
-        """Server-sent events: "step" (step, num_steps, epsilon, loss), "eval" (eval loss),
+        """Server-sent events: "step" (step, num_steps, epsilon; under "private" the drawn
+        batch's train loss, not noised: for the data's owner only), "eval" (metrics on the
+        public eval set),
         "end" (the final state); the stream closes after "end"."""
         with sessions() as s:
             own_job(s, t, job_id)
@@ -278,7 +325,7 @@ def create_app(
     @app.get("/api/ledger")
     def ledger(t: Tenant) -> list[dict[str, Any]]:
         """Per dataset (deleted ones too): the epsilon of its worst-off record, composed over
-        every job on any dataset holding that record (PLD), at delta = 1 / (10 N)."""
+        every job on any dataset holding that record (PLD), at the tenant's delta."""
         with sessions() as s:
             datasets = s.scalars(
                 select(db.Dataset)
@@ -287,7 +334,7 @@ def create_app(
             ).all()
             out = []
             for d in datasets:
-                delta = jobs.ledger_delta(d.num_records)
+                delta = t.delta
                 groups = jobs.ledger_groups(s, t.id, d.id)
                 jobs_on = s.scalars(
                     select(db.LedgerEntry.job_id).where(db.LedgerEntry.dataset_id == d.id)
@@ -340,12 +387,38 @@ def parse_records(raw: bytes, format: str) -> list[str]:
     return records
 
 
-def check_base_model(name: str) -> None:
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise HTTPException(422, f"{name} is a directory without config.json: not a HF model.")
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise HTTPException(422, f"Base model directory not found: {name}.")
+def check_public_eval(s, t: db.Tenant, eval_set: db.Dataset) -> None:
+    """A job's evaluation set must be declared public (its metrics are released without noise:
+    the progress stream, report.png) and share no record with any of the tenant's private
+    datasets (by record digest), or the 'held-out' metrics would measure training data."""
+    if not eval_set.public:
+        raise HTTPException(
+            422,
+            f"Dataset {eval_set.id} is not declared public: evaluation metrics are released "
+            f"without noise, so a job may only evaluate on text uploaded with public=true.",
+        )
+    mine, other = aliased(db.DatasetRecord), aliased(db.DatasetRecord)
+    shared = s.scalar(
+        select(func.count())
+        .select_from(mine)
+        .join(other, (other.digest == mine.digest) & (other.tenant_id == t.id))
+        .join(db.Dataset, db.Dataset.id == other.dataset_id)
+        .where((mine.dataset_id == eval_set.id) & ~db.Dataset.public)
+    )
+    if shared:
+        raise HTTPException(
+            422,
+            f"The public dataset {eval_set.id} shares {shared} record(s) with your private "
+            f"datasets: it is not held out. Evaluate on text that is not in any training set.",
+        )
+
+
+def unique_records(records: list[str]) -> tuple[list[str], int]:
+    """The distinct records in their first order, and how many copies were dropped: a record is
+    one privacy unit however often it was uploaded (a repeated one would otherwise be trained
+    on, and spend budget, once per copy)."""
+    seen: dict[str, None] = dict.fromkeys(records)
+    return list(seen), len(records) - len(seen)
 
 
 def dataset_json(d: db.Dataset) -> dict[str, Any]:
@@ -353,8 +426,10 @@ def dataset_json(d: db.Dataset) -> dict[str, Any]:
         "id": d.id,
         "name": d.name,
         "records": d.num_records,
+        "duplicates_removed": d.num_duplicates,
+        "public": bool(d.public),
         "bytes": d.num_bytes,
-        "local_epsilon_per_word": d.local_epsilon,
+        "local_epsilon_declared_by_uploader": d.local_epsilon,
         "created_at": d.created_at,
     }
 

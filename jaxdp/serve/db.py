@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 import uuid
@@ -37,6 +38,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+# A tenant's delta, fixed when the tenant is created: every job, the cap check and the ledger of
+# all its datasets are stated at it (one delta for a record, whichever datasets hold it).
+DEFAULT_TENANT_DELTA = 1e-6
 TERMINAL = ("succeeded", "failed", "cancelled")
 KEY_PREFIX = "jdp_"
 
@@ -62,8 +66,19 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     epsilon_cap: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float, default=DEFAULT_TENANT_DELTA)
     # The key of the tenant's record digests (HMAC-SHA256): see `record_digests`.
     record_key: Mapped[str] = mapped_column(String(64), default=new_record_key)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class BaseModelEntry(Base):
+    """A base model an admin registered (`jaxdp serve admin add-model NAME SOURCE`): jobs name
+    one of these, never a path of the server."""
+
+    __tablename__ = "base_models"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    source: Mapped[str] = mapped_column(Text)  # a local HF directory or a Hub id
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -81,10 +96,15 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(300))
     path: Mapped[str] = mapped_column(Text)  # a JSONL file of {"text": ...} records
-    num_records: Mapped[int] = mapped_column(Integer)
+    num_records: Mapped[int] = mapped_column(Integer)  # distinct records
+    num_duplicates: Mapped[int] = mapped_column(Integer, default=0)  # copies dropped at upload
     num_bytes: Mapped[int] = mapped_column(Integer)
     content_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    local_epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)  # per word
+    # Declared public by the tenant at upload: usable as a job's evaluation set, whose metrics
+    # are released without noise (refused when it shares a record with a private dataset).
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Per word, as DECLARED by the uploader (the server cannot check the browser's perturbation).
+    local_epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -112,6 +132,8 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     spec: Mapped[dict] = mapped_column(JSON)  # what the tenant asked for
+    # The registered base model's source when the job was submitted (never shown to tenants).
+    base_source: Mapped[str | None] = mapped_column(Text, nullable=True)
     plan: Mapped[dict] = mapped_column(JSON)  # the privacy plan's record at submission
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -167,7 +189,29 @@ def connect(url: str) -> sessionmaker[Session]:
     if sqlite:
         _sqlite_pragmas(engine)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+# Columns added since a database was first created: (table, column, SQL type and default).
+_ADDED_COLUMNS = (
+    ("tenants", "delta", f"FLOAT DEFAULT {DEFAULT_TENANT_DELTA}"),
+    ("jobs", "base_source", "TEXT"),
+    ("datasets", "num_duplicates", "INTEGER DEFAULT 0"),
+    ("datasets", "public", "BOOLEAN DEFAULT FALSE"),
+)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of `_ADDED_COLUMNS` an older database lacks (existing
+    rows get the default)."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    for table, column, ddl in _ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -194,15 +238,23 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_tenant(sessions: sessionmaker[Session], name: str, epsilon_cap: float) -> str:
-    """Creates a tenant and returns its API key (shown once; only its hash is stored)."""
-    if not (epsilon_cap > 0):
-        raise ValueError(f"The epsilon cap must be positive, got {epsilon_cap}.")
+def create_tenant(
+    sessions: sessionmaker[Session],
+    name: str,
+    epsilon_cap: float,
+    delta: float = DEFAULT_TENANT_DELTA,
+) -> str:
+    """Creates a tenant and returns its API key (shown once; only its hash is stored). `delta`
+    is fixed for good: every job's epsilon, the cap check and the ledger are stated at it."""
+    if not (math.isfinite(epsilon_cap) and epsilon_cap > 0):
+        raise ValueError(f"The epsilon cap must be a positive number, got {epsilon_cap}.")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1) (and well below 1 / records), got {delta}.")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     with sessions.begin() as s:
         if s.scalar(select(Tenant).where(Tenant.name == name)) is not None:
             raise ValueError(f"A tenant named {name!r} exists already.")
-        tenant = Tenant(name=name, epsilon_cap=float(epsilon_cap))
+        tenant = Tenant(name=name, epsilon_cap=float(epsilon_cap), delta=float(delta))
         s.add(tenant)
         s.flush()
         s.add(ApiKey(tenant_id=tenant.id, key_sha256=hash_key(key)))
@@ -215,6 +267,27 @@ def tenant_for_key(sessions: sessionmaker[Session], key: str | None) -> Tenant |
     with sessions() as s:
         api_key = s.scalar(select(ApiKey).where(ApiKey.key_sha256 == hash_key(key)))
         return None if api_key is None else s.get(Tenant, api_key.tenant_id)
+
+
+def add_base_model(sessions: sessionmaker[Session], name: str, source: str) -> None:
+    """Registers (or re-points) base model `name` at `source` (a local HF directory or a Hub id)."""
+    if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"A base model's name is 1-100 letters, digits, '-', '_', '.': {name!r}.")
+    with sessions.begin() as s:
+        entry = s.get(BaseModelEntry, name)
+        if entry is None:
+            s.add(BaseModelEntry(name=name, source=source))
+        else:
+            entry.source = source
+
+
+def base_models(sessions: sessionmaker[Session]) -> dict[str, str]:
+    """Registered base models: name -> source."""
+    with sessions() as s:
+        return {
+            e.name: e.source
+            for e in s.scalars(select(BaseModelEntry).order_by(BaseModelEntry.name))
+        }
 
 
 # ---- Jobs -----------------------------------------------------------------------------------

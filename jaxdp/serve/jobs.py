@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from jaxdp import accounting
+from jaxdp import accounting, data, release
 from jaxdp import run as run_lib
 from jaxdp.config import default_config
 from jaxdp.plan import PrivacyPlan
@@ -53,12 +53,14 @@ class JobSpec(BaseModel):
     """What a tenant asks for (the API's job body)."""
 
     dataset_id: str
-    base_model: str = Field(description="a local Hugging Face model directory or a Hub id")
+    base_model: str = Field(description="the name of a base model the admin registered")
     lora_rank: int = Field(8, ge=0, description="0: train the `trainable` parameters instead")
     lora_targets: list[str] = ["attn.c_attn", "attn.c_proj"]
     trainable: list[str] = Field([], description="regexes of parameter paths to train")
     target_epsilon: float = Field(gt=0)
-    target_delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N)")
+    target_delta: float | None = Field(
+        None, gt=0, lt=1, description="the tenant's delta (fixed when the tenant was created)"
+    )
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, ge=1)
     expected_batch_size: float = Field(16, ge=1)
@@ -79,8 +81,14 @@ class JobSpec(BaseModel):
         return self
 
 
-def plan_job(spec: JobSpec, num_records: int) -> PrivacyPlan:
-    """The job's privacy plan: the noise multiplier for its target, on record units."""
+def plan_job(spec: JobSpec, num_records: int, delta: float) -> PrivacyPlan:
+    """The job's privacy plan at its tenant's `delta`: the noise multiplier for its target, on
+    record units (each distinct uploaded record: uploads are de-duplicated)."""
+    if spec.target_delta is not None and spec.target_delta != delta:
+        raise ValueError(
+            f"target_delta={spec.target_delta:g} differs from the tenant's delta {delta:g}: every "
+            f"job, the cap and the ledger are stated at the tenant's delta (leave it out)."
+        )
     return PrivacyPlan.create(
         num_examples=num_records,
         expected_batch_size=spec.expected_batch_size,
@@ -88,16 +96,10 @@ def plan_job(spec: JobSpec, num_records: int) -> PrivacyPlan:
         epochs=spec.epochs,
         l2_clip_norm=spec.l2_clip_norm,
         target_epsilon=spec.target_epsilon,
-        target_delta=spec.target_delta,
-        unit=f"record (one uploaded record, up to {spec.max_blocks_per_record} blocks of "
-        f"{spec.block_size} tokens)",
+        target_delta=delta,
+        unit=data.describe_unit("record", spec.block_size, spec.max_blocks_per_record),
         unit_kind="record",
     )
-
-
-def ledger_delta(num_records: int) -> float:
-    """The delta at which a dataset's ledger (and its tenant's cap) is stated: 1 / (10 N)."""
-    return 1.0 / (10 * num_records)
 
 
 Entry = tuple[float, float, int]  # (accounting noise multiplier, sampling probability, steps)
@@ -156,10 +158,12 @@ def job_dir(workdir: Path, job: db.Job) -> Path:
     return Path(workdir) / "tenants" / job.tenant_id / "jobs" / job.id
 
 
-def job_config(spec: JobSpec, plan: dict[str, Any], data_file: str, eval_file: str | None):
-    """The `jaxdp.run` config of a job: the plan's noise multiplier and steps, fixed."""
+def job_config(
+    spec: JobSpec, plan: dict[str, Any], base: str, data_file: str, eval_file: str | None
+):
+    """The `jaxdp.run` config of a job: the plan's noise multiplier and steps, fixed; `base` the
+    registered base model's source."""
     c = default_config()
-    base = spec.base_model
     c.model.init, c.model.name_or_path, c.model.dropout = "pretrained", base, 0.0
     c.model.lora_rank = spec.lora_rank
     c.model.lora_targets = tuple(spec.lora_targets)
@@ -254,6 +258,8 @@ def collect_artifacts(run_dir: Path) -> dict[str, dict[str, Any]]:
     for name in ("privacy.json", "report.png"):
         if (run_dir / name).is_file():
             shutil.copy(run_dir / name, out_dir / name)
+    for path in out_dir.iterdir():  # no timing in a download (its Last-Modified, its zip)
+        os.utime(path, (release.RELEASE_MTIME, release.RELEASE_MTIME))
     return {
         p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
         for p in sorted(out_dir.iterdir())
@@ -278,7 +284,8 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
                 "step": event.step,
                 "num_steps": event.num_steps,
                 "epsilon": event.public.get("epsilon"),
-                "loss": event.private.get("train_loss"),
+                # Not noised: the tenant's own view of its data, never in an artifact.
+                "private": {"train_loss": event.private.get("train_loss")},
             }
             db.add_event(sessions, job.id, "step", data)
         elif event.kind == "eval":
@@ -287,7 +294,10 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
     try:
         if dataset is None or dataset.deleted_at is not None:
             raise FileNotFoundError("The job's dataset was deleted before the job ran.")
-        cfg = job_config(spec, job.plan, dataset.path, eval_set.path if eval_set else None)
+        base = job.base_source
+        if base is None:
+            raise FileNotFoundError("The job names no registered base model.")
+        cfg = job_config(spec, job.plan, base, dataset.path, eval_set.path if eval_set else None)
         with _Heartbeat(sessions, job.id, worker, interval) as beat:
             summary = run_lib.run(cfg, run_dir, callbacks=[observe], cancel=beat.should_stop)
         steps_run = summary["steps"]

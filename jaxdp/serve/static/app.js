@@ -23,7 +23,9 @@ $("use-key").onclick = async () => {
   try {
     const me = await (await api("/api/me")).json();
     sessionStorage.setItem("jaxdp-key", state.key);
-    show("who", `tenant ${me.tenant}, epsilon cap ${me.epsilon_cap}`, "ok");
+    show("who", `tenant ${me.tenant}, epsilon cap ${me.epsilon_cap} at delta ${me.delta}`, "ok");
+    const models = await (await api("/api/models")).json();  // the admin's registered models
+    $("base").replaceChildren(...models.map(name => new Option(name, name)));
   } catch (e) { show("who", e.message, "error"); }
 };
 
@@ -67,7 +69,6 @@ $("upload").onclick = async () => {
   const form = new FormData();
   form.append("file", new Blob([body], {type: "application/jsonl"}), "perturbed.jsonl");
   form.append("format", "jsonl");
-  form.append("name", $("file").files[0].name);
   form.append("local_epsilon", String(state.localEpsilon));
   try {
     const d = await (await api("/api/datasets", {method: "POST", body: form})).json();
@@ -100,7 +101,7 @@ function onEvent(jobId, kind, data) {
   if (kind === "step") {
     $("progress").max = data.num_steps; $("progress").value = data.step;
     const eps = data.epsilon == null ? "-" : data.epsilon.toFixed(3);
-    show("progress-text", `step ${data.step} of ${data.num_steps}, ε spent ${eps}, train loss ${data.loss.toFixed(3)}`);
+    show("progress-text", `step ${data.step} of ${data.num_steps}, ε spent ${eps}, train loss ${data.private.train_loss.toFixed(3)} (not noised: yours only)`);
   } else if (kind === "eval") {
     show("progress-text", `${$("progress-text").textContent}, eval loss ${data.eval_loss.toFixed(3)}`);
   } else if (kind === "end") {
@@ -112,7 +113,7 @@ async function showResult(jobId) {
   const job = await (await api(`/api/jobs/${jobId}`)).json();
   show("job-status", `Job ${jobId}: ${job.state}${job.error ? " (" + job.error + ")" : ""}`, job.state === "succeeded" ? "ok" : "error");
   if (job.result) {
-    const local = job.local_epsilon == null ? "none (uploaded unperturbed)" : `ε = ${job.local_epsilon} per word (metric DP, in the browser)`;
+    const local = job.local_epsilon == null ? "none declared (uploaded unperturbed, as far as the server knows)" : `ε = ${job.local_epsilon} per word, as declared by the uploader (metric DP, in the browser; the server cannot check it)`;
     show("result", `Central guarantee of the model: (ε, δ) = (${job.result.epsilon.toFixed(3)}, ${job.result.delta.toExponential(2)}) per record, DP-SGD. Local guarantee of the uploaded text: ${local}. The two are separate guarantees, not a sum.`);
   }
   const list = $("artifacts");

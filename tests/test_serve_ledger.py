@@ -1,0 +1,161 @@
+"""The service's central guarantee: one delta per tenant, a repeated record is one unit, cap
+checks serialised per tenant (SQLite and PostgreSQL), deletion removes every copy of the text,
+and base models only from the admin's registry."""
+
+import concurrent.futures as concurrent_futures
+import io
+import json
+
+import numpy as np
+import pytest
+from test_serve import BASE, Service, fastapi_testclient, spec, tickets
+
+from jaxdp import cli
+from jaxdp.serve import db
+
+
+def test_one_delta_per_tenant_for_every_job_cap_check_and_ledger(
+    tmp_path, base_model, service_db_url
+):
+    """A record shared by a 20-record and a 400-record dataset: the job on the small one is
+    checked, and the ledger reports both datasets, at the tenant's delta alone."""
+    service = Service(tmp_path, epsilon_cap=8.0, base_model=base_model, db_url=service_db_url)
+    assert service.get("/api/me").json()["delta"] == db.DEFAULT_TENANT_DELTA
+    shared = "the one record both datasets hold"
+    small = tickets(19, seed=1).decode().splitlines() + [shared]
+    large = tickets(399, seed=2).decode().splitlines() + [shared]
+    b = service.upload(("\n".join(small) + "\n").encode()).json()
+    a = service.upload(("\n".join(large) + "\n").encode()).json()
+    job = service.post("/api/jobs", spec(b["id"], target_epsilon=7.9, expected_batch_size=2))
+    assert job.status_code == 201, job.text
+    job = job.json()
+    assert job["plan"]["delta"] == job["ledger"]["delta"] == db.DEFAULT_TENANT_DELTA
+    ledger = {e["dataset_id"]: e for e in service.get("/api/ledger").json()}
+    assert {e["delta"] for e in ledger.values()} == {db.DEFAULT_TENANT_DELTA}
+    # The shared record is the worst-off one of both: the same epsilon, as checked.
+    assert ledger[a["id"]]["epsilon"] == pytest.approx(ledger[b["id"]]["epsilon"], rel=1e-12)
+    assert ledger[a["id"]]["epsilon"] == pytest.approx(job["ledger"]["after"], rel=1e-12)
+    assert job["ledger"]["after"] <= 8.0
+    # A tenant created with another delta is planned and accounted at it.
+    other = db.create_tenant(db.connect(service.url), "strict", 8.0, delta=1e-9)
+    assert db.tenant_for_key(db.connect(service.url), other).delta == 1e-9
+    with pytest.raises(ValueError, match="delta"):
+        db.create_tenant(db.connect(service.url), "loose", 8.0, delta=1.0)
+
+
+def test_a_repeated_record_is_one_unit(tmp_path):
+    service = Service(tmp_path)
+    lines = tickets(10).decode().splitlines()
+    body = "\n".join(lines + [lines[3]] * 4 + [lines[0]]) + "\n"
+    d = service.upload(body.encode()).json()
+    assert d["records"] == len(set(lines)) and d["duplicates_removed"] == 5 + len(lines) - len(
+        set(lines)
+    )
+    (path,) = tmp_path.glob(f"tenants/*/datasets/{d['id']}.jsonl")
+    stored = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert stored == list(dict.fromkeys(lines))  # each text once, in first order
+
+
+def _shared_datasets(service, n_datasets=4):
+    common = tickets(50, seed=9).decode().splitlines()
+    ids = []
+    for i in range(n_datasets):
+        own = [f"dataset {i} line {j}" for j in range(10)]
+        ids.append(service.upload(("\n".join(common + own) + "\n").encode()).json()["id"])
+    return ids
+
+
+def test_cap_checks_are_serialised_per_tenant(tmp_path, base_model, service_db_url):
+    """Four datasets share 50 records; each job targets epsilon 6.5 against a cap of 8. One
+    after the other, the ledger accepts as many as fit; submitted concurrently, exactly as many
+    again, and no record exceeds the cap, however the four interleave."""
+
+    def trial(name, concurrent):
+        service = Service(
+            tmp_path / name, epsilon_cap=8.0, base_model=base_model, db_url=service_db_url
+        )
+        body = [
+            spec(i, target_epsilon=6.5, steps=5, expected_batch_size=4)
+            for i in _shared_datasets(service)
+        ]
+        if not concurrent:
+            codes = [service.post("/api/jobs", b).status_code for b in body]
+        else:
+
+            def submit(payload):
+                with fastapi_testclient.TestClient(service.client.app) as client:  # own loop
+                    r = client.post("/api/jobs", json=payload, headers=service.headers)
+                    return r.status_code
+
+            with concurrent_futures.ThreadPoolExecutor(4) as pool:
+                codes = list(pool.map(submit, body))
+        worst = max(e["epsilon"] for e in service.get("/api/ledger").json())
+        assert worst <= 8.0, (codes, worst)
+        return sorted(codes)
+
+    sequential = trial("sequential", False)
+    assert 201 in sequential and 422 in sequential  # the cap binds
+    for i in range(2):
+        assert trial(f"concurrent{i}", True) == sequential
+
+
+def test_deleting_a_dataset_deletes_every_copy_of_its_text(tmp_path, base_model):
+    from jaxdp import data
+
+    service = Service(tmp_path, base_model=base_model)
+    secret = "patient zebra quartz admitted on tuesday with a rare condition"
+    records = tickets(30).decode().splitlines() + [secret]
+    d = service.upload(("\n".join(records) + "\n").encode()).json()
+    job = service.post("/api/jobs", spec(d["id"])).json()
+    r = service.client.delete(f"/api/datasets/{d['id']}", headers=service.headers)
+    assert r.status_code == 409 and job["id"] in r.json()["detail"]  # queued: cancel first
+    service.work()
+    assert service.get(f"/api/jobs/{job['id']}").json()["state"] == "succeeded"
+    tokens = data.tokenize(data.load_tokenizer(base_model), secret)
+    needles = [secret.encode(), tokens.astype("<u2").tobytes(), tokens.astype("<u4").tobytes()]
+
+    def holders():
+        found = set()
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                content = path.read_bytes()
+                found |= {path.relative_to(tmp_path).as_posix() for n in needles if n in content}
+        return found
+
+    assert holders()  # the search finds the text while the dataset exists
+    r = service.client.delete(f"/api/datasets/{d['id']}", headers=service.headers)
+    assert r.status_code == 204
+    assert holders() == set()
+    done = service.get(f"/api/jobs/{job['id']}").json()  # the trained model is kept
+    assert "hf.zip" in done["artifacts"]
+    assert service.get(f"/api/jobs/{job['id']}/artifacts/hf.zip").status_code == 200
+
+
+def test_base_models_come_from_the_admin_registry(tmp_path, base_model, capsys):
+    flags = ["--workdir", str(tmp_path)]
+    assert cli.main(["serve", "admin", "add-model", "small", base_model, *flags]) == 0
+    assert cli.main(["serve", "admin", "add-model", "bad name!", base_model, *flags]) == 2
+    assert cli.main(["serve", "admin", "create-tenant", "t", *flags]) == 2  # no cap
+    assert "needs --epsilon-cap" in capsys.readouterr().err
+    service = Service(tmp_path)
+    assert service.get("/api/models").json() == ["small"]
+    d = service.upload(tickets(20)).json()
+    assert service.post("/api/jobs", {**spec(d["id"]), "base_model": "small"}).status_code == 201
+    # Another tenant's model directory and a missing one get the same answer.
+    theirs = str(tmp_path / "tenants")
+    for name in (theirs, theirs + "/nothing", BASE):
+        r = service.post("/api/jobs", {**spec(d["id"]), "base_model": name})
+        assert r.status_code == 422
+        assert r.json()["detail"] == f"No base model named {name!r}; registered: small."
+
+
+def test_local_epsilon_is_declared_and_must_be_finite(tmp_path):
+    service = Service(tmp_path)
+    files = {"file": ("x.txt", io.BytesIO(tickets(5)), "text/plain")}
+    r = service.client.post(
+        "/api/datasets", files=files, data={"local_epsilon": "1e400"}, headers=service.headers
+    )
+    assert r.status_code == 422
+    ok = service.upload(tickets(5), local_epsilon="2.5").json()
+    assert ok["local_epsilon_declared_by_uploader"] == 2.5
+    assert np.isfinite(ok["local_epsilon_declared_by_uploader"])
