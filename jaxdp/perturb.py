@@ -15,11 +15,17 @@ and a document of k words is protected at epsilon * sum_i d(w_i, w'_i) against a
 words (composition over its words). This LOCAL guarantee is separate from the central (DP-SGD)
 epsilon of a model trained on the perturbed text; the two are reported separately, never added.
 
-Words are runs of letters, digits and apostrophes (`WORD`), lowercased; everything else
-(punctuation, spacing) is kept as it is. A word outside the vocabulary is perturbed from the
-vocabulary's centroid, so all unknown words (names, numbers) are indistinguishable from each
-other. The browser implementation (jaxdp/serve/static/perturb.js) is the same algorithm with
-`crypto.getRandomValues`; the Python one draws from the operating system's randomness.
+Words (`WORD`) are maximal runs of characters that are not LAYOUT: ASCII white space (tab,
+newline, vertical tab, form feed, carriage return, space) and ASCII punctuation other than the
+apostrophe. So every letter of every script, every digit, accented letters, CJK characters,
+symbols and emoji are inside some word, and every word goes through the mechanism; only the
+layout characters are kept as they are, and the guarantee names them as not covered (how many
+words a record has, and the punctuation and spacing between them). Words are lowercased. A word
+outside the vocabulary (a name, a number, a word in another script) is perturbed from one
+fixed point, the vocabulary's centroid: all unknown words are indistinguishable from each
+other, and none is ever copied. The browser implementation (jaxdp/serve/static/perturb.js) is
+the same algorithm, with the same WORD, and `crypto.getRandomValues`; the Python one draws from
+the operating system's randomness.
 
 Embeddings (`Embeddings`): a vocabulary and float16 vectors, built from a public corpus with
 word2vec (`build_embeddings`, needs gensim: the `serve` extra) and served as static files.
@@ -32,12 +38,16 @@ import dataclasses
 import json
 import re
 import secrets
+import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-WORD = re.compile(r"[A-Za-z0-9']+")
+# Layout, kept as it is (not covered): ASCII white space and ASCII punctuation but "'". The same
+# character class is perturb.js's WORD.
+LAYOUT = "\t\n\x0b\x0c\r " + "".join(c for c in string.punctuation if c != "'")
+WORD = re.compile(r"[^\t\n\x0b\x0c\r !-&(-/:-@\[-`{-~]+")
 VOCAB_FILE, VECTORS_FILE, META_FILE = "vocab.json", "vectors.f16", "meta.json"
 
 
@@ -136,8 +146,19 @@ def guarantee(epsilon: float, num_words: int) -> str:
     return (
         f"metric DP: each word at epsilon = {epsilon:g} per unit of embedding distance; a "
         f"document of {num_words} words at {epsilon:g} x (the sum of the {num_words} word "
-        f"distances) against any other document of {num_words} words"
+        f"distances) against any other document of {num_words} words. Not covered: the number "
+        f"of words and the punctuation and spacing between them (ASCII), which are kept"
     )
+
+
+def changed_fraction(originals: Sequence[str], perturbed: Sequence[str]) -> float:
+    """The fraction of words that the perturbation replaced by another word (over records)."""
+    total = changed = 0
+    for a, b in zip(originals, perturbed, strict=True):
+        wa, wb = [w.lower() for w in WORD.findall(a)], WORD.findall(b)
+        total += len(wa)
+        changed += sum(x != y for x, y in zip(wa, wb, strict=True))
+    return changed / total if total else 0.0
 
 
 def build_embeddings(

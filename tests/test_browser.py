@@ -112,7 +112,9 @@ def api(server, path):
 
 
 def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_model, tmp_path):
-    records = tickets(30, seed=5).decode().splitlines()
+    from test_perturb import MULTILINGUAL
+
+    records = tickets(30, seed=5).decode().splitlines() + list(MULTILINGUAL[:4])
     upload = tmp_path / "tickets.txt"
     upload.write_text("\n".join(records) + "\n")
     d = browser
@@ -127,7 +129,10 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     eps.send_keys("3")
     d.find_element(By.ID, "perturb").click()
     wait_text(d, "perturb-status", "Done")
-    assert "30 records perturbed" in d.find_element(By.ID, "guarantee").text
+    assert "34 records perturbed" in d.find_element(By.ID, "guarantee").text
+    assert "Not covered: the number of words" in d.find_element(By.ID, "guarantee").text
+    plain = d.find_element(By.ID, "plain").text
+    assert "% of the words in your file were replaced" in plain
     assert "epsilon = 3 per unit of embedding distance" in d.find_element(By.ID, "guarantee").text
     rows = d.find_elements(By.CSS_SELECTOR, "#preview-rows tr")
     preview = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
@@ -136,15 +141,41 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
         assert len(perturbed.split()) == len(original.split())
         assert set(perturbed.split()) <= set(WORDS)
     assert any(o != p for o, p in preview)  # at epsilon 3 on these vectors, words do change
-    # Upload: the server holds exactly the perturbed records, never the originals.
+    # Upload: read the request body the page sends (fetch wrapped: every FormData part).
+    d.execute_script(
+        """
+        window.sentBodies = [];
+        const send = window.fetch;
+        window.fetch = async (url, options = {}) => {
+          if (options.body instanceof FormData) {
+            const parts = [];
+            for (const [name, value] of options.body.entries())
+              parts.push([name, typeof value === "string" ? value : await value.text(),
+                          typeof value === "string" ? null : value.name]);
+            window.sentBodies.push(parts);
+          }
+          return send(url, options);
+        };
+        """
+    )
     d.find_element(By.ID, "upload").click()
-    assert "30 records" in wait_text(d, "upload-status", "Uploaded")
+    assert "34 records" in wait_text(d, "upload-status", "Uploaded")
+    (parts,) = d.execute_script("return window.sentBodies;")
+    sent = "\n".join(str(p) for part in parts for p in part)
+    assert sent.isascii()  # no character of the originals' other scripts left the browser
+    for line in MULTILINGUAL[:4]:
+        for word in perturb.WORD.findall(line):
+            if word.lower() not in WORDS:
+                assert word not in sent and word.lower() not in sent, word
+    assert upload.name not in sent and "name" not in [name for name, _, _ in parts]
     (dataset,) = api(server, "/api/datasets")
-    assert dataset["records"] == 30 and dataset["local_epsilon_declared_by_uploader"] == 3.0
+    assert dataset["records"] == 34 and dataset["local_epsilon_declared_by_uploader"] == 3.0
     assert dataset["name"] != upload.name  # the file's name never left the browser
     (path,) = server["workdir"].glob(f"tenants/*/datasets/{dataset['id']}.jsonl")
     stored = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     assert stored[:20] == [p for _, p in preview]
+    measured = perturb.changed_fraction(records, stored)  # the page's number, recomputed
+    assert f"{100 * measured:.1f}% of words changed" == d.find_element(By.ID, "changed").text
     # Train: the form's settings, progress as it runs, then the result and downloads.
     Select(d.find_element(By.ID, "base")).select_by_value("tiny-gpt2")  # the admin's list
     settings = {"target-eps": "8", "epochs": "1", "batch": "10",
@@ -155,7 +186,7 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
         field.send_keys(value)
     d.find_element(By.ID, "train").click()
     assert "queued: planned" in wait_text(d, "job-status", "queued")
-    wait_text(d, "progress-text", "step 3 of 3", timeout=240)
+    wait_text(d, "progress-text", "step 4 of 4", timeout=240)  # 1 epoch, q = 10 / 34
     assert "succeeded" in wait_text(d, "job-status", "succeeded", timeout=60)
     result = d.find_element(By.ID, "result").text
     assert (
@@ -163,7 +194,7 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     )
     assert "not a sum" in result
     (job,) = api(server, "/api/jobs")
-    assert job["state"] == "succeeded" and job["plan"]["steps"] == 3
+    assert job["state"] == "succeeded" and job["plan"]["steps"] == 4
     d.find_element(By.ID, "download-privacy.json").click()
     WebDriverWait(d, 30).until(
         lambda _: (
@@ -173,6 +204,30 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     )
     privacy = json.loads((d.downloads / "privacy.json").read_text())
     assert privacy["epsilon"] == pytest.approx(job["result"]["epsilon"])
+
+
+def test_browser_and_python_split_and_perturb_every_script_alike(browser, server):
+    """The same words in both implementations, for text in any script; nothing but vocabulary
+    words and ASCII layout comes out of the browser's mechanism."""
+    from test_perturb import MULTILINGUAL
+
+    browser.get(server["url"] + "/")
+    js = browser.execute_script(
+        """
+        const [texts, words, flat, dim] = arguments;
+        const emb = JaxdpPerturb.makeEmbeddings(words, new Float32Array(flat), dim);
+        return texts.map(t => [t.match(JaxdpPerturb.WORD) || [],
+                               JaxdpPerturb.perturbText(t, 0.1, emb).text]);
+        """,
+        list(MULTILINGUAL),
+        list(WORDS),
+        np.random.default_rng(2).normal(size=(len(WORDS), 3)).ravel().tolist(),
+        3,
+    )
+    for text, (js_words, out) in zip(MULTILINGUAL, js, strict=True):
+        assert js_words == perturb.WORD.findall(text)
+        assert out.isascii() and set(perturb.WORD.findall(out)) <= set(WORDS)
+        assert perturb.WORD.sub("W", out) == perturb.WORD.sub("W", text)
 
 
 def test_browser_and_python_perturbation_agree_in_distribution(browser, server):
@@ -186,7 +241,7 @@ def test_browser_and_python_perturbation_agree_in_distribution(browser, server):
         """
         const [words, flat, dim, draws, eps] = arguments;
         const emb = JaxdpPerturb.makeEmbeddings(words, new Float32Array(flat), dim);
-        return words.map(w => {
+        return [...words, "患者"].map(w => {
           const counts = Object.fromEntries(words.map(v => [v, 0]));
           for (let i = 0; i < draws; i++) counts[JaxdpPerturb.perturbWord(w, eps, emb)] += 1;
           return words.map(v => counts[v]);
@@ -208,7 +263,7 @@ def test_browser_and_python_perturbation_agree_in_distribution(browser, server):
         table = np.array([a, b])
         return stats.chi2_contingency(table[:, table.sum(axis=0) > 0]).pvalue
 
-    for word, counts in zip(words, js_counts, strict=True):
+    for word, counts in zip(words + ("患者",), js_counts, strict=True):  # and an unknown word
         assert sum(counts) == draws
         assert p_value(counts, py_counts(word, eps)) > 1e-4, word
     # The test can fail: the Python mechanism at another epsilon is told apart.

@@ -48,6 +48,36 @@ def test_output_probabilities_obey_the_metric_dp_inequality():
     assert all(np.all(freq[w] > 0) for w in emb.words)
 
 
+MULTILINGUAL = (
+    "Иван Петров: ВИЧ-положительный",
+    "患者 王伟 有 癌症",
+    "Γιώργος Παπαδόπουλος, 1980.",
+    "José Müller — café ☕ 🏳️‍🌈 naïve",
+    "refund my account, please",
+)
+
+
+def test_every_word_of_every_script_is_perturbed():
+    """Nothing of the original but ASCII punctuation and spacing leaves: names in Cyrillic,
+    Greek, CJK, accented letters, symbols and emoji are words, unknown ones perturbed from the
+    centroid into vocabulary words."""
+    words = ("the", "order", "refund", "my", "account", "please")
+    emb = perturb.Embeddings(words, np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32))
+    for text in MULTILINGUAL:
+        out, count = perturb.perturb_text(text, 0.1, emb)
+        found = perturb.WORD.findall(out)
+        assert count == len(perturb.WORD.findall(text)) == len(found)
+        assert set(found) <= set(words)
+        assert out.isascii()  # every non-ASCII character was inside a word, and went
+        layout = lambda t: perturb.WORD.sub("W", t)
+        assert layout(out) == layout(text)  # only the layout is kept (and named as not covered)
+    assert perturb.WORD.findall("ВИЧ-положительный") == ["ВИЧ", "положительный"]
+    for c in map(chr, range(128)):  # LAYOUT is exactly what WORD leaves out
+        assert (perturb.WORD.fullmatch(c) is None) == (c in perturb.LAYOUT), repr(c)
+    assert "Not covered: the number of words" in perturb.guarantee(1.0, 3)
+    assert perturb.changed_fraction(["a b c"], ["a x c"]) == pytest.approx(1 / 3)
+
+
 def test_perturb_text_keeps_punctuation_and_counts_words():
     words = ("hello", "world", "it's", "42")
     emb = perturb.Embeddings(words, np.eye(4, dtype=np.float32) * 100)

@@ -40,6 +40,10 @@ function parseRecords(text, format) {  // as the server does: non-blank lines, o
 }
 
 let embeddings = null;
+for (const button of document.querySelectorAll("[data-eps]")) {  // presets
+  button.onclick = () => { $("eps-word").value = button.dataset.eps; $("perturb").click(); };
+}
+
 $("perturb").onclick = async () => {
   const file = $("file").files[0];
   if (!file) { show("perturb-status", "Choose a file first.", "error"); return; }
@@ -58,7 +62,10 @@ $("perturb").onclick = async () => {
       for (const text of [r, state.perturbed[i]]) { const td = document.createElement("td"); td.textContent = text; tr.appendChild(td); }
       rows.appendChild(tr);
     });
-    show("guarantee", `${state.records.length} records perturbed. Local guarantee: ${JaxdpPerturb.guarantee(epsilon, words)} (longest record: ${words} words).`);
+    const fraction = JaxdpPerturb.changedFraction(state.records, state.perturbed);
+    show("plain", `At this setting ${Math.round(100 * fraction)}% of the words in your file were replaced by other words before anything leaves this computer; the rest were kept. Words that are not in the public vocabulary (most names, rare words, words in other scripts) are always replaced. Whoever reads the uploaded text cannot tell for sure which words you wrote; the lower the ε, the more words change and the stronger that doubt. The punctuation, the spacing and how many words each line has are kept as they are.`, "ok");
+    show("changed", `${(100 * fraction).toFixed(1)}% of words changed`);
+    show("guarantee", `${state.records.length} records perturbed. Formal local guarantee: ${JaxdpPerturb.guarantee(epsilon, words)} (longest record: ${words} words).`);
     $("preview").className = "";
     show("perturb-status", "Done: compare, then upload.", "ok");
   } catch (e) { show("perturb-status", e.message, "error"); }

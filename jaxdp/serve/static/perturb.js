@@ -3,10 +3,13 @@
 //   z = l * u, u uniform on the unit sphere, l ~ Gamma(shape n, scale 1 / epsilon),
 // and the output is the vocabulary word nearest (Euclidean) to phi(w) + z. Unknown words are
 // perturbed from the vocabulary's centroid. Randomness: crypto.getRandomValues only.
+// Words: maximal runs of characters that are not ASCII white space or ASCII punctuation (but
+// "'"): every letter of every script, digits, symbols and emoji are perturbed; only that layout
+// is kept (and named in the guarantee as not covered).
 "use strict";
 
 const JaxdpPerturb = (() => {
-  const WORD = /[A-Za-z0-9']+/g;
+  const WORD = /[^\t\n\x0b\x0c\r !-&(-\/:-@\[-`{-~]+/gu;  // = jaxdp/perturb.py's WORD
 
   // A uniform draw in (0, 1) with 53 random bits from the browser's cryptographic generator.
   function uniform() {
@@ -94,8 +97,21 @@ const JaxdpPerturb = (() => {
   function guarantee(epsilon, words) {
     return `metric DP: each word at epsilon = ${epsilon} per unit of embedding distance; ` +
       `a document of ${words} words at ${epsilon} x (the sum of the ${words} word distances) ` +
-      `against any other document of ${words} words`;
+      `against any other document of ${words} words. Not covered: the number of words and ` +
+      `the punctuation and spacing between them (ASCII), which are kept`;
   }
 
-  return {uniform, noise, makeEmbeddings, loadEmbeddings, perturbWord, perturbText, guarantee};
+  // The fraction of words the perturbation replaced (over records), as jaxdp.perturb does.
+  function changedFraction(originals, perturbed) {
+    let total = 0, changed = 0;
+    originals.forEach((a, i) => {
+      const wa = (a.match(WORD) || []).map(w => w.toLowerCase()), wb = perturbed[i].match(WORD) || [];
+      total += wa.length;
+      wa.forEach((w, k) => { if (w !== wb[k]) changed += 1; });
+    });
+    return total ? changed / total : 0;
+  }
+
+  return {uniform, noise, makeEmbeddings, loadEmbeddings, perturbWord, perturbText, guarantee,
+          changedFraction, WORD};
 })();
