@@ -147,7 +147,9 @@ def guarantee(epsilon: float, num_words: int) -> str:
         f"metric DP: each word at epsilon = {epsilon:g} per unit of embedding distance; a "
         f"document of {num_words} words at {epsilon:g} x (the sum of the {num_words} word "
         f"distances) against any other document of {num_words} words. Not covered: the number "
-        f"of words and the punctuation and spacing between them (ASCII), which are kept"
+        f"of records, their order, the number of words and the punctuation and spacing between "
+        f"them (ASCII), which are kept. Perturb a file once: choosing among several draws spends "
+        f"epsilon again"
     )
 
 

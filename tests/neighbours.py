@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optax
 from conftest import REPO
 
 from jaxdp import data, randomness, release
@@ -244,7 +245,7 @@ def _check_model_outputs(cfg, wd: Path, metrics, samples, privacy) -> None:
     from jaxdp.generate import generate
 
     model = hf.from_pretrained(wd / "hf")
-    graphdef, state = steps.init_state(model, __import__("optax").identity())
+    graphdef, state = steps.init_state(model, optax.identity())
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     last = privacy["steps"]
     final = _unprefixed(next(r for r in metrics if r["step"] == last and "public/eval_loss" in r))

@@ -11,7 +11,7 @@ import pytest
 from test_serve import BASE, Service, fastapi_testclient, spec, tickets
 
 from jaxdp import cli
-from jaxdp.serve import db
+from jaxdp.serve import db, jobs
 
 
 def test_one_delta_per_tenant_for_every_job_cap_check_and_ledger(
@@ -159,3 +159,69 @@ def test_local_epsilon_is_declared_and_must_be_finite(tmp_path):
     ok = service.upload(tickets(5), local_epsilon="2.5").json()
     assert ok["local_epsilon_declared_by_uploader"] == 2.5
     assert np.isfinite(ok["local_epsilon_declared_by_uploader"])
+
+
+def test_zip_entries_carry_no_time_whatever_the_time_zone(tmp_path, monkeypatch):
+    import os
+    import time
+    import zipfile
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    for zone in ("America/New_York", "Asia/Tokyo", "UTC"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        out = tmp_path / f"{zone.replace('/', '-')}.zip"
+        jobs._zip_dir(tmp_path / "hf", out)  # west of UTC, ZipFile.write raised ValueError
+        (info,) = zipfile.ZipFile(out).infolist()
+        assert info.date_time == (1980, 1, 1, 0, 0, 0), zone
+    monkeypatch.delenv("TZ")
+    time.tzset()
+    assert os.environ.get("TZ") is None
+
+
+def test_one_line_is_one_record(tmp_path):
+    service = Service(tmp_path)
+    d = service.upload("a\fb\u2028c ok\nsecond line\r\n".encode()).json()
+    assert d["records"] == 2  # \f and U+2028 do not split a line
+
+
+def test_postgresql_sessions_read_committed_whatever_the_server_default(service_db_url):
+    from sqlalchemy import text
+
+    if not service_db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite serialises with BEGIN IMMEDIATE")
+    name = service_db_url.rsplit("/", 1)[1]
+    with db.connect(service_db_url)() as s:
+        s.execute(
+            text(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'")
+        )
+        s.commit()
+    with db.connect(service_db_url)() as s:  # new connections: the server's default changed
+        assert s.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+
+
+def test_an_old_database_is_migrated(tmp_path):
+    """A database of the previous version: columns added, an undeclarable epsilon cleared."""
+    import sqlite3
+
+    path = tmp_path / "service.db"
+    con = sqlite3.connect(path)
+    con.executescript(
+        """
+        CREATE TABLE tenants (id VARCHAR(32) PRIMARY KEY, name VARCHAR(200) UNIQUE,
+            epsilon_cap FLOAT, record_key VARCHAR(64), created_at FLOAT);
+        CREATE TABLE datasets (id VARCHAR(32) PRIMARY KEY, tenant_id VARCHAR(32), name VARCHAR(300),
+            path TEXT, num_records INTEGER, num_bytes INTEGER, content_sha256 VARCHAR(64),
+            local_epsilon FLOAT, created_at FLOAT, deleted_at FLOAT);
+        INSERT INTO tenants VALUES ('t', 'old', 8.0, 'ab', 0);
+        INSERT INTO datasets VALUES ('d', 't', 'x', 'x', 1, 1, 'c', 9e999, 0, NULL);
+        """
+    )
+    con.commit()
+    con.close()
+    sessions = db.connect(db.default_url(tmp_path))
+    with sessions() as s:
+        assert s.get(db.Tenant, "t").delta == db.DEFAULT_TENANT_DELTA
+        d = s.get(db.Dataset, "d")
+        assert d.local_epsilon is None and d.num_duplicates == 0 and not d.public

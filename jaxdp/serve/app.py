@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import aliased
 from sse_starlette.sse import EventSourceResponse
 
@@ -183,6 +183,7 @@ def create_app(
         """Deletes the upload and every copy of its text the service derived from it (the jobs'
         token caches); the trained models and the ledger are kept."""
         with sessions.begin() as s:
+            s.execute(select(db.Tenant).where(db.Tenant.id == t.id).with_for_update())
             d = own_dataset(s, t, dataset_id)
             using = s.scalars(select(db.Job).where(db.Job.tenant_id == t.id)).all()
             using = [
@@ -224,6 +225,9 @@ def create_app(
             # submissions of a tenant, on any of its datasets, can both pass the cap check: jobs
             # on different datasets that share records compose in the same ledger.
             s.execute(select(db.Tenant).where(db.Tenant.id == t.id).with_for_update())
+            own_dataset(s, t, dataset.id)  # not deleted while the plan was made
+            if spec.eval_dataset_id:
+                check_public_eval(s, t, own_dataset(s, t, spec.eval_dataset_id))
             groups = jobs.ledger_groups(s, t.id, dataset.id)
             spent = jobs.worst_record_epsilon(groups, delta)
             total = jobs.worst_record_epsilon(groups, delta, new)
@@ -272,11 +276,19 @@ def create_app(
             if job.state in db.TERMINAL:
                 raise HTTPException(409, f"Job {job_id} has ended ({job.state}).")
             job.cancel_requested = True
-            if job.state == "queued":  # never ran: it spent nothing
-                job.state, job.finished_at = "cancelled", db.now()
+            # Still queued, atomically (a worker may claim it meanwhile): it never ran and spent
+            # nothing. A job a worker took stops at its next step and is charged what it ran.
+            never_ran = s.execute(
+                update(db.Job)
+                .where((db.Job.id == job_id) & (db.Job.state == "queued"))
+                .values(state="cancelled", finished_at=db.now(), cancel_requested=True)
+            )
+            if never_ran.rowcount == 1:
                 entry = s.scalar(select(db.LedgerEntry).where(db.LedgerEntry.job_id == job_id))
                 entry.steps, entry.final = 0, True
                 s.add(db.JobEvent(job_id=job_id, kind="end", data={"state": "cancelled"}))
+            s.flush()
+            s.refresh(job)
             return job_json(job)
 
     @app.get("/api/jobs/{job_id}/events")
@@ -368,7 +380,8 @@ def parse_records(raw: bytes, format: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise HTTPException(422, f"The file is not UTF-8 text (byte {e.start}).") from None
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # (str.splitlines splits on \f, U+2028, ...)
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if format == "text":

@@ -185,6 +185,10 @@ def connect(url: str) -> sessionmaker[Session]:
         url,
         connect_args={"timeout": 60, "check_same_thread": False} if sqlite else {},
         pool_pre_ping=not sqlite,
+        # The cap check locks the tenant row, then reads the ledger: at READ COMMITTED those
+        # reads see what a submission that held the lock before committed (a REPEATABLE READ
+        # snapshot, taken before the lock was granted, would not).
+        **({} if sqlite else {"isolation_level": "READ COMMITTED"}),
     )
     if sqlite:
         _sqlite_pragmas(engine)
@@ -208,10 +212,18 @@ def _add_missing_columns(engine: Engine) -> None:
     from sqlalchemy import inspect, text
 
     inspector = inspect(engine)
+    exists = "" if engine.dialect.name == "sqlite" else "IF NOT EXISTS "  # racing first starts
     for table, column, ddl in _ADDED_COLUMNS:
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {exists}{column} {ddl}"))
+    with engine.begin() as conn:  # older versions accepted a declared epsilon of inf
+        conn.execute(
+            text(
+                "UPDATE datasets SET local_epsilon = NULL WHERE local_epsilon IS NOT NULL AND "
+                "NOT (local_epsilon > 0 AND local_epsilon < 1e300)"
+            )
+        )
 
 
 def _sqlite_pragmas(engine: Engine) -> None:

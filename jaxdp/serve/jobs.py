@@ -242,10 +242,16 @@ def _sha256(path: Path) -> str:
 
 
 def _zip_dir(directory: Path, out: Path) -> None:
+    """A zip of `directory` whose entries carry no timing: the fixed date 1980-01-01 00:00 and
+    mode 0644, whatever the files' times or the server's time zone."""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for path in sorted(directory.rglob("*")):
             if path.is_file():
-                z.write(path, path.relative_to(directory))
+                info = zipfile.ZipInfo(
+                    path.relative_to(directory).as_posix(), (1980, 1, 1, 0, 0, 0)
+                )
+                info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+                z.writestr(info, path.read_bytes())
 
 
 def collect_artifacts(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -308,7 +314,13 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
     except Exception as e:  # the job failed: record why, and what it spent
         error = f"{type(e).__name__}: {e}"
         log.error("Job %s failed: %s\n%s", job.id, error, traceback.format_exc())
-    artifacts = collect_artifacts(run_dir) if state == "succeeded" else {}
+    artifacts = {}
+    if state == "succeeded":
+        try:
+            artifacts = collect_artifacts(run_dir)
+        except Exception as e:  # packing failed: the job failed (its steps stay charged)
+            state, error = "failed", f"Packing the results failed: {type(e).__name__}: {e}"
+            log.error("Job %s: %s\n%s", job.id, error, traceback.format_exc())
     with sessions.begin() as s:
         row = s.get(db.Job, job.id)
         row.state, row.error, row.finished_at = state, error, db.now()

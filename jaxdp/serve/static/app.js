@@ -51,7 +51,11 @@ $("perturb").onclick = async () => {
     show("perturb-status", "Loading embeddings...");
     embeddings = embeddings || await JaxdpPerturb.loadEmbeddings();
     const epsilon = parseFloat($("eps-word").value);
-    state.records = parseRecords(await file.text(), $("format").value);
+    // A text repeated in the file is one record: dropped here, BEFORE perturbing (perturbed
+    // apart, its copies would arrive as different records, each trained on and charged).
+    const all = parseRecords(await file.text(), $("format").value);
+    state.records = [...new Set(all)];
+    state.repeats = all.length - state.records.length;
     let words = 0;
     state.perturbed = state.records.map(r => { const p = JaxdpPerturb.perturbText(r, epsilon, embeddings); words = Math.max(words, p.words); return p.text; });
     state.localEpsilon = epsilon;
@@ -65,7 +69,7 @@ $("perturb").onclick = async () => {
     const fraction = JaxdpPerturb.changedFraction(state.records, state.perturbed);
     show("plain", `At this setting ${Math.round(100 * fraction)}% of the words in your file were replaced by other words before anything leaves this computer; the rest were kept. Words that are not in the public vocabulary (most names, rare words, words in other scripts) are always replaced. Whoever reads the uploaded text cannot tell for sure which words you wrote; the lower the ε, the more words change and the stronger that doubt. The punctuation, the spacing and how many words each line has are kept as they are.`, "ok");
     show("changed", `${(100 * fraction).toFixed(1)}% of words changed`);
-    show("guarantee", `${state.records.length} records perturbed. Formal local guarantee: ${JaxdpPerturb.guarantee(epsilon, words)} (longest record: ${words} words).`);
+    show("guarantee", `${state.records.length} records perturbed${state.repeats ? ` (${state.repeats} repeated lines dropped: a text is one record)` : ""}. Formal local guarantee: ${JaxdpPerturb.guarantee(epsilon, words)} (longest record: ${words} words).`);
     $("preview").className = "";
     show("perturb-status", "Done: compare, then upload.", "ok");
   } catch (e) { show("perturb-status", e.message, "error"); }

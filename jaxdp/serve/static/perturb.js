@@ -97,8 +97,9 @@ const JaxdpPerturb = (() => {
   function guarantee(epsilon, words) {
     return `metric DP: each word at epsilon = ${epsilon} per unit of embedding distance; ` +
       `a document of ${words} words at ${epsilon} x (the sum of the ${words} word distances) ` +
-      `against any other document of ${words} words. Not covered: the number of words and ` +
-      `the punctuation and spacing between them (ASCII), which are kept`;
+      `against any other document of ${words} words. Not covered: the number of records, their ` +
+      `order, the number of words and the punctuation and spacing between them (ASCII), which ` +
+      `are kept. Perturb a file once: choosing among several draws spends epsilon again`;
   }
 
   // The fraction of words the perturbation replaced (over records), as jaxdp.perturb does.
