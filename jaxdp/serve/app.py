@@ -183,7 +183,7 @@ def create_app(
         """Deletes the upload and every copy of its text the service derived from it (the jobs'
         token caches); the trained models and the ledger are kept."""
         with sessions.begin() as s:
-            s.execute(select(db.Tenant).where(db.Tenant.id == t.id).with_for_update())
+            db.lock_tenant(s, t.id)
             d = own_dataset(s, t, dataset_id)
             using = s.scalars(select(db.Job).where(db.Job.tenant_id == t.id)).all()
             using = [
@@ -224,7 +224,7 @@ def create_app(
             # Lock the tenant (PostgreSQL: a row lock; SQLite: BEGIN IMMEDIATE) so that no two
             # submissions of a tenant, on any of its datasets, can both pass the cap check: jobs
             # on different datasets that share records compose in the same ledger.
-            s.execute(select(db.Tenant).where(db.Tenant.id == t.id).with_for_update())
+            db.lock_tenant(s, t.id)
             own_dataset(s, t, dataset.id)  # not deleted while the plan was made
             if spec.eval_dataset_id:
                 check_public_eval(s, t, own_dataset(s, t, spec.eval_dataset_id))

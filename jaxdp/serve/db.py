@@ -281,6 +281,12 @@ def tenant_for_key(sessions: sessionmaker[Session], key: str | None) -> Tenant |
         return None if api_key is None else s.get(Tenant, api_key.tenant_id)
 
 
+def lock_tenant(s: Session, tenant_id: str) -> None:
+    """Serialises a tenant's ledger-changing transactions (PostgreSQL: a row lock held to the
+    end of the transaction; SQLite: every transaction is BEGIN IMMEDIATE already)."""
+    s.execute(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+
+
 def add_base_model(sessions: sessionmaker[Session], name: str, source: str) -> None:
     """Registers (or re-points) base model `name` at `source` (a local HF directory or a Hub id)."""
     if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):

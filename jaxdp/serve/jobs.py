@@ -241,15 +241,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The zip entries' date: release.RELEASE_MTIME in UTC (never the server's local time).
+RELEASE_DATE = time.gmtime(release.RELEASE_MTIME)[:6]
+
+
 def _zip_dir(directory: Path, out: Path) -> None:
     """A zip of `directory` whose entries carry no timing: the fixed date 1980-01-01 00:00 and
     mode 0644, whatever the files' times or the server's time zone."""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for path in sorted(directory.rglob("*")):
             if path.is_file():
-                info = zipfile.ZipInfo(
-                    path.relative_to(directory).as_posix(), (1980, 1, 1, 0, 0, 0)
-                )
+                info = zipfile.ZipInfo(path.relative_to(directory).as_posix(), RELEASE_DATE)
                 info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
                 z.writestr(info, path.read_bytes())
 
