@@ -27,6 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init = "pretrained"  # "pretrained" | "random"
     c.model.dropout = _optional(float)  # overrides resid/embd/attn_pdrop; None: model's own
     c.model.revision = _optional(str)
+    # The base model's name in the released model card and PEFT adapter_config.json; None: the
+    # name_or_path (a local directory by its absolute path). A service names its registered model.
+    c.model.public_name = _optional(str)
     # Trainable subset: regexes fully matching parameter paths such as "h.11.attn.c_attn.kernel",
     # "ln_f.scale", "wte.embedding"; empty: everything (or only the adapters with LoRA).
     c.model.trainable = ()

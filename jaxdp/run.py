@@ -974,9 +974,12 @@ class SampleWriter:
 
 
 def base_model(m: ml_collections.ConfigDict) -> str | None:
-    """The pretrained base model for the model card and PEFT (a local one by absolute path)."""
+    """The pretrained base model for the model card and PEFT: `model.public_name` if set, else
+    name_or_path (a local one by absolute path)."""
     if m.init != "pretrained":
         return None
+    if m.public_name:
+        return str(m.public_name)
     base = str(m.name_or_path)
     if Path(base).expanduser().is_dir():  # a local base: where it is, for any cwd
         base = str(Path(base).expanduser().resolve())

@@ -121,9 +121,21 @@ def test_end_to_end_upload_train_stream_download(tmp_path, base_model, service_d
             merged(ids).logits.numpy(), adapted(ids).logits.numpy(), atol=1e-4, rtol=0
         )
     assert "per record" in (unpacked["hf.zip"] / "README.md").read_text()
-    # Nothing private left the job's workdir through the artifacts.
+    # Nothing private left the job's workdir through the artifacts, nor any server path: the
+    # card and adapter_config.json name the base model by its registered name.
+    assert (
+        json.loads((unpacked["peft.zip"] / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+        == BASE
+    )
     for directory in unpacked.values():
         assert not any("private" in p.parts for p in directory.rglob("*"))
+        for path in directory.rglob("*"):
+            if path.is_file():
+                content = path.read_bytes()
+                for server_path in (str(base_model), str(tmp_path)):
+                    assert server_path.encode() not in content, (path, server_path)
 
 
 def test_keys_tenants_and_bad_input(tmp_path, base_model, service_db_url):
@@ -261,7 +273,9 @@ def test_server_restart_loses_nothing(tmp_path, base_model):
 
 
 def _worker(workdir, url):
-    jobs.worker_main(
+    from jaxdp.serve import supervision
+
+    supervision.worker_entry(
         str(workdir),
         url,
         {"poll_interval": 0.2, "heartbeat_interval": 0.5, "heartbeat_timeout": 3.0},  # fmt: skip
@@ -321,6 +335,30 @@ def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, ba
     with db.connect(service.url)() as s:
         entry = s.query(db.LedgerEntry).filter_by(job_id=job["id"]).one()
         assert entry.final and entry.steps == 8
+    # Progress never goes backwards across the resume: each step once, in order; a client that
+    # reconnects with Last-Event-ID gets what it missed, once.
+    events = _events(service, job["id"])
+    assert [kind for _, kind, _ in events] == ["step"] * 8 + ["end"]
+    assert [data["step"] for _, kind, data in events if kind == "step"] == list(range(1, 9))
+    ids = [i for i, _, _ in events]
+    assert ids == sorted(ids)
+    assert _events(service, job["id"], last_event_id=ids[4]) == events[5:]
+
+
+def _events(service, job_id, last_event_id=None):
+    """The job's server-sent events as (id, kind, data)."""
+    headers = dict(service.headers)
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    out, current = [], {}
+    with service.client.stream("GET", f"/api/jobs/{job_id}/events", headers=headers) as r:
+        for line in r.iter_lines():
+            field, _, value = line.partition(": ")
+            if field in ("id", "event", "data"):
+                current[field] = value
+            if field == "data":
+                out.append((int(current["id"]), current["event"], json.loads(value)))
+    return out
 
 
 def test_cancelling_a_running_job_stops_it_and_counts_the_steps_it_ran(tmp_path, base_model):

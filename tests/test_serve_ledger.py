@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 from test_serve import BASE, Service, fastapi_testclient, spec, tickets
 
 from jaxdp import cli
@@ -54,6 +55,37 @@ def test_a_repeated_record_is_one_unit(tmp_path):
     (path,) = tmp_path.glob(f"tenants/*/datasets/{d['id']}.jsonl")
     stored = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     assert stored == list(dict.fromkeys(lines))  # each text once, in first order
+
+
+def test_a_record_is_one_unit_whatever_its_unicode_form_or_surrounding_spaces(tmp_path):
+    import unicodedata
+
+    service = Service(tmp_path)
+    name = "José Müller owes 40"
+    variants = [
+        unicodedata.normalize("NFC", name),
+        unicodedata.normalize("NFD", name),
+        name + "   ",
+        "\t" + name,
+        name + "\u00a0",  # a no-break space
+    ]
+    assert len(set(variants)) == len(variants)
+    d = service.upload(("\n".join(variants) + "\nanother record\r\n").encode()).json()
+    assert d["records"] == 2 and d["duplicates_removed"] == len(variants) - 1
+    # The same person's record in a second upload is matched by the ledger: the same digest.
+    other = service.upload((unicodedata.normalize("NFD", name) + " \n").encode()).json()
+    sessions = db.connect(service.url)
+    with sessions() as s:
+        digests = {
+            i: set(
+                s.scalars(select(db.DatasetRecord.digest).where(db.DatasetRecord.dataset_id == i))
+            )
+            for i in (d["id"], other["id"])
+        }
+    assert digests[other["id"]] < digests[d["id"]]
+    (path,) = tmp_path.glob(f"tenants/*/datasets/{d['id']}.jsonl")
+    stored = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert stored == [unicodedata.normalize("NFC", name), "another record"]
 
 
 def _shared_datasets(service, n_datasets=4):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import sys
 from pathlib import Path
 
@@ -37,27 +36,11 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def start_workers(workdir: Path, db_url: str, count: int, options: dict) -> list:
-    """`count` worker processes, started with the spawn method."""
-    from jaxdp.serve import jobs
-
-    context = multiprocessing.get_context("spawn")
-    procs = []
-    for i in range(count):
-        proc = context.Process(
-            target=jobs.worker_main,
-            args=(str(workdir), db_url, options),
-            name=f"jaxdp-worker-{i}",
-            daemon=True,
-        )
-        proc.start()
-        procs.append(proc)
-    return procs
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from jaxdp.serve import logs
+
+    logs.configure()
     command = argv[0] if argv and argv[0] in ("worker", "admin", "build-embeddings") else "serve"
     if command != "serve":
         argv = argv[1:]
@@ -90,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--workers", type=int, default=1, help="worker processes here")
         parser.add_argument("--max-upload-mb", type=float, default=100.0)
+        parser.add_argument(
+            "--plan-deadline",
+            type=float,
+            default=30.0,
+            help="seconds a job's plan (calibration, ledger) may take before it is refused",
+        )
+        parser.add_argument(
+            "--planners", type=int, default=1, help="processes that plan jobs off the server"
+        )
     args = parser.parse_args(argv)
 
     from jaxdp.serve import db
@@ -114,18 +106,49 @@ def main(argv: list[str] | None = None) -> int:
 
         jobs.run_worker(workdir, url, **options)
         return 0
+    return _serve(args, workdir, url, options)
+
+
+def _serve(args: argparse.Namespace, workdir: Path, url: str, options: dict) -> int:
+    """The server and its children: the workers (supervised: restarted when they die) and the
+    planning processes, all stopped in the app's shutdown, which uvicorn runs on SIGTERM and
+    SIGINT before it re-raises the signal; on SIGKILL the children die with the server
+    (`supervision.die_with_parent`)."""
+    import contextlib
+
     import uvicorn
 
+    from jaxdp.serve import db, planning, supervision
     from jaxdp.serve.app import create_app
 
-    procs = start_workers(workdir, url, args.workers, options)
+    db.connect(url)  # creates or migrates the database before any worker opens it
+    planner = planning.Planner(args.planners)
+    supervisor = supervision.WorkerSupervisor(workdir, url, args.workers, options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        supervisor.start()
+        app.state.supervisor = supervisor
+        try:
+            yield
+        finally:
+            logging.getLogger("jaxdp.serve").info("Stopping the workers and planners.")
+            supervisor.stop()
+            planner.close()
+
     try:
-        app = create_app(workdir, url, max_upload_bytes=int(args.max_upload_mb * 2**20))
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.join(timeout=30)
+        app = create_app(
+            workdir,
+            url,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            plan_deadline=args.plan_deadline,
+            planner=planner,
+            lifespan=lifespan,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    finally:  # a start-up failure: nothing is left behind either
+        supervisor.stop()
+        planner.close()
     return 0
 
 

@@ -12,10 +12,10 @@ worker process runs it (`jaxdp.serve.jobs`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,11 +26,46 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import aliased
 from sse_starlette.sse import EventSourceResponse
 
-from jaxdp.release import mechanism_record
-from jaxdp.serve import db, jobs
+from jaxdp.serve import db, jobs, planning
 
 STATIC = Path(__file__).parent / "static"
-UPLOAD_CHUNK = 1 << 20
+MULTIPART_SLACK = 64 << 10  # the multipart envelope around an upload's bytes
+RESERVE_TRIES = 5
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is over this route's limit of {limit} bytes.")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit(path)` bytes is refused with 413, by its
+    Content-Length before anything is read, and while it streams (a chunked or lying client)."""
+
+    def __init__(self, app, limit):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await JSONResponse({"detail": BodyTooLarge(limit).detail}, status_code=413)(
+                scope, receive, send
+            )
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return await self.app(scope, limited, send)
 
 
 def current_tenant(
@@ -56,18 +91,39 @@ def create_app(
     db_url: str | None = None,
     *,
     max_upload_bytes: int = 100 * 2**20,
+    max_json_bytes: int = 64 * 2**10,
     sse_poll_seconds: float = 0.5,
+    plan_deadline: float = 30.0,
+    planner: planning.Planner | None = None,
+    lifespan=None,
 ) -> FastAPI:
-    """The app for the service in `workdir` (database: `db_url`, default SQLite in workdir)."""
+    """The app for the service in `workdir` (database: `db_url`, default SQLite in workdir).
+    Planning runs in `planner`'s processes (default: this process's shared one), each call
+    killed after `plan_deadline` seconds."""
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     sessions = db.connect(db_url or db.default_url(workdir))
+    planner = planner or planning.Planner.shared()
     app = FastAPI(
         title="jaxdp serve",
         description="Private fine-tuning: upload text, train a DP-LoRA model, download it.",
         version="1",
+        lifespan=lifespan,
     )
     app.state.sessions = sessions
+    app.add_middleware(
+        BodyLimit,
+        limit=lambda path: (
+            max_upload_bytes + MULTIPART_SLACK if path == "/api/datasets" else max_json_bytes
+        ),
+    )
+
+    async def plan(fn, *args):
+        try:
+            return await planner.run(fn, *args, deadline=plan_deadline)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def own_dataset(s, t: db.Tenant, dataset_id: str) -> db.Dataset:
@@ -130,33 +186,40 @@ def create_app(
     ) -> dict[str, Any]:
         if local_epsilon is not None and not math.isfinite(local_epsilon):
             raise HTTPException(422, "local_epsilon must be a finite positive number.")
-        raw = bytearray()
-        while chunk := await file.read(UPLOAD_CHUNK):
-            raw += chunk
-            if len(raw) > max_upload_bytes:
-                raise HTTPException(413, f"The upload is over {max_upload_bytes} bytes.")
-        records, duplicates = unique_records(parse_records(bytes(raw), format))
+        # The body was streamed (BodyLimit) into a spooled file; everything else is off the
+        # event loop.
+        return await asyncio.to_thread(
+            store_upload, t, file.file, format, name or file.filename, public, local_epsilon
+        )
+
+    def store_upload(t, stream, format, name, public, local_epsilon) -> dict[str, Any]:
+        stream.seek(0)
+        raw = stream.read(max_upload_bytes + 1)
+        if len(raw) > max_upload_bytes:
+            raise HTTPException(413, f"The upload is over {max_upload_bytes} bytes.")
+        records, duplicates = unique_records(parse_records(raw, format))
         body = "".join(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in records)
         dataset_id = db.new_id()
         path = workdir / "tenants" / t.id / "datasets" / f"{dataset_id}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(body, encoding="utf-8")
         with sessions.begin() as s:
+            tenant = s.get(db.Tenant, t.id)
             d = db.Dataset(
                 id=dataset_id,
                 tenant_id=t.id,
-                name=name or file.filename or dataset_id,
+                name=name or dataset_id,
                 path=str(path),
                 num_records=len(records),
                 num_duplicates=duplicates,
                 num_bytes=len(raw),
-                content_sha256=hashlib.sha256(body.encode()).hexdigest(),
+                content_sha256=db.content_digest(tenant, body),
                 local_epsilon=local_epsilon,
                 public=public,
             )
             s.add(d)
             s.flush()
-            digests = db.record_digests(s.get(db.Tenant, t.id), records)
+            digests = db.record_digests(tenant, records)
             s.execute(
                 insert(db.DatasetRecord),
                 [{"dataset_id": d.id, "digest": x, "tenant_id": t.id} for x in digests],
@@ -203,7 +266,27 @@ def create_app(
     # ---- Jobs -------------------------------------------------------------------------------
 
     @app.post("/api/jobs", status_code=201)
-    def create_job(t: Tenant, spec: jobs.JobSpec) -> dict[str, Any]:
+    async def create_job(t: Tenant, spec: jobs.JobSpec) -> dict[str, Any]:
+        dataset, base = await asyncio.to_thread(check_submission, t, spec)
+        delta = t.delta  # the tenant's: every job, the cap and the ledger are stated at it
+        planned = await plan(planning.plan, spec.model_dump(), dataset.num_records, delta)
+        new = tuple(planned["entry"])
+        for _ in range(RESERVE_TRIES):
+            # The ledger composed off the server's interpreter, then the job reserved under
+            # the tenant's lock only if the ledger is still what was composed (another
+            # submission of the tenant may have changed it meanwhile: compose again).
+            groups = await asyncio.to_thread(ledger_groups, t, dataset.id)
+            spent, total = await plan(planning.ledger_check, groups, delta, new)
+            job = await asyncio.to_thread(
+                reserve, t, spec, dataset, base, planned, groups, spent, total
+            )
+            if job is not None:
+                return job_json(job, ledger={"spent_before": spent, "after": total, "delta": delta})
+        raise HTTPException(
+            409, "The ledger kept changing under concurrent submissions: submit again."
+        )
+
+    def check_submission(t: db.Tenant, spec: jobs.JobSpec) -> tuple[db.Dataset, str]:
         with sessions() as s:
             dataset = own_dataset(s, t, spec.dataset_id)
             if spec.eval_dataset_id:
@@ -214,31 +297,34 @@ def create_app(
             raise HTTPException(
                 422, f"No base model named {spec.base_model!r}; registered: {names}."
             )
-        delta = t.delta  # the tenant's: every job, the cap and the ledger are stated at it
-        try:  # calibration: seconds, in the request's worker thread, never training
-            plan = jobs.plan_job(spec, dataset.num_records, delta)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
-        new = (plan.accounting_noise_multiplier, plan.sampling_prob, plan.num_steps)
+        return dataset, registered[spec.base_model]
+
+    def ledger_groups(t: db.Tenant, dataset_id: str) -> list[list[jobs.Entry]]:
+        with sessions() as s:
+            return jobs.ledger_groups(s, t.id, dataset_id)
+
+    def reserve(t, spec, dataset, base, planned, groups, spent, total) -> db.Job | None:
+        """Queues the job and reserves its planned steps in the ledger, under the tenant's
+        lock (PostgreSQL: a row lock; SQLite: BEGIN IMMEDIATE), so that no two submissions of
+        a tenant, on any of its datasets, can both pass the cap check: jobs on different
+        datasets that share records compose in the same ledger. None: the ledger changed
+        since `groups` were read."""
         with sessions.begin() as s:
-            # Lock the tenant (PostgreSQL: a row lock; SQLite: BEGIN IMMEDIATE) so that no two
-            # submissions of a tenant, on any of its datasets, can both pass the cap check: jobs
-            # on different datasets that share records compose in the same ledger.
             db.lock_tenant(s, t.id)
             own_dataset(s, t, dataset.id)  # not deleted while the plan was made
             if spec.eval_dataset_id:
                 check_public_eval(s, t, own_dataset(s, t, spec.eval_dataset_id))
-            groups = jobs.ledger_groups(s, t.id, dataset.id)
-            spent = jobs.worst_record_epsilon(groups, delta)
-            total = jobs.worst_record_epsilon(groups, delta, new)
+            if jobs.ledger_groups(s, t.id, dataset.id) != groups:
+                return None
             if total > t.epsilon_cap:
-                raise HTTPException(422, jobs.cap_message(spent, total, t.epsilon_cap, delta))
+                raise HTTPException(422, jobs.cap_message(spent, total, t.epsilon_cap, t.delta))
+            noise_multiplier, sampling_prob, steps = planned["entry"]
             job = db.Job(
                 tenant_id=t.id,
                 dataset_id=dataset.id,
                 spec=spec.model_dump(),
-                base_source=registered[spec.base_model],
-                plan=mechanism_record(plan, randomness="secret: drawn when the job starts"),
+                base_source=base,
+                plan=planned["record"],
             )
             s.add(job)
             s.flush()
@@ -247,12 +333,12 @@ def create_app(
                     tenant_id=t.id,
                     dataset_id=dataset.id,
                     job_id=job.id,
-                    noise_multiplier=new[0],
-                    sampling_prob=new[1],
-                    steps=new[2],
+                    noise_multiplier=noise_multiplier,
+                    sampling_prob=sampling_prob,
+                    steps=steps,
                 )
             )
-        return job_json(job, ledger={"spent_before": spent, "after": total, "delta": delta})
+        return job
 
     @app.get("/api/jobs")
     def list_jobs(t: Tenant) -> list[dict[str, Any]]:
@@ -335,9 +421,14 @@ def create_app(
         )
 
     @app.get("/api/ledger")
-    def ledger(t: Tenant) -> list[dict[str, Any]]:
+    async def ledger(t: Tenant) -> list[dict[str, Any]]:
         """Per dataset (deleted ones too): the epsilon of its worst-off record, composed over
         every job on any dataset holding that record (PLD), at the tenant's delta."""
+        rows = await asyncio.to_thread(ledger_rows, t)
+        epsilons = await plan(planning.worst_epsilons, [r.pop("groups") for r in rows], t.delta)
+        return [{**r, "epsilon": e} for r, e in zip(rows, epsilons, strict=True)]
+
+    def ledger_rows(t: db.Tenant) -> list[dict[str, Any]]:
         with sessions() as s:
             datasets = s.scalars(
                 select(db.Dataset)
@@ -346,7 +437,6 @@ def create_app(
             ).all()
             out = []
             for d in datasets:
-                delta = t.delta
                 groups = jobs.ledger_groups(s, t.id, d.id)
                 jobs_on = s.scalars(
                     select(db.LedgerEntry.job_id).where(db.LedgerEntry.dataset_id == d.id)
@@ -355,8 +445,8 @@ def create_app(
                     {
                         "dataset_id": d.id,
                         "deleted": d.deleted_at is not None,
-                        "epsilon": jobs.worst_record_epsilon(groups, delta),
-                        "delta": delta,
+                        "groups": groups,
+                        "delta": t.delta,
                         "epsilon_cap": t.epsilon_cap,
                         "jobs": len(jobs_on),
                         "jobs_on_shared_records": max(len(g) for g in groups),
@@ -426,11 +516,18 @@ def check_public_eval(s, t: db.Tenant, eval_set: db.Dataset) -> None:
         )
 
 
+def canonical_record(text: str) -> str:
+    """The form a record is stored, trained and matched in (the ledger's digests): Unicode NFC,
+    CRLF line ends as LF, no leading or trailing whitespace. So "José" typed precomposed or
+    decomposed, or a copy with a trailing space, is the same record, not a second unit."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n")).strip()
+
+
 def unique_records(records: list[str]) -> tuple[list[str], int]:
-    """The distinct records in their first order, and how many copies were dropped: a record is
-    one privacy unit however often it was uploaded (a repeated one would otherwise be trained
-    on, and spend budget, once per copy)."""
-    seen: dict[str, None] = dict.fromkeys(records)
+    """The distinct records (canonical form) in their first order, and how many copies were
+    dropped: a record is one privacy unit however often it was uploaded (a repeated one would
+    otherwise be trained on, and spend budget, once per copy)."""
+    seen: dict[str, None] = dict.fromkeys(canonical_record(r) for r in records)
     return list(seen), len(records) - len(seen)
 
 

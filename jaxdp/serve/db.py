@@ -126,6 +126,13 @@ def record_digests(tenant: Tenant, records: list[str]) -> set[str]:
     return {hmac.new(key, r.encode(), hashlib.sha256).hexdigest() for r in records}
 
 
+def content_digest(tenant: Tenant, body: str) -> str:
+    """The stored dataset's digest, keyed like `record_digests` (an unkeyed hash would confirm a
+    guess of the whole dataset to anyone who reads the database without the key)."""
+    key = bytes.fromhex(tenant.record_key)
+    return hmac.new(key, b"dataset\0" + body.encode(), hashlib.sha256).hexdigest()
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -349,6 +356,22 @@ def heartbeat(sessions: sessionmaker[Session], job_id: str, worker: str) -> bool
             .values(heartbeat_at=now())
         )
         return done.rowcount == 1
+
+
+def release_jobs_of(sessions: sessionmaker[Session], worker: str) -> list[str]:
+    """Hands back the running jobs of a worker known to be dead: claimable at once (their
+    heartbeat set to the epoch), each resumes from its checkpoint. Their ids."""
+    with sessions.begin() as s:
+        ids = list(
+            s.scalars(select(Job.id).where((Job.worker == worker) & (Job.state == "running")))
+        )
+        if ids:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(ids) & (Job.worker == worker) & (Job.state == "running"))
+                .values(heartbeat_at=0.0)
+            )
+    return ids
 
 
 def add_event(sessions: sessionmaker[Session], job_id: str, kind: str, data: dict[str, Any]):

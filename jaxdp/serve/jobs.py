@@ -140,10 +140,10 @@ def ledger_groups(s: Session, tenant_id: str, dataset_id: str) -> list[list[Entr
     entries = s.scalars(
         select(db.LedgerEntry).where(db.LedgerEntry.dataset_id.in_(set().union(*maximal)))
     ).all()
-    return [
-        [(e.noise_multiplier, e.sampling_prob, e.steps) for e in entries if e.dataset_id in g]
+    return sorted(  # a canonical order: two reads of an unchanged ledger compare equal
+        sorted((e.noise_multiplier, e.sampling_prob, e.steps) for e in entries if e.dataset_id in g)
         for g in maximal
-    ]
+    )
 
 
 def worst_record_epsilon(groups: list[list[Entry]], delta: float, *new: Entry) -> float:
@@ -165,6 +165,7 @@ def job_config(
     registered base model's source."""
     c = default_config()
     c.model.init, c.model.name_or_path, c.model.dropout = "pretrained", base, 0.0
+    c.model.public_name = spec.base_model  # the registered name, never the server's path
     c.model.lora_rank = spec.lora_rank
     c.model.lora_targets = tuple(spec.lora_targets)
     c.model.trainable = tuple(spec.trainable)
@@ -284,10 +285,14 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
     run_dir = job_dir(workdir, job)
     steps_run, state, error, summary = int(job.progress.get("step", 0)), "failed", None, None
 
+    reported = steps_run  # a resumed job repeats the steps after its last checkpoint
+
     def observe(event: Event) -> None:
         nonlocal steps_run
         if event.kind == "step":
-            steps_run = event.step
+            steps_run = max(steps_run, event.step)  # (a replayed step releases nothing new)
+            if event.step <= reported:  # the stream stays monotone in step: each step once
+                return
             data = {
                 "step": event.step,
                 "num_steps": event.num_steps,
@@ -359,12 +364,6 @@ def run_worker(
         log.info("Worker %s runs job %s (claim %d).", worker, job.id, job.claims)
         run_job(sessions, workdir, job, worker, heartbeat_interval)
         done += 1
-
-
-def worker_main(workdir: str, db_url: str, options: dict[str, Any]) -> None:
-    """The entry point of a spawned worker process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_worker(workdir, db_url, **options)
 
 
 def cap_message(spent: float, planned: float, cap: float, delta: float) -> str:

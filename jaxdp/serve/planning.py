@@ -1,0 +1,144 @@
+"""Planning off the server's interpreter: noise calibration and ledger composition (each a PLD
+computation of seconds, holding the interpreter lock) run in a pool of spawned processes, each
+call with a deadline after which its process is killed and replaced, so that no request can
+stall the others, and a client that gave up leaves nothing running past the deadline.
+
+Results are cached in the server (a pure function of the arguments), so that a plan or a ledger
+already computed is never computed again, whatever happened to the process that computed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import pebble
+from prometheus_client import Histogram
+
+from jaxdp.serve import supervision
+
+log = logging.getLogger("jaxdp.serve")
+
+
+PLAN_SECONDS = Histogram(
+    "jaxdp_plan_seconds", "Seconds a planning call took (calibration, ledger).", ["function"]
+)
+
+
+class PlanningTimeout(ValueError):
+    """A plan or a ledger took longer than the server's deadline."""
+
+
+def plan(spec: dict[str, Any], num_records: int, delta: float) -> dict[str, Any]:
+    """(In a pool process.) The job's privacy plan: its publishable record and ledger entry."""
+    from jaxdp.release import mechanism_record
+    from jaxdp.serve import jobs
+
+    p = jobs.plan_job(jobs.JobSpec.model_validate(spec), num_records, delta)
+    return {
+        "record": mechanism_record(p, randomness="secret: drawn when the job starts"),
+        "entry": (p.accounting_noise_multiplier, p.sampling_prob, p.num_steps),
+    }
+
+
+def ledger_check(groups: list, delta: float, new: tuple) -> tuple[float, float]:
+    """(In a pool process.) A dataset's worst-off record's epsilon before and after adding the
+    job event `new`."""
+    from jaxdp.serve import jobs
+
+    return jobs.worst_record_epsilon(groups, delta), jobs.worst_record_epsilon(groups, delta, new)
+
+
+def worst_epsilons(groups_per_dataset: list, delta: float) -> list[float]:
+    """(In a pool process.) For each dataset's ledger groups: its worst-off record's epsilon."""
+    from jaxdp.serve import jobs
+
+    return [jobs.worst_record_epsilon(groups, delta) for groups in groups_per_dataset]
+
+
+def _warm() -> None:
+    from jaxdp.serve import jobs  # noqa: F401  (imports jax: seconds, paid at start-up)
+
+
+class Planner:
+    """A pool of `processes` spawned processes; `await planner.run(fn, *args, deadline=...)` runs
+    one planning function in it (from the event loop). Thread-safe."""
+
+    def __init__(self, processes: int = 1, cache_size: int = 1024):
+        self._pool = pebble.ProcessPool(
+            max_workers=processes,
+            context=multiprocessing.get_context("spawn"),
+            initializer=supervision.die_with_parent,
+        )
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        for _ in range(processes):
+            self._pool.schedule(_warm)
+
+    @staticmethod
+    def _key(fn, args) -> str:
+        return json.dumps([fn.__name__, args], sort_keys=True, default=repr)
+
+    async def run(self, fn, *args, deadline: float) -> Any:
+        """`fn(*args)` in a pool process, killed after `deadline` seconds of running
+        (PlanningTimeout); a ValueError it raises (an unattainable target) is re-raised and,
+        like a result, cached."""
+        key = self._key(fn, args)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                outcome = self._cache[key]
+                if isinstance(outcome, ValueError):
+                    raise outcome
+                return outcome
+        started = time.perf_counter()
+        future = self._pool.schedule(fn, args=args, timeout=deadline)
+        try:
+            outcome = await asyncio.wrap_future(future)
+        except FutureTimeout:
+            raise PlanningTimeout(
+                f"Planning took longer than the server's deadline of {deadline:g} s (a PLD "
+                f"computation grows with the steps and with how small the noise is): ask for "
+                f"fewer steps or epochs, or a larger target epsilon."
+            ) from None
+        except ValueError as e:
+            outcome = e
+        finally:
+            seconds = time.perf_counter() - started
+            PLAN_SECONDS.labels(fn.__name__).observe(seconds)
+            log.info("Planning %s took %.2f s.", fn.__name__, seconds)
+        with self._lock:
+            self._cache[key] = outcome
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        if isinstance(outcome, ValueError):
+            raise outcome
+        return outcome
+
+    @staticmethod
+    def shared(processes: int = 1) -> Planner:
+        """One planner per process, made on first use (a test's many apps share it)."""
+        global _SHARED
+        with _SHARED_LOCK:
+            if _SHARED is None:
+                _SHARED = Planner(processes)
+                atexit.register(_SHARED.close)
+            return _SHARED
+
+    def close(self) -> None:
+        """Stops the pool's processes now (a calculation under way is killed)."""
+        self._pool.stop()
+        self._pool.join(timeout=10)
+
+
+_SHARED: Planner | None = None
+_SHARED_LOCK = threading.Lock()

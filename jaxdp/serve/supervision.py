@@ -1,0 +1,141 @@
+"""Processes that live and die with the server: worker processes restarted when they die (their
+job handed back at once), and every child (workers, planning processes) ended with the server
+whatever signal ends it (SIGTERM, SIGINT, SIGKILL).
+
+Two mechanisms end a child with its parent: Linux's PR_SET_PDEATHSIG (the kernel sends SIGKILL
+when the parent thread dies) and, on every platform, a thread that ends the process once its
+parent is gone (its parent pid changes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("jaxdp.serve")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(poll_seconds: float = 1.0) -> None:
+    """Ends this process when its parent dies (call it first thing in a child)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def worker_entry(workdir: str, db_url: str, options: dict[str, Any]) -> None:
+    """A spawned worker process: dies with the server, then claims and runs jobs."""
+    die_with_parent()
+    from jaxdp.serve import jobs, logs
+
+    logs.configure()
+    jobs.run_worker(workdir, db_url, **options)
+
+
+class WorkerSupervisor:
+    """Keeps `count` worker processes running: a dead one is logged, its running job handed back
+    at once (claimable by any worker, it resumes from its checkpoint) and it is replaced."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        db_url: str,
+        count: int,
+        options: dict[str, Any],
+        *,
+        check_seconds: float = 1.0,
+        on_death: Callable[[str], None] | None = None,
+    ):
+        self.workdir, self.db_url, self.count, self.options = workdir, db_url, count, options
+        self.check_seconds, self.on_death = check_seconds, on_death
+        self.context = multiprocessing.get_context("spawn")
+        self.procs: dict[int, tuple[multiprocessing.Process, str]] = {}
+        self.restarts = 0
+        self._generation = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def _start(self, slot: int) -> None:
+        self._generation += 1
+        worker_id = f"{os.uname().nodename}:{os.getpid()}:w{slot}.{self._generation}"
+        proc = self.context.Process(
+            target=worker_entry,
+            args=(str(self.workdir), self.db_url, {**self.options, "worker_id": worker_id}),
+            name=f"jaxdp-worker-{slot}",
+            daemon=True,
+        )
+        proc.start()
+        self.procs[slot] = (proc, worker_id)
+        log.info("Worker %s started (pid %d).", worker_id, proc.pid)
+
+    def start(self) -> WorkerSupervisor:
+        for slot in range(self.count):
+            self._start(slot)
+        self._thread.start()
+        return self
+
+    def alive(self) -> int:
+        return sum(proc.is_alive() for proc, _ in self.procs.values())
+
+    def _watch(self) -> None:
+        from jaxdp.serve import db
+
+        sessions = db.connect(self.db_url)
+        while not self._stop.wait(self.check_seconds):
+            for slot, (proc, worker_id) in list(self.procs.items()):
+                if proc.is_alive() or self._stop.is_set():
+                    continue
+                handed_back = db.release_jobs_of(sessions, worker_id)
+                log.error(
+                    "Worker %s (pid %d) died (exit code %s); its job(s) %s handed back; "
+                    "restarting it.",
+                    worker_id,
+                    proc.pid,
+                    proc.exitcode,
+                    ", ".join(handed_back) or "none",
+                )
+                if self.on_death is not None:
+                    self.on_death(worker_id)
+                self.restarts += 1
+                self._start(slot)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Terminates every worker (SIGTERM, then SIGKILL after `timeout`)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for proc, _ in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc, worker_id in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("Worker %s did not stop in %g s: killed.", worker_id, timeout)
+                proc.kill()
+                proc.join()
+        from jaxdp.serve import db
+
+        sessions = db.connect(self.db_url)
+        for _, worker_id in self.procs.values():  # the next server's workers resume them now
+            if handed_back := db.release_jobs_of(sessions, worker_id):
+                log.info("Job(s) %s of worker %s handed back.", ", ".join(handed_back), worker_id)
