@@ -363,7 +363,7 @@ def calibrate_noise_multiplier(
         steps,
         accountant,
     )
-    guess, factor = 1.0, 2.0
+    guess, factor, unreachable = 1.0, 2.0, False
     if accountant != "rdp":
         # PLD evaluations are slow (up to seconds), so bracket around a cheap RDP guess of the
         # Poisson event (RDP does not support truncated Poisson; a guess is all that is needed).
@@ -375,8 +375,15 @@ def calibrate_noise_multiplier(
             guess = hi if lo is None else _bisect(rdp_eps, target_epsilon, lo, hi, 1e-3)
             factor = 1.1  # the real answer is near
         except _UnreachableError:
-            guess = 1.0  # RDP is looser; let the real accountant search from scratch.
+            # RDP cannot reach the target even at the largest noise: ask the real accountant
+            # there once, and refuse at once if it cannot either (a search from scratch would
+            # take a dozen slow evaluations to find out); else search from scratch.
+            if eps(max_noise_multiplier) > target_epsilon:
+                unreachable = True
+            guess = 1.0
     try:
+        if unreachable:
+            raise _UnreachableError
         lo, hi = _bracket(eps, target_epsilon, guess, factor, max_noise_multiplier)
     except _UnreachableError:
         raise ValueError(

@@ -317,7 +317,7 @@ def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, ba
         row = s.get(db.Job, job["id"])
         dataset = s.get(db.Dataset, row.dataset_id)
         cfg = jobs.job_config(
-            jobs.JobSpec.model_validate(row.spec), row.plan, row.base_source, dataset.path, None
+            jobs.JobSpec.stored(row.spec), row.plan, row.base_source, dataset.path, None
         )
         job_run = jobs.job_dir(tmp_path, row)
     twin = tmp_path / "twin"

@@ -4,8 +4,11 @@
         the web page and REST API (uvicorn) plus worker processes on this host
     jaxdp serve worker --workdir W --db URL
         a worker alone: one per accelerator host, all on one database (PostgreSQL)
-    jaxdp serve admin create-tenant NAME --epsilon-cap E --workdir W [--db URL]
+    jaxdp serve admin create-tenant NAME --epsilon-cap E [--delta D] --workdir W [--db URL]
         a tenant and its API key (printed once; only its hash is stored)
+    jaxdp serve admin list-tenants | rotate-key NAME | revoke-key NAME
+                      | set-cap NAME --epsilon-cap E | add-model NAME SOURCE   --workdir W
+        the tenants; a new key (the old ones stop at once); no key; a new cap; a base model
     jaxdp serve build-embeddings --workdir W --corpus FILE [FILE ...] [--dim 50 --vocab 20000]
         word2vec embeddings of a PUBLIC corpus for the page's perturbation
 
@@ -16,10 +19,20 @@ The database defaults to SQLite in the workdir (W/service.db). Workers are start
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+ADMIN_ACTIONS = (
+    "create-tenant",
+    "list-tenants",
+    "rotate-key",
+    "revoke-key",
+    "set-cap",
+    "add-model",
+)
 WORKER_OPTIONS = ("poll_interval", "heartbeat_interval", "heartbeat_timeout")
 
 
@@ -41,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdp.serve import logs
 
     logs.configure()
+    # The service's files (the database with each tenant's keys, uploads, jobs) are its user's
+    # alone: 0600 files, 0700 directories, also in the workers (they inherit the mask).
+    os.umask(0o077)
     command = argv[0] if argv and argv[0] in ("worker", "admin", "build-embeddings") else "serve"
     if command != "serve":
         argv = argv[1:]
@@ -48,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"jaxdp serve{'' if command == 'serve' else ' ' + command}"
     )
     if command == "admin":
-        parser.add_argument("action", choices=["create-tenant", "add-model"])
-        parser.add_argument("name", help="the tenant's or the base model's name")
+        parser.add_argument("action", choices=ADMIN_ACTIONS)
+        parser.add_argument("name", nargs="?", help="the tenant's or the base model's name")
         parser.add_argument(
             "source", nargs="?", help="add-model: a local Hugging Face directory or a Hub id"
         )
@@ -82,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--planners", type=int, default=1, help="processes that plan jobs off the server"
         )
+        parser.add_argument("--max-datasets-per-tenant", type=int, default=100)
+        parser.add_argument("--max-tenant-mb", type=float, default=1024.0, help="all its uploads")
     args = parser.parse_args(argv)
 
     from jaxdp.serve import db
@@ -141,6 +159,8 @@ def _serve(args: argparse.Namespace, workdir: Path, url: str, options: dict) -> 
             workdir,
             url,
             max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_datasets_per_tenant=args.max_datasets_per_tenant,
+            max_bytes_per_tenant=int(args.max_tenant_mb * 2**20),
             plan_deadline=args.plan_deadline,
             planner=planner,
             lifespan=lifespan,
@@ -155,17 +175,37 @@ def _serve(args: argparse.Namespace, workdir: Path, url: str, options: dict) -> 
 def _admin(args: argparse.Namespace, url: str) -> int:
     from jaxdp.serve import db
 
+    sessions = db.connect(url)
     try:
+        if args.action == "list-tenants":
+            print(json.dumps(db.list_tenants(sessions), indent=2))
+            return 0
+        if not args.name:
+            raise ValueError(f"{args.action} needs a NAME.")
+        if args.action == "rotate-key":
+            key = db.rotate_key(sessions, args.name)
+            print(f"Tenant {args.name!r}: its old keys are revoked. New key, shown once:\n{key}")
+            return 0
+        if args.action == "revoke-key":
+            n = db.revoke_keys(sessions, args.name)
+            print(f"Tenant {args.name!r}: {n} key(s) revoked; `rotate-key` gives it a new one.")
+            return 0
+        if args.action == "set-cap":
+            if args.epsilon_cap is None:
+                raise ValueError("set-cap needs --epsilon-cap.")
+            old = db.set_cap(sessions, args.name, args.epsilon_cap)
+            print(f"Tenant {args.name!r}: epsilon cap {old:g} -> {args.epsilon_cap:g}.")
+            return 0
         if args.action == "add-model":
             if not args.source:
                 raise ValueError("add-model needs NAME and SOURCE (a local directory or Hub id).")
-            db.add_base_model(db.connect(url), args.name, args.source)
+            db.add_base_model(sessions, args.name, args.source)
             print(f"Base model {args.name!r} -> {args.source}")
             return 0
         if args.epsilon_cap is None:
             raise ValueError("create-tenant needs --epsilon-cap.")
         delta = db.DEFAULT_TENANT_DELTA if args.delta is None else args.delta
-        key = db.create_tenant(db.connect(url), args.name, args.epsilon_cap, delta)
+        key = db.create_tenant(sessions, args.name, args.epsilon_cap, delta)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

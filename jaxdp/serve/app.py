@@ -12,25 +12,33 @@ worker process runs it (`jaxdp.serve.jobs`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import os
 import shutil
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import swagger_ui_bundle
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import aliased
 from sse_starlette.sse import EventSourceResponse
 
-from jaxdp.serve import db, jobs, planning
+from jaxdp.serve import db, jobs, metrics, planning, problems
+from jaxdp.serve.problems import responses
 
 STATIC = Path(__file__).parent / "static"
 MULTIPART_SLACK = 64 << 10  # the multipart envelope around an upload's bytes
 RESERVE_TRIES = 5
+MAX_NAME = 200  # characters of a dataset's name
+MAX_LOCAL_EPSILON = 1e3
 
 
 class BodyTooLarge(HTTPException):
@@ -51,9 +59,7 @@ class BodyLimit:
         limit = self.limit(scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await JSONResponse({"detail": BodyTooLarge(limit).detail}, status_code=413)(
-                scope, receive, send
-            )
+            return await problems.problem(413, BodyTooLarge(limit).detail)(scope, receive, send)
         received = 0
 
         async def limited():
@@ -68,11 +74,18 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+BEARER = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="A tenant's API key: jdp_..."
+)
+
+
 def current_tenant(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> db.Tenant:
-    """The tenant whose API key the request carries; 401 without a valid one."""
-    key = authorization.removeprefix("Bearer ").strip() if authorization else None
+    """The tenant whose API key the request carries (the scheme's case does not matter); 401
+    without a valid one."""
+    key = credentials.credentials.strip() if credentials else None
     found = db.tenant_for_key(request.app.state.sessions, key)
     if found is None:
         raise HTTPException(
@@ -92,6 +105,8 @@ def create_app(
     *,
     max_upload_bytes: int = 100 * 2**20,
     max_json_bytes: int = 64 * 2**10,
+    max_datasets_per_tenant: int = 100,
+    max_bytes_per_tenant: int = 2**30,
     sse_poll_seconds: float = 0.5,
     plan_deadline: float = 30.0,
     planner: planning.Planner | None = None,
@@ -104,13 +119,20 @@ def create_app(
     workdir.mkdir(parents=True, exist_ok=True)
     sessions = db.connect(db_url or db.default_url(workdir))
     planner = planner or planning.Planner.shared()
+    _private_dir(workdir)
     app = FastAPI(
         title="jaxdp serve",
-        description="Private fine-tuning: upload text, train a DP-LoRA model, download it.",
+        description="Private fine-tuning: upload text, train a DP-LoRA model, download it. "
+        "Errors are RFC 9457 problem details (application/problem+json).",
         version="1",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.sessions = sessions
+    problems.install(app)
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path))
+    app.state.metrics = metrics.registry(sessions, lambda: getattr(app.state, "supervisor", None))
     app.add_middleware(
         BodyLimit,
         limit=lambda path: (
@@ -142,34 +164,60 @@ def create_app(
     def index() -> str:
         return (STATIC / "index.html").read_text()
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI from the swagger-ui-bundle package (no CDN: a third-party script would
+        run on the origin where the page keeps the API key)."""
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="jaxdp serve API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
     @app.get("/embeddings/{name}", include_in_schema=False)
-    def embeddings(name: str) -> FileResponse:
+    def embeddings(name: str) -> Response:
         path = workdir / "embeddings" / name
         if name not in ("vocab.json", "vectors.f16", "meta.json") or not path.is_file():
             raise HTTPException(404, "No embeddings: run `jaxdp serve build-embeddings`.")
+        if name == "meta.json":  # what the page needs, never where the corpus lies
+            meta = json.loads(path.read_text())
+            return JSONResponse({k: meta[k] for k in ("dim", "vocab_size", "dtype") if k in meta})
         return FileResponse(path)
 
     @app.get("/api/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/api/me")
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus(request: Request) -> Response:
+        """Prometheus metrics, for the operator: served to clients on this host only, or to
+        any with `Authorization: Bearer <JAXDP_METRICS_TOKEN>`."""
+        if not metrics.allowed(request):
+            raise HTTPException(404, "Not found.")
+        body, content_type = metrics.render(app.state.metrics)
+        return Response(body, media_type=content_type)
+
+    @app.get("/api/me", responses=responses(401))
     def me(t: Tenant) -> dict[str, Any]:
         return {"tenant": t.name, "epsilon_cap": t.epsilon_cap, "delta": t.delta}
 
-    @app.get("/api/models")
+    @app.get("/api/models", responses=responses(401))
     def models(t: Tenant) -> list[str]:
         """The base models a job may name (registered by the admin)."""
         return sorted(db.base_models(sessions))
 
     # ---- Datasets ---------------------------------------------------------------------------
 
-    @app.post("/api/datasets", status_code=201)
+    @app.post("/api/datasets", status_code=201, responses=responses(400, 401, 413, 422, 429))
     async def upload(
         t: Tenant,
         file: Annotated[UploadFile, File(description="plain text or JSONL")],
-        format: Annotated[str, Form(description='"text" (a record per line) or "jsonl"')] = "text",
-        name: Annotated[str | None, Form()] = None,
+        format: Annotated[
+            Literal["text", "jsonl"], Form(description='"text" (a record per line) or "jsonl"')
+        ] = "text",
+        name: Annotated[str | None, Form(max_length=MAX_NAME)] = None,
         public: Annotated[
             bool,
             Form(
@@ -180,7 +228,9 @@ def create_app(
         local_epsilon: Annotated[
             float | None,
             Form(
-                gt=0, description="declared by the uploader: the per-word epsilon it perturbed with"
+                gt=0,
+                le=MAX_LOCAL_EPSILON,
+                description="declared by the uploader: the per-word epsilon it perturbed with",
             ),
         ] = None,
     ) -> dict[str, Any]:
@@ -188,8 +238,9 @@ def create_app(
             raise HTTPException(422, "local_epsilon must be a finite positive number.")
         # The body was streamed (BodyLimit) into a spooled file; everything else is off the
         # event loop.
+        name = name or (file.filename or "")[:MAX_NAME] or None
         return await asyncio.to_thread(
-            store_upload, t, file.file, format, name or file.filename, public, local_epsilon
+            store_upload, t, file.file, format, name, public, local_epsilon
         )
 
     def store_upload(t, stream, format, name, public, local_epsilon) -> dict[str, Any]:
@@ -201,10 +252,29 @@ def create_app(
         body = "".join(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in records)
         dataset_id = db.new_id()
         path = workdir / "tenants" / t.id / "datasets" / f"{dataset_id}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(body, encoding="utf-8")
+        _private_dir(path.parent)
         with sessions.begin() as s:
+            db.lock_tenant(s, t.id)  # the quotas, checked against concurrent uploads
             tenant = s.get(db.Tenant, t.id)
+            held = s.execute(
+                select(func.count(), func.coalesce(func.sum(db.Dataset.num_bytes), 0)).where(
+                    (db.Dataset.tenant_id == t.id) & db.Dataset.deleted_at.is_(None)
+                )
+            ).one()
+            if held[0] >= max_datasets_per_tenant:
+                raise HTTPException(
+                    429,
+                    f"The tenant holds {held[0]} datasets, its quota: delete one to upload "
+                    f"another.",
+                )
+            if held[1] + len(raw) > max_bytes_per_tenant:
+                raise HTTPException(
+                    413,
+                    f"This upload ({len(raw)} bytes) would take the tenant's datasets to "
+                    f"{held[1] + len(raw)} bytes, over its quota of {max_bytes_per_tenant}: "
+                    f"delete datasets first.",
+                )
+            _write_private(path, body.encode())
             d = db.Dataset(
                 id=dataset_id,
                 tenant_id=t.id,
@@ -226,7 +296,7 @@ def create_app(
             )
         return dataset_json(d)
 
-    @app.get("/api/datasets")
+    @app.get("/api/datasets", responses=responses(401))
     def list_datasets(t: Tenant) -> list[dict[str, Any]]:
         with sessions() as s:
             rows = s.scalars(
@@ -236,12 +306,12 @@ def create_app(
             )
             return [dataset_json(d) for d in rows]
 
-    @app.get("/api/datasets/{dataset_id}")
+    @app.get("/api/datasets/{dataset_id}", responses=responses(401, 404))
     def get_dataset(t: Tenant, dataset_id: str) -> dict[str, Any]:
         with sessions() as s:
             return dataset_json(own_dataset(s, t, dataset_id))
 
-    @app.delete("/api/datasets/{dataset_id}", status_code=204)
+    @app.delete("/api/datasets/{dataset_id}", status_code=204, responses=responses(401, 404, 409))
     def delete_dataset(t: Tenant, dataset_id: str) -> Response:
         """Deletes the upload and every copy of its text the service derived from it (the jobs'
         token caches); the trained models and the ledger are kept."""
@@ -265,11 +335,37 @@ def create_app(
 
     # ---- Jobs -------------------------------------------------------------------------------
 
-    @app.post("/api/jobs", status_code=201)
-    async def create_job(t: Tenant, spec: jobs.JobSpec) -> dict[str, Any]:
+    @app.post(
+        "/api/jobs",
+        status_code=201,
+        responses={
+            **responses(400, 401, 404, 409, 413, 422),
+            200: {"description": "the job an earlier request with this Idempotency-Key made"},
+        },
+    )
+    async def create_job(
+        t: Tenant,
+        spec: jobs.JobSpec,
+        response: Response,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                min_length=1,
+                max_length=200,
+                description="the same key again returns the job it made (200), never a second "
+                "one; with another body it is refused (422)",
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
+        if idempotency_key is not None:
+            earlier = await asyncio.to_thread(find_idempotent, t, idempotency_key, spec)
+            if earlier is not None:
+                response.status_code = 200
+                return earlier
         dataset, base = await asyncio.to_thread(check_submission, t, spec)
         delta = t.delta  # the tenant's: every job, the cap and the ledger are stated at it
-        planned = await plan(planning.plan, spec.model_dump(), dataset.num_records, delta)
+        body = spec.model_dump(exclude_none=True)
+        planned = await plan(planning.plan, body, dataset.num_records, delta)
         new = tuple(planned["entry"])
         for _ in range(RESERVE_TRIES):
             # The ledger composed off the server's interpreter, then the job reserved under
@@ -278,13 +374,32 @@ def create_app(
             groups = await asyncio.to_thread(ledger_groups, t, dataset.id)
             spent, total = await plan(planning.ledger_check, groups, delta, new)
             job = await asyncio.to_thread(
-                reserve, t, spec, dataset, base, planned, groups, spent, total
+                reserve, t, spec, dataset, base, planned, groups, spent, total, idempotency_key
             )
+            if isinstance(job, dict):  # the same key's job, made meanwhile
+                response.status_code = 200
+                return job
             if job is not None:
                 return job_json(job, ledger={"spent_before": spent, "after": total, "delta": delta})
         raise HTTPException(
             409, "The ledger kept changing under concurrent submissions: submit again."
         )
+
+    def find_idempotent(t: db.Tenant, key: str, spec: jobs.JobSpec, s=None) -> dict | None:
+        """The job an earlier submission with this Idempotency-Key made, if any."""
+        with contextlib.nullcontext(s) if s is not None else sessions() as s:
+            job = s.scalar(
+                select(db.Job).where((db.Job.tenant_id == t.id) & (db.Job.idempotency_key == key))
+            )
+            if job is None:
+                return None
+            if job.spec != spec.model_dump(exclude_none=True):
+                raise HTTPException(
+                    422,
+                    f"Idempotency-Key {key!r} was used for job {job.id} with another body: use a "
+                    f"new key for a new job.",
+                )
+            return job_json(job)
 
     def check_submission(t: db.Tenant, spec: jobs.JobSpec) -> tuple[db.Dataset, str]:
         with sessions() as s:
@@ -303,7 +418,7 @@ def create_app(
         with sessions() as s:
             return jobs.ledger_groups(s, t.id, dataset_id)
 
-    def reserve(t, spec, dataset, base, planned, groups, spent, total) -> db.Job | None:
+    def reserve(t, spec, dataset, base, planned, groups, spent, total, idempotency_key):
         """Queues the job and reserves its planned steps in the ledger, under the tenant's
         lock (PostgreSQL: a row lock; SQLite: BEGIN IMMEDIATE), so that no two submissions of
         a tenant, on any of its datasets, can both pass the cap check: jobs on different
@@ -311,20 +426,26 @@ def create_app(
         since `groups` were read."""
         with sessions.begin() as s:
             db.lock_tenant(s, t.id)
+            if idempotency_key is not None and (
+                earlier := find_idempotent(t, idempotency_key, spec, s)
+            ):
+                return earlier
             own_dataset(s, t, dataset.id)  # not deleted while the plan was made
             if spec.eval_dataset_id:
                 check_public_eval(s, t, own_dataset(s, t, spec.eval_dataset_id))
             if jobs.ledger_groups(s, t.id, dataset.id) != groups:
                 return None
-            if total > t.epsilon_cap:
-                raise HTTPException(422, jobs.cap_message(spent, total, t.epsilon_cap, t.delta))
+            cap = s.get(db.Tenant, t.id).epsilon_cap  # as it is now (the admin may change it)
+            if total > cap:
+                raise HTTPException(422, jobs.cap_message(spent, total, cap, t.delta))
             noise_multiplier, sampling_prob, steps = planned["entry"]
             job = db.Job(
                 tenant_id=t.id,
                 dataset_id=dataset.id,
-                spec=spec.model_dump(),
+                spec=spec.model_dump(exclude_none=True),
                 base_source=base,
                 plan=planned["record"],
+                idempotency_key=idempotency_key,
             )
             s.add(job)
             s.flush()
@@ -340,7 +461,7 @@ def create_app(
             )
         return job
 
-    @app.get("/api/jobs")
+    @app.get("/api/jobs", responses=responses(401))
     def list_jobs(t: Tenant) -> list[dict[str, Any]]:
         with sessions() as s:
             rows = s.scalars(
@@ -348,14 +469,14 @@ def create_app(
             )
             return [job_json(j) for j in rows]
 
-    @app.get("/api/jobs/{job_id}")
+    @app.get("/api/jobs/{job_id}", responses=responses(401, 404))
     def get_job(t: Tenant, job_id: str) -> dict[str, Any]:
         with sessions() as s:
             job = own_job(s, t, job_id)
             dataset = s.get(db.Dataset, job.dataset_id)
             return job_json(job, local_epsilon=dataset.local_epsilon)
 
-    @app.post("/api/jobs/{job_id}/cancel")
+    @app.post("/api/jobs/{job_id}/cancel", responses=responses(401, 404, 409))
     def cancel_job(t: Tenant, job_id: str) -> dict[str, Any]:
         with sessions.begin() as s:
             job = own_job(s, t, job_id)
@@ -377,9 +498,19 @@ def create_app(
             s.refresh(job)
             return job_json(job)
 
-    @app.get("/api/jobs/{job_id}/events")
+    @app.get(
+        "/api/jobs/{job_id}/events",
+        responses={
+            **responses(401, 404, 422),
+            200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
+        },
+        response_class=EventSourceResponse,
+    )
     async def job_events(
-        t: Tenant, job_id: str, request: Request, last_event_id: Annotated[int, Header()] = 0
+        t: Tenant,
+        job_id: str,
+        request: Request,
+        last_event_id: Annotated[int, Header(ge=0, le=2**62)] = 0,
     ) -> EventSourceResponse:
         """Server-sent events: "step" (step, num_steps, epsilon; under "private" the drawn
         batch's train loss, not noised: for the data's owner only), "eval" (metrics on the
@@ -409,7 +540,14 @@ def create_app(
 
         return EventSourceResponse(stream())
 
-    @app.get("/api/jobs/{job_id}/artifacts/{name}")
+    @app.get(
+        "/api/jobs/{job_id}/artifacts/{name}",
+        responses={
+            **responses(401, 404),
+            200: {"content": {"application/octet-stream": {}}, "description": "the file"},
+        },
+        response_class=FileResponse,
+    )
     def artifact(t: Tenant, job_id: str, name: str) -> FileResponse:
         with sessions() as s:
             job = own_job(s, t, job_id)
@@ -420,7 +558,7 @@ def create_app(
             path, filename=name, headers={"X-Content-SHA256": job.artifacts[name]["sha256"]}
         )
 
-    @app.get("/api/ledger")
+    @app.get("/api/ledger", responses=responses(401, 422))
     async def ledger(t: Tenant) -> list[dict[str, Any]]:
         """Per dataset (deleted ones too): the epsilon of its worst-off record, composed over
         every job on any dataset holding that record (PLD), at the tenant's delta."""
@@ -456,9 +594,22 @@ def create_app(
 
     @app.exception_handler(ValueError)
     def value_error(_: Request, e: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=422)
+        return problems.problem(422, str(e))
 
     return app
+
+
+def _private_dir(path: Path) -> None:
+    """A directory only the service's user can read (0700), made if missing."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Writes a file only the service's user can read (0600), never readable in between."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def parse_records(raw: bytes, format: str) -> list[str]:

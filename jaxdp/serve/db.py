@@ -88,6 +88,7 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # never the key itself
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # stops at once
 
 
 class Dataset(Base):
@@ -141,6 +142,8 @@ class Job(Base):
     spec: Mapped[dict] = mapped_column(JSON)  # what the tenant asked for
     # The registered base model's source when the job was submitted (never shown to tenants).
     base_source: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A client's Idempotency-Key: a second submission with it returns this job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
     plan: Mapped[dict] = mapped_column(JSON)  # the privacy plan's record at submission
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -201,6 +204,11 @@ def connect(url: str) -> sessionmaker[Session]:
         _sqlite_pragmas(engine)
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
+    if sqlite and engine.url.database not in (None, "", ":memory:"):
+        for suffix in ("", "-wal", "-shm"):  # it holds every tenant's record key: 0600
+            path = Path(engine.url.database + suffix)
+            if path.exists():
+                path.chmod(0o600)
     return sessionmaker(engine, expire_on_commit=False)
 
 
@@ -210,6 +218,8 @@ _ADDED_COLUMNS = (
     ("jobs", "base_source", "TEXT"),
     ("datasets", "num_duplicates", "INTEGER DEFAULT 0"),
     ("datasets", "public", "BOOLEAN DEFAULT FALSE"),
+    ("jobs", "idempotency_key", "VARCHAR(200)"),
+    ("api_keys", "revoked_at", "FLOAT"),
 )
 
 
@@ -284,8 +294,78 @@ def tenant_for_key(sessions: sessionmaker[Session], key: str | None) -> Tenant |
     if not key:
         return None
     with sessions() as s:
-        api_key = s.scalar(select(ApiKey).where(ApiKey.key_sha256 == hash_key(key)))
+        api_key = s.scalar(
+            select(ApiKey).where((ApiKey.key_sha256 == hash_key(key)) & ApiKey.revoked_at.is_(None))
+        )
         return None if api_key is None else s.get(Tenant, api_key.tenant_id)
+
+
+def _tenant_named(s: Session, name: str) -> Tenant:
+    tenant = s.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise ValueError(f"No tenant named {name!r} (`jaxdp serve admin list-tenants`).")
+    return tenant
+
+
+def list_tenants(sessions: sessionmaker[Session]) -> list[dict[str, Any]]:
+    """Every tenant: name, cap, delta, live keys, datasets and jobs (for the admin)."""
+    with sessions() as s:
+        out = []
+        for t in s.scalars(select(Tenant).order_by(Tenant.created_at)):
+            live = select(ApiKey).where((ApiKey.tenant_id == t.id) & ApiKey.revoked_at.is_(None))
+            datasets = select(Dataset).where(
+                (Dataset.tenant_id == t.id) & Dataset.deleted_at.is_(None)
+            )
+            out.append(
+                {
+                    "name": t.name,
+                    "id": t.id,
+                    "epsilon_cap": t.epsilon_cap,
+                    "delta": t.delta,
+                    "keys": len(s.scalars(live).all()),
+                    "datasets": len(s.scalars(datasets).all()),
+                    "jobs": len(s.scalars(select(Job.id).where(Job.tenant_id == t.id)).all()),
+                }
+            )
+        return out
+
+
+def revoke_keys(sessions: sessionmaker[Session], name: str) -> int:
+    """Revokes every key of tenant `name` (refused from the next request on); how many."""
+    with sessions.begin() as s:
+        tenant = _tenant_named(s, name)
+        done = s.execute(
+            update(ApiKey)
+            .where((ApiKey.tenant_id == tenant.id) & ApiKey.revoked_at.is_(None))
+            .values(revoked_at=now())
+        )
+        return done.rowcount
+
+
+def rotate_key(sessions: sessionmaker[Session], name: str) -> str:
+    """A new key for tenant `name`, its old ones revoked in the same transaction."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    with sessions.begin() as s:
+        tenant = _tenant_named(s, name)
+        s.execute(
+            update(ApiKey)
+            .where((ApiKey.tenant_id == tenant.id) & ApiKey.revoked_at.is_(None))
+            .values(revoked_at=now())
+        )
+        s.add(ApiKey(tenant_id=tenant.id, key_sha256=hash_key(key)))
+    return key
+
+
+def set_cap(sessions: sessionmaker[Session], name: str, epsilon_cap: float) -> float:
+    """Sets tenant `name`'s epsilon cap (checked for every later job); the old cap. Lowering it
+    below what was spent refunds nothing: later jobs on those records are refused."""
+    if not (math.isfinite(epsilon_cap) and epsilon_cap > 0):
+        raise ValueError(f"The epsilon cap must be a positive number, got {epsilon_cap}.")
+    with sessions.begin() as s:
+        lock_tenant(s, _tenant_named(s, name).id)
+        tenant = _tenant_named(s, name)
+        old, tenant.epsilon_cap = tenant.epsilon_cap, float(epsilon_cap)
+        return old
 
 
 def lock_tenant(s: Session, tenant_id: str) -> None:

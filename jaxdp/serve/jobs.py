@@ -25,16 +25,17 @@ import collections
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
 import traceback
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import dp_accounting
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -49,28 +50,64 @@ log = logging.getLogger("jaxdp.serve")
 ARTIFACTS = ("peft.zip", "hf.zip", "privacy.json", "report.png")
 
 
-class JobSpec(BaseModel):
-    """What a tenant asks for (the API's job body)."""
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
-    dataset_id: str
-    base_model: str = Field(description="the name of a base model the admin registered")
-    lora_rank: int = Field(8, ge=0, description="0: train the `trainable` parameters instead")
-    lora_targets: list[str] = ["attn.c_attn", "attn.c_proj"]
-    trainable: list[str] = Field([], description="regexes of parameter paths to train")
-    target_epsilon: float = Field(gt=0)
-    target_delta: float | None = Field(
-        None, gt=0, lt=1, description="the tenant's delta (fixed when the tenant was created)"
+
+def _optional(schema: dict[str, Any]) -> None:
+    """An optional field without a value (None: left out; an explicit null is refused)."""
+    schema.pop("default", None)
+
+
+class JobSpec(BaseModel):
+    """What a tenant asks for (the API's job body): `steps` or `epochs`, not both. Unknown fields
+    are refused, and every number is bounded."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["steps"]}, {"required": ["epochs"]}]},
     )
-    epochs: float | None = Field(None, gt=0)
-    steps: int | None = Field(None, ge=1)
-    expected_batch_size: float = Field(16, ge=1)
-    l2_clip_norm: float = Field(1.0, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    block_size: int = Field(128, ge=2)
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    base_model: str = Field(
+        min_length=1, max_length=100, description="the name of a base model the admin registered"
+    )
+    lora_rank: int = Field(
+        8, ge=0, le=1024, description="0: train the `trainable` parameters instead"
+    )
+    lora_targets: list[Name] = Field(["attn.c_attn", "attn.c_proj"], max_length=64)
+    trainable: list[Name] = Field(
+        [], max_length=64, description="regexes of parameter paths to train"
+    )
+    target_epsilon: float = Field(gt=0, le=1000)
+    target_delta: float = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="the tenant's delta (fixed when the tenant was created)",
+        json_schema_extra=_optional,
+    )
+    epochs: float = Field(None, gt=0, le=10_000, json_schema_extra=_optional)
+    steps: int = Field(None, ge=1, le=1_000_000, json_schema_extra=_optional)
+    expected_batch_size: float = Field(16, ge=1, le=1_000_000)
+    l2_clip_norm: float = Field(1.0, gt=0, le=1e6)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    block_size: int = Field(128, ge=2, le=8192)
     max_blocks_per_record: int = Field(1, ge=1, le=64)
-    microbatch_size: int = Field(8, ge=1)
-    checkpoint_every: int | None = Field(None, ge=1)
-    eval_dataset_id: str | None = None
+    microbatch_size: int = Field(8, ge=1, le=4096)
+    checkpoint_every: int = Field(None, ge=1, le=1_000_000, json_schema_extra=_optional)
+    eval_dataset_id: str = Field(None, min_length=1, max_length=64, json_schema_extra=_optional)
+
+    @classmethod
+    def stored(cls, spec: dict[str, Any]) -> JobSpec:
+        """A job's spec as the database holds it (older versions stored unset fields as null)."""
+        return cls.model_validate({k: v for k, v in spec.items() if v is not None})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (nulls := sorted(k for k, v in data.items() if v is None)):
+            raise ValueError(f"null is not a value ({', '.join(nulls)}): leave the field out")
+        return data
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> JobSpec:
@@ -78,6 +115,11 @@ class JobSpec(BaseModel):
             raise ValueError("give the number of steps or of epochs (one of them)")
         if self.lora_rank == 0 and not self.trainable:
             raise ValueError("with lora_rank 0, name the trainable parameters (regexes)")
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"trainable: {pattern!r} is not a regex ({e})") from None
         return self
 
 
@@ -278,7 +320,7 @@ def collect_artifacts(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, interval: float):
     """Runs (or resumes) one claimed job to its end, recording progress and the ledger."""
-    spec = JobSpec.model_validate(job.spec)
+    spec = JobSpec.stored(job.spec)
     with sessions() as s:
         dataset = s.get(db.Dataset, job.dataset_id)
         eval_set = s.get(db.Dataset, spec.eval_dataset_id) if spec.eval_dataset_id else None

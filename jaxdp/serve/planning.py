@@ -42,7 +42,7 @@ def plan(spec: dict[str, Any], num_records: int, delta: float) -> dict[str, Any]
     from jaxdp.release import mechanism_record
     from jaxdp.serve import jobs
 
-    p = jobs.plan_job(jobs.JobSpec.model_validate(spec), num_records, delta)
+    p = jobs.plan_job(jobs.JobSpec.stored(spec), num_records, delta)
     return {
         "record": mechanism_record(p, randomness="secret: drawn when the job starts"),
         "entry": (p.accounting_noise_multiplier, p.sampling_prob, p.num_steps),
@@ -64,8 +64,15 @@ def worst_epsilons(groups_per_dataset: list, delta: float) -> list[float]:
     return [jobs.worst_record_epsilon(groups, delta) for groups in groups_per_dataset]
 
 
+def _start_process() -> None:
+    """A planning process: dies with the server; imports what plans need before its first task
+    (seconds: never counted against a plan's deadline, also in a replacement process)."""
+    supervision.die_with_parent()
+    from jaxdp.serve import jobs  # noqa: F401
+
+
 def _warm() -> None:
-    from jaxdp.serve import jobs  # noqa: F401  (imports jax: seconds, paid at start-up)
+    """Nothing: scheduled once per process at start-up, so that the processes start now."""
 
 
 class Planner:
@@ -76,7 +83,7 @@ class Planner:
         self._pool = pebble.ProcessPool(
             max_workers=processes,
             context=multiprocessing.get_context("spawn"),
-            initializer=supervision.die_with_parent,
+            initializer=_start_process,
         )
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size
