@@ -47,7 +47,12 @@ def browser(tmp_path_factory):
         options.add_argument(flag)
     options.add_experimental_option(
         "prefs",
-        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+        {
+            "download.default_directory": str(downloads),
+            "download.prompt_for_download": False,
+            # "Download all" saves each file: the permission a user grants at Chrome's prompt.
+            "profile.default_content_setting_values.automatic_downloads": 1,
+        },
     )
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     driver.downloads = downloads
@@ -120,9 +125,14 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     upload.write_text("\n".join([*records, records[3]]) + "\n")
     d = browser
     d.get(server["url"] + "/")
+    d.find_element(By.ID, "key").send_keys("jdp_not-a-key")
+    d.find_element(By.ID, "use-key").click()
+    assert "key was not accepted" in wait_text(d, "who", "not accepted")  # words, not "401: ..."
+    d.find_element(By.ID, "key").clear()
     d.find_element(By.ID, "key").send_keys(server["key"])
     d.find_element(By.ID, "use-key").click()
-    assert "tenant clinic" in wait_text(d, "who", "tenant")
+    assert "Signed in as clinic" in wait_text(d, "who", "Signed in")
+    check_layout(d, tmp_path, "signed-in")
     # The file is perturbed in the page; the preview shows both columns.
     d.find_element(By.ID, "file").send_keys(str(upload))
     eps = d.find_element(By.ID, "eps-word")
@@ -172,7 +182,8 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
         for word in perturb.WORD.findall(line):
             if word.lower() not in WORDS:
                 assert word not in sent and word.lower() not in sent, word
-    assert upload.name not in sent and "name" not in [name for name, _, _ in parts]
+    assert upload.name not in sent
+    assert dict((name, value) for name, value, _ in parts)["name"].startswith("dataset of ")
     (dataset,) = api(server, "/api/datasets")
     assert dataset["records"] == 34 and dataset["local_epsilon_declared_by_uploader"] == 3.0
     assert dataset["name"] != upload.name  # the file's name never left the browser
@@ -181,6 +192,18 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     assert stored[:20] == [p for _, p in preview]
     measured = perturb.changed_fraction(records, stored)  # the page's number, recomputed
     assert f"{100 * measured:.1f}% of words changed" == d.find_element(By.ID, "changed").text
+    # After the upload the page holds only the perturbed text: no original record is in it
+    # (as a cell of the table, shown or hidden), and the originals' other scripts are gone.
+    cells = d.execute_script("return [...document.querySelectorAll('td')].map(c => c.textContent);")
+    perturbed_texts = {p for _, p in preview}
+    assert perturbed_texts <= set(cells)
+    assert not [o for o in records if o in cells and o not in perturbed_texts]
+    html = d.page_source
+    for line in MULTILINGUAL[:4]:
+        for word in perturb.WORD.findall(line):
+            if word.lower() not in WORDS:
+                assert word not in html, word
+    check_layout(d, tmp_path, "uploaded")
     # Train: the form's settings, progress as it runs, then the result and downloads.
     Select(d.find_element(By.ID, "base")).select_by_value("tiny-gpt2")  # the admin's list
     settings = {"target-eps": "8", "epochs": "1", "batch": "10",
@@ -189,10 +212,24 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
         field = d.find_element(By.ID, element_id)
         field.clear()
         field.send_keys(value)
+    assert (
+        Select(d.find_element(By.ID, "dataset")).first_selected_option.get_attribute("value")
+        == dataset["id"]
+    )  # the upload is chosen
     d.find_element(By.ID, "train").click()
+    train = d.find_element(By.ID, "train")
+    assert train.text == "Planning…" and not train.is_enabled()  # no second click meanwhile
     assert "queued: planned" in wait_text(d, "job-status", "queued")
+    assert train.text == "Train" and train.is_enabled()
+    wait_text(d, "progress-text", "step", timeout=240)
+    # A reload keeps the lists and follows the running job again (the key is in the session).
+    d.refresh()
+    assert "Signed in as clinic" in wait_text(d, "who", "Signed in")
+    WebDriverWait(d, 30).until(lambda _: d.find_elements(By.CSS_SELECTOR, "#dataset-rows tr"))
+    assert len(d.find_elements(By.CSS_SELECTOR, "#job-rows tr")) == 1
     wait_text(d, "progress-text", "step 4 of 4", timeout=240)  # 1 epoch, q = 10 / 34
     assert "succeeded" in wait_text(d, "job-status", "succeeded", timeout=60)
+    check_layout(d, tmp_path, "done")
     result = d.find_element(By.ID, "result").text
     assert (
         "per record, DP-SGD" in result and "ε = 3 per word, as declared by the uploader" in result
@@ -200,15 +237,43 @@ def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_mo
     assert "not a sum" in result
     (job,) = api(server, "/api/jobs")
     assert job["state"] == "succeeded" and job["plan"]["steps"] == 4
-    d.find_element(By.ID, "download-privacy.json").click()
-    WebDriverWait(d, 30).until(
+    d.find_element(By.ID, "download-all").click()
+    names = set(job["artifacts"])
+    WebDriverWait(d, 60).until(
         lambda _: (
-            (d.downloads / "privacy.json").is_file()
-            and d.find_elements(By.CSS_SELECTOR, "#artifacts .verified")
+            {p.name for p in d.downloads.iterdir()} >= names
+            and len(d.find_elements(By.CSS_SELECTOR, "#artifacts .verified")) == len(names)
         )
     )
     privacy = json.loads((d.downloads / "privacy.json").read_text())
     assert privacy["epsilon"] == pytest.approx(job["result"]["epsilon"])
+
+
+def check_layout(d, tmp_path, name):
+    """At desktop and phone widths: a screenshot that is not blank, nothing wider than the
+    screen, and a label for every field."""
+    from PIL import Image
+
+    for width, height in ((1280, 900), (390, 844)):
+        d.set_window_size(width, height)
+        overflow = d.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;"
+        )
+        assert overflow <= 0, (name, width, overflow)
+        unlabelled = d.execute_script(
+            """
+            return [...document.querySelectorAll("input, select")]
+              .filter(e => e.offsetParent !== null && !(e.labels && e.labels.length))
+              .map(e => e.id);
+            """
+        )
+        assert unlabelled == [], (name, width, unlabelled)
+        path = tmp_path / f"{name}-{width}.png"
+        assert d.save_screenshot(str(path))
+        image = Image.open(path).convert("L")
+        assert image.size[0] >= width * 0.9
+        assert len(image.getcolors(maxcolors=1 << 20)) > 8  # text was drawn, not a blank page
+    d.set_window_size(1280, 900)
 
 
 def test_browser_and_python_split_and_perturb_every_script_alike(browser, server):

@@ -362,7 +362,13 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
         return
     except Exception as e:  # the job failed: record why, and what it spent
         error = f"{type(e).__name__}: {e}"
-        log.error("Job %s failed: %s\n%s", job.id, error, traceback.format_exc())
+        log.error(
+            "Job %s of tenant %s failed: %s\n%s",
+            job.id,
+            job.tenant_id,
+            error,
+            traceback.format_exc(),
+        )
     artifacts = {}
     if state == "succeeded":
         try:
@@ -370,6 +376,9 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
         except Exception as e:  # packing failed: the job failed (its steps stay charged)
             state, error = "failed", f"Packing the results failed: {type(e).__name__}: {e}"
             log.error("Job %s: %s\n%s", job.id, error, traceback.format_exc())
+    log.info(
+        "Job %s of tenant %s ended: %s after %d steps.", job.id, job.tenant_id, state, steps_run
+    )
     with sessions.begin() as s:
         row = s.get(db.Job, job.id)
         row.state, row.error, row.finished_at = state, error, db.now()
@@ -403,7 +412,13 @@ def run_worker(
         if job is None:
             time.sleep(poll_interval)
             continue
-        log.info("Worker %s runs job %s (claim %d).", worker, job.id, job.claims)
+        log.info(
+            "Worker %s runs job %s of tenant %s (claim %d).",
+            worker,
+            job.id,
+            job.tenant_id,
+            job.claims,
+        )
         run_job(sessions, workdir, job, worker, heartbeat_interval)
         done += 1
 
