@@ -372,7 +372,7 @@ def calibrate_noise_multiplier(
         )
         try:
             lo, hi = _bracket(rdp_eps, target_epsilon, 1.0, 2.0, max_noise_multiplier)
-            guess = hi if lo is None else _bisect(rdp_eps, target_epsilon, lo, hi, 1e-3)
+            guess = hi if lo is None else _bisect(rdp_eps, target_epsilon, lo, hi, 1e-2 * lo)
             factor = 1.1  # the real answer is near
         except _UnreachableError:
             # RDP cannot reach the target even at the largest noise: ask the real accountant

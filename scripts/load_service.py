@@ -20,12 +20,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the order arrived late please refund my account password reset thanks help".split()
@@ -105,6 +107,39 @@ async def one_client(i, base, key, base_model, args, timings: Timings) -> str | 
         return job_id
 
 
+class ProcessTree:
+    """Every process the started server ever had under it (sampled while it runs), to check
+    that all of them ended with it."""
+
+    def __init__(self, proc: subprocess.Popen | None):
+        self.root = psutil.Process(proc.pid) if proc is not None else None
+        self.seen: dict[int, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self.root is not None:
+            self._thread.start()
+
+    def remember(self) -> None:
+        if self.root is None:
+            return
+        try:
+            for child in self.root.children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1.0):
+            self.remember()
+
+    def still_running(self, timeout: float) -> list[int]:
+        self._stop.set()
+        _, alive = psutil.wait_procs(list(self.seen.values()), timeout=timeout)
+        for p in alive:  # reported, then ended: the script leaves nothing behind either
+            p.kill()
+        return [p.pid for p in alive]
+
+
 def start_server(workdir: Path, args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     base_model = "load-base"
     proc, base = (None, args.url) if args.url else start_server(workdir, args)
     timings = Timings()
+    started_processes = ProcessTree(proc)
     try:
         start = time.perf_counter()
 
@@ -181,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         job_ids = [None if isinstance(r, BaseException) else r for r in job_ids]
         seconds = time.perf_counter() - start
     finally:
+        started_processes.remember()
         if proc is not None:
-            proc.terminate()
+            proc.terminate()  # SIGTERM: the server stops its workers and planners itself
             proc.wait(timeout=60)
+    left = started_processes.still_running(timeout=20)
     summary = timings.summary(seconds)
     # Every client's job exists, ended, succeeded and was claimed exactly once.
     with sessions() as s:
@@ -200,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_succeeded": sum(j.state == "succeeded" for j in rows),
         "jobs_lost": len(lost),
         "jobs_claimed_more_than_once": sum(c > 1 for c in claims),
+        "processes_started": len(started_processes.seen) + (proc is not None),
+        "processes_left_running": left,
+        "non_submit_p99_ms": round(
+            float(
+                np.percentile(
+                    [x for k, xs in timings.latencies.items() if k != "submit" for x in xs], 99
+                )
+                * 1000
+            ),
+            1,
+        ),
         "jobs_per_minute": round(60 * sum(j.state == "succeeded" for j in rows) / seconds, 1),
         "median_job_seconds": round(
             statistics.median(j.finished_at - j.started_at for j in rows if j.finished_at) or 0, 2
@@ -215,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         and summary["jobs_succeeded"] == args.clients
         and summary["jobs_claimed_more_than_once"] == 0
         and not summary["errors"]
+        and not left
     )
     return 0 if ok else 1
 

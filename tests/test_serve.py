@@ -260,12 +260,12 @@ def test_ledger_composes_jobs_refuses_over_the_cap_and_never_refunds(
         assert ledger()[dataset_id]["epsilon"] == pytest.approx(worst, rel=1e-3), dataset_id
 
 
-def test_server_restart_loses_nothing(tmp_path, base_model):
-    service = Service(tmp_path, base_model=base_model)
+def test_server_restart_loses_nothing(tmp_path, base_model, service_db_url):
+    service = Service(tmp_path, base_model=base_model, db_url=service_db_url)
     d = service.upload(tickets(20)).json()
     job = service.post("/api/jobs", spec(d["id"])).json()
     service.client.close()
-    restarted = fastapi_testclient.TestClient(create_app(tmp_path))
+    restarted = fastapi_testclient.TestClient(create_app(tmp_path, service_db_url))
     h = service.headers
     assert [x["id"] for x in restarted.get("/api/datasets", headers=h).json()] == [d["id"]]
     assert restarted.get(f"/api/jobs/{job['id']}", headers=h).json()["state"] == "queued"
@@ -361,8 +361,10 @@ def _events(service, job_id, last_event_id=None):
     return out
 
 
-def test_cancelling_a_running_job_stops_it_and_counts_the_steps_it_ran(tmp_path, base_model):
-    service = Service(tmp_path, base_model=base_model)
+def test_cancelling_a_running_job_stops_it_and_counts_the_steps_it_ran(
+    tmp_path, base_model, service_db_url
+):
+    service = Service(tmp_path, base_model=base_model, db_url=service_db_url)
     d = service.upload(tickets(40)).json()
     job = service.post("/api/jobs", spec(d["id"], steps=200)).json()
     import threading

@@ -1,7 +1,10 @@
 """`jaxdp serve`: the private fine-tuning service (see jaxdp/serve/).
 
     jaxdp serve --workdir W [--db URL] [--host 127.0.0.1 --port 8000] [--workers 1]
-        the web page and REST API (uvicorn) plus worker processes on this host
+                [--planners 1 --plan-deadline 30] [--max-upload-mb 100]
+                [--max-datasets-per-tenant 100 --max-tenant-mb 1024]
+        the web page and REST API (uvicorn), supervised worker processes on this host, and the
+        planning processes; all of them end with the server
     jaxdp serve worker --workdir W --db URL
         a worker alone: one per accelerator host, all on one database (PostgreSQL)
     jaxdp serve admin create-tenant NAME --epsilon-cap E [--delta D] --workdir W [--db URL]

@@ -1,12 +1,14 @@
 """The service's web app: the page (upload, perturb in the browser, train, download) and the
-REST API (JSON; OpenAPI at /docs). Every /api call but /api/health needs a tenant's API key
-(`Authorization: Bearer jdp_...`); another tenant's dataset or job is a 404, as if it did not
-exist.
+REST API (JSON; OpenAPI at /openapi.json, Swagger UI at /docs from a package, no CDN). Every
+/api call but /api/health needs a tenant's API key (`Authorization: Bearer jdp_...`); another
+tenant's dataset or job is a 404, as if it did not exist.
 
-Errors: a missing or wrong key is 401; an upload over the size limit 413; text that is not
-UTF-8, an empty dataset, a malformed JSONL record or an unattainable or over-the-cap target 422
-with the reason (and the numbers). Training never happens in a request: a job is queued and a
-worker process runs it (`jaxdp.serve.jobs`).
+Errors are RFC 9457 problem details (`problems`): a missing or wrong key is 401; a body over its
+limit or a tenant over its storage quota 413; over its dataset quota 429; text that is not
+UTF-8, an empty dataset, a malformed JSONL record, an invalid or unattainable or over-the-cap
+target 422 with the reason (and the numbers). Nothing slow runs on the event loop: uploads are
+parsed and stored in threads, planning in a process pool with a deadline (`planning`), and
+training never happens in a request: a job is queued and a worker process runs it (`jobs`).
 """
 
 from __future__ import annotations

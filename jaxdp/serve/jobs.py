@@ -14,8 +14,9 @@ nothing is ever refunded, not even when the dataset is deleted).
 The worker (`run_worker`, one process per accelerator host, started with the `spawn` method)
 claims jobs from the database, heart-beats while it runs one, and runs it with `jaxdp.run.run`
 in W/tenants/<tenant>/jobs/<id>/: progress events go to the database (server-sent to the
-page), cancellation is read from it between steps. A worker that dies leaves its job to be
-claimed again after the heartbeat timeout; the job then resumes from its checkpoint with its
+page), cancellation is read from it between steps. A worker that dies is replaced by the
+server that started it, which hands its job back at once (`supervision`); a remote worker's job
+is claimed again after the heartbeat timeout. The job then resumes from its checkpoint with its
 stored secrets and ends with the parameters and epsilon of an uninterrupted job.
 """
 
