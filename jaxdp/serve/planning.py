@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -28,6 +29,7 @@ from jaxdp.serve import supervision
 log = logging.getLogger("jaxdp.serve")
 
 
+PLANNER_NICENESS = 5
 PLAN_SECONDS = Histogram(
     "jaxdp_plan_seconds", "Seconds a planning call took (calibration, ledger).", ["function"]
 )
@@ -68,6 +70,7 @@ def _start_process() -> None:
     """A planning process: dies with the server; imports what plans need before its first task
     (seconds: never counted against a plan's deadline, also in a replacement process)."""
     supervision.die_with_parent()
+    os.nice(PLANNER_NICENESS)  # a plan yields the CPU to the server's other requests
     from jaxdp.serve import jobs  # noqa: F401
 
 

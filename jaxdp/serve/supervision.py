@@ -23,6 +23,7 @@ from typing import Any
 
 log = logging.getLogger("jaxdp.serve")
 PR_SET_PDEATHSIG = 1
+WORKER_NICENESS = 10  # the CPU goes to the server's requests (and planning) before training
 
 
 def die_with_parent(poll_seconds: float = 1.0) -> None:
@@ -45,6 +46,7 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
 def worker_entry(workdir: str, db_url: str, options: dict[str, Any]) -> None:
     """A spawned worker process: dies with the server, then claims and runs jobs."""
     die_with_parent()
+    os.nice(WORKER_NICENESS)  # training is batch work: the server's requests come first
     from jaxdp.serve import jobs, logs
 
     logs.configure()
