@@ -66,6 +66,7 @@ SCHEDULES = ("constant", "cosine")
 # examples). Everything else must match.
 RESUMABLE_FIELDS = frozenset(
     {
+        "model.public_name",  # a name in the exports' metadata, nothing trained
         "train.log_every",
         "train.eval_every",
         "train.eval_batch_size",

@@ -5,6 +5,7 @@ admin's key and cap commands. (schemathesis fuzzes the whole document: test_serv
 import io
 import json
 import stat
+import time
 
 import pytest
 from test_serve import Service, fastapi_testclient, spec, tickets
@@ -172,9 +173,11 @@ def test_files_are_the_service_users_alone_and_meta_names_no_path(tmp_path):
 
 def test_metrics_for_the_operator_only(tmp_path, monkeypatch):
     service = Service(tmp_path)
-    assert service.client.get("/metrics").status_code == 404  # TestClient is not 127.0.0.1
+    monkeypatch.delenv("JAXDP_METRICS_TOKEN", raising=False)
+    assert service.client.get("/metrics").status_code == 404  # no token set: never
     monkeypatch.setenv("JAXDP_METRICS_TOKEN", "s3cret")
-    r = service.client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+    assert service.client.get("/metrics", headers=service.headers).status_code == 404  # tenant
+    r = service.client.get("/metrics", headers={"Authorization": "bearer s3cret"})
     assert r.status_code == 200
     for name in ("jaxdp_jobs", "jaxdp_workers_alive", "jaxdp_job_seconds", "jaxdp_plan_seconds"):
         assert name in r.text
@@ -211,3 +214,56 @@ def test_caps_must_be_positive_numbers(tmp_path, value, capsys):
     capsys.readouterr()
     assert cli.main(["serve", "admin", "set-cap", "acme", "--epsilon-cap", value, *flags]) == 2
     assert "positive number" in capsys.readouterr().err
+
+
+def test_a_body_without_a_valid_key_is_refused_before_it_is_read(tmp_path):
+    service = Service(tmp_path, max_upload_bytes=5000)
+    files = {"file": ("a.txt", io.BytesIO(b"x" * 80_000), "text/plain")}
+    r = service.client.post("/api/datasets", files=files)  # no key, and over the limit
+    assert is_problem(r, 401)["detail"].startswith("A valid API key")
+    r = service.client.post("/api/jobs", json={}, headers={"Authorization": "Bearer jdp_nope"})
+    is_problem(r, 401)
+
+
+def test_epochs_are_bounded_like_steps(tmp_path, base_model):
+    service = Service(tmp_path, base_model=base_model)
+    d = service.upload(tickets(200)).json()
+    body = {k: v for k, v in spec(d["id"], expected_batch_size=1).items() if k != "steps"}
+    r = service.post("/api/jobs", {**body, "epochs": 10_000})
+    assert "over the limit of 1000000" in is_problem(r, 422)["detail"]
+
+
+def test_docs_serve_only_what_the_page_loads(tmp_path):
+    client = Service(tmp_path).client
+    for name in ("index.html", "swagger-initializer.js", "oauth2-redirect.html"):
+        assert client.get(f"/docs-assets/{name}").status_code == 404
+    r = client.post("/static/app.js")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
+def test_planning_caches_are_never_shared_between_tenants(tmp_path):
+    """A cache hit answers in milliseconds where a plan takes seconds: were it shared, one
+    tenant's timing would tell what another computed (its record count)."""
+    import asyncio
+
+    from jaxdp.serve import planning
+
+    planner = planning.Planner.shared()
+    args = ([[[(0.9, 0.05, 200)]]], 1e-6)  # a dataset's one ledger group: PLD, some seconds
+
+    def run(tenant):
+        count = planning.PLAN_SECONDS.labels("worst_epsilons")._sum.get()
+        started = time.perf_counter()
+        result = asyncio.run(
+            planner.run(planning.worst_epsilons, *args, tenant=tenant, deadline=120)
+        )
+        computed = planning.PLAN_SECONDS.labels("worst_epsilons")._sum.get() != count
+        return result, computed, time.perf_counter() - started
+
+    tenant_a, tenant_b = f"a-{time.time_ns()}", f"b-{time.time_ns()}"
+    a, a_computed, _ = run(tenant_a)
+    b, b_computed, b_seconds = run(tenant_b)
+    assert a == b and a_computed and b_computed  # b computed it again: no shared entry
+    assert b_seconds > 0.05  # and the pool process had forgotten a's composition
+    again, again_computed, _ = run(tenant_a)  # a tenant's own repeat is cached
+    assert again == a and not again_computed

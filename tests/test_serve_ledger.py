@@ -13,6 +13,7 @@ from test_serve import BASE, Service, fastapi_testclient, spec, tickets
 
 from jaxdp import cli
 from jaxdp.serve import db, jobs
+from jaxdp.serve.app import create_app
 
 
 def test_one_delta_per_tenant_for_every_job_cap_check_and_ledger(
@@ -257,3 +258,61 @@ def test_an_old_database_is_migrated(tmp_path):
         assert s.get(db.Tenant, "t").delta == db.DEFAULT_TENANT_DELTA
         d = s.get(db.Dataset, "d")
         assert d.local_epsilon is None and d.num_duplicates == 0 and not d.public
+
+
+def test_datasets_from_before_canonical_records_get_canonical_digests(tmp_path):
+    """A dataset stored with digests of its raw text (older versions) is given the digests of
+    the canonical forms when the app starts, so the ledger matches it with a new upload."""
+    import unicodedata
+
+    service = Service(tmp_path)
+    raw = unicodedata.normalize("NFD", "José owes 40") + " "
+    d = service.upload(f"{raw}\nanother\n".encode()).json()
+    sessions = db.connect(service.url)
+    (path,) = tmp_path.glob(f"tenants/*/datasets/{d['id']}.jsonl")
+    with sessions.begin() as s:  # as an older version stored it: raw text, raw digests
+        row = s.get(db.Dataset, d["id"])
+        tenant = s.get(db.Tenant, row.tenant_id)
+        s.query(db.DatasetRecord).filter_by(dataset_id=d["id"]).delete()
+        for digest in db.record_digests(tenant, [raw, "another"]):
+            s.add(db.DatasetRecord(dataset_id=d["id"], digest=digest, tenant_id=tenant.id))
+        row.canonical = False
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [raw, "another"]))
+    create_app(tmp_path, service.url)  # the start-up brings it up to date
+    new = service.upload(b"Jos\xc3\xa9 owes 40\n").json()
+    held = select(db.DatasetRecord.digest)
+    with sessions() as s:
+        old_digests = set(s.scalars(held.where(db.DatasetRecord.dataset_id == d["id"])))
+        new_digests = set(s.scalars(held.where(db.DatasetRecord.dataset_id == new["id"])))
+        assert s.get(db.Dataset, d["id"]).canonical
+    assert new_digests < old_digests  # the same record: the ledger composes both datasets
+    assert len(old_digests) == 3  # raw "José ", canonical "José", "another"
+
+
+def test_a_job_that_keeps_killing_its_workers_fails_and_a_crash_is_not_the_workers_end(
+    tmp_path, monkeypatch
+):
+    service = Service(tmp_path, base_model="/nowhere")
+    d = service.upload(tickets(20)).json()
+    first = service.post("/api/jobs", spec(d["id"])).json()
+    second = service.post("/api/jobs", spec(d["id"], steps=4)).json()
+    sessions = db.connect(service.url)
+    with sessions.begin() as s:  # as if three workers had died running it
+        row = s.get(db.Job, first["id"])
+        row.state, row.claims, row.heartbeat_at = "running", jobs.MAX_CLAIMS, 0.0
+        row.progress = {"step": 2}
+
+    def crash(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(jobs, "run_job", crash)
+    jobs.run_worker(tmp_path, service.url, poll_interval=0.01, max_jobs=2)
+    done = {j["id"]: j for j in service.get("/api/jobs").json()}
+    assert done[first["id"]]["state"] == "failed"
+    assert "stopped its worker 3 times" in done[first["id"]]["error"]
+    assert done[second["id"]]["state"] == "failed"
+    assert "MemoryError: out of memory" in done[second["id"]]["error"]
+    with sessions() as s:
+        entries = {e.job_id: e for e in s.query(db.LedgerEntry)}
+    assert entries[first["id"]].final and entries[first["id"]].steps == 2  # what it ran
+    assert entries[second["id"]].final and entries[second["id"]].steps == 0

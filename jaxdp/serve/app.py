@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,6 +39,7 @@ STATIC = Path(__file__).parent / "static"
 MULTIPART_SLACK = 64 << 10  # the multipart envelope around an upload's bytes
 RESERVE_TRIES = 5
 MAX_NAME = 200  # characters of a dataset's name
+DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 MAX_LOCAL_EPSILON = 1e3
 
 
@@ -49,17 +49,28 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit(path)` bytes is refused with 413, by its
-    Content-Length before anything is read, and while it streams (a chunked or lying client)."""
+    """ASGI middleware: a body sent to /api/ without a valid API key is refused with 401, and a
+    body over `limit(path)` bytes with 413, by its Content-Length, both before anything is
+    read, and while it streams (a chunked or lying client)."""
 
-    def __init__(self, app, limit):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit, sessions):
+        self.app, self.limit, self.sessions = app, limit, sessions
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if scope["method"] in ("POST", "PUT", "PATCH") and scope["path"].startswith("/api/"):
+            # The key first: a client without one gets 401 before any of its body is read.
+            key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")[2].strip()
+            if await asyncio.to_thread(db.tenant_for_key, self.sessions, key) is None:
+                return await problems.problem(
+                    401,
+                    "A valid API key is needed (Authorization: Bearer jdp_...).",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )(scope, receive, send)
         limit = self.limit(scope["path"])
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await problems.problem(413, BodyTooLarge(limit).detail)(scope, receive, send)
         received = 0
@@ -121,6 +132,7 @@ def create_app(
     workdir.mkdir(parents=True, exist_ok=True)
     sessions = db.connect(db_url or db.default_url(workdir))
     planner = planner or planning.Planner.shared()
+    db.add_canonical_digests(sessions)
     _private_dir(workdir)
     app = FastAPI(
         title="jaxdp serve",
@@ -133,20 +145,23 @@ def create_app(
     )
     app.state.sessions = sessions
     problems.install(app)
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path))
+    docs_assets = Path(swagger_ui_bundle.swagger_ui_path)
     app.state.metrics = metrics.registry(sessions, lambda: getattr(app.state, "supervisor", None))
     app.add_middleware(
         BodyLimit,
         limit=lambda path: (
             max_upload_bytes + MULTIPART_SLACK if path == "/api/datasets" else max_json_bytes
         ),
+        sessions=sessions,
     )
 
-    async def plan(fn, *args):
+    async def plan(t: db.Tenant, fn, *args):
         try:
-            return await planner.run(fn, *args, deadline=plan_deadline)
+            return await planner.run(fn, *args, tenant=t.id, deadline=plan_deadline)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
+        except planning.PlanningBusy as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "60"}) from None
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -177,6 +192,14 @@ def create_app(
             swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        """The three files /docs loads, nothing else of the bundle (its index.html and
+        initializer would fetch a third-party example document)."""
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, f"No {name!r}.")
+        return FileResponse(docs_assets / name)
 
     @app.get("/embeddings/{name}", include_in_schema=False)
     def embeddings(name: str) -> Response:
@@ -255,47 +278,54 @@ def create_app(
         dataset_id = db.new_id()
         path = workdir / "tenants" / t.id / "datasets" / f"{dataset_id}.jsonl"
         _private_dir(path.parent)
-        with sessions.begin() as s:
-            db.lock_tenant(s, t.id)  # the quotas, checked against concurrent uploads
+        with sessions() as s:  # the slow parts (digests, the file) outside the tenant's lock
             tenant = s.get(db.Tenant, t.id)
-            held = s.execute(
-                select(func.count(), func.coalesce(func.sum(db.Dataset.num_bytes), 0)).where(
-                    (db.Dataset.tenant_id == t.id) & db.Dataset.deleted_at.is_(None)
+        digests = db.record_digests(tenant, records)
+        content = db.content_digest(tenant, body)
+        _write_private(path, body.encode())
+        try:
+            with sessions.begin() as s:
+                db.lock_tenant(s, t.id)  # the quotas, checked against concurrent uploads
+                held = s.execute(
+                    select(func.count(), func.coalesce(func.sum(db.Dataset.num_bytes), 0)).where(
+                        (db.Dataset.tenant_id == t.id) & db.Dataset.deleted_at.is_(None)
+                    )
+                ).one()
+                if held[0] >= max_datasets_per_tenant:
+                    raise HTTPException(
+                        429,
+                        f"The tenant holds {held[0]} datasets, its quota: delete one to upload "
+                        f"another.",
+                    )
+                if held[1] + len(raw) > max_bytes_per_tenant:
+                    raise HTTPException(
+                        413,
+                        f"This upload ({len(raw)} bytes) would take the tenant's datasets to "
+                        f"{held[1] + len(raw)} bytes, over its quota of {max_bytes_per_tenant}: "
+                        f"delete datasets first.",
+                    )
+                d = db.Dataset(
+                    id=dataset_id,
+                    tenant_id=t.id,
+                    name=name or dataset_id,
+                    path=str(path),
+                    num_records=len(records),
+                    num_duplicates=duplicates,
+                    num_bytes=len(raw),
+                    content_sha256=content,
+                    local_epsilon=local_epsilon,
+                    public=public,
+                    canonical=True,
                 )
-            ).one()
-            if held[0] >= max_datasets_per_tenant:
-                raise HTTPException(
-                    429,
-                    f"The tenant holds {held[0]} datasets, its quota: delete one to upload "
-                    f"another.",
+                s.add(d)
+                s.flush()
+                s.execute(
+                    insert(db.DatasetRecord),
+                    [{"dataset_id": d.id, "digest": x, "tenant_id": t.id} for x in digests],
                 )
-            if held[1] + len(raw) > max_bytes_per_tenant:
-                raise HTTPException(
-                    413,
-                    f"This upload ({len(raw)} bytes) would take the tenant's datasets to "
-                    f"{held[1] + len(raw)} bytes, over its quota of {max_bytes_per_tenant}: "
-                    f"delete datasets first.",
-                )
-            _write_private(path, body.encode())
-            d = db.Dataset(
-                id=dataset_id,
-                tenant_id=t.id,
-                name=name or dataset_id,
-                path=str(path),
-                num_records=len(records),
-                num_duplicates=duplicates,
-                num_bytes=len(raw),
-                content_sha256=db.content_digest(tenant, body),
-                local_epsilon=local_epsilon,
-                public=public,
-            )
-            s.add(d)
-            s.flush()
-            digests = db.record_digests(tenant, records)
-            s.execute(
-                insert(db.DatasetRecord),
-                [{"dataset_id": d.id, "digest": x, "tenant_id": t.id} for x in digests],
-            )
+        except BaseException:
+            path.unlink(missing_ok=True)  # refused or failed: nothing of it stays
+            raise
         return dataset_json(d)
 
     @app.get("/api/datasets", responses=responses(401))
@@ -341,7 +371,7 @@ def create_app(
         "/api/jobs",
         status_code=201,
         responses={
-            **responses(400, 401, 404, 409, 413, 422),
+            **responses(400, 401, 404, 409, 413, 422, 503),
             200: {"description": "the job an earlier request with this Idempotency-Key made"},
         },
     )
@@ -367,14 +397,14 @@ def create_app(
         dataset, base = await asyncio.to_thread(check_submission, t, spec)
         delta = t.delta  # the tenant's: every job, the cap and the ledger are stated at it
         body = spec.model_dump(exclude_none=True)
-        planned = await plan(planning.plan, body, dataset.num_records, delta)
+        planned = await plan(t, planning.plan, body, dataset.num_records, delta)
         new = tuple(planned["entry"])
         for _ in range(RESERVE_TRIES):
             # The ledger composed off the server's interpreter, then the job reserved under
             # the tenant's lock only if the ledger is still what was composed (another
             # submission of the tenant may have changed it meanwhile: compose again).
             groups = await asyncio.to_thread(ledger_groups, t, dataset.id)
-            spent, total = await plan(planning.ledger_check, groups, delta, new)
+            spent, total = await plan(t, planning.ledger_check, groups, delta, new)
             job = await asyncio.to_thread(
                 reserve, t, spec, dataset, base, planned, groups, spent, total, idempotency_key
             )
@@ -521,7 +551,12 @@ def create_app(
         with sessions() as s:
             own_job(s, t, job_id)
 
+        key = request.headers.get("authorization", "").partition(" ")[2].strip()
+
         def fetch(after: int):
+            found = db.tenant_for_key(sessions, key)  # a key revoked meanwhile ends the stream
+            if found is None or found.id != t.id:
+                return None
             with sessions() as s:
                 rows = s.scalars(
                     select(db.JobEvent)
@@ -533,7 +568,10 @@ def create_app(
         async def stream():
             after = last_event_id
             while not await request.is_disconnected():
-                for event_id, kind, data in await asyncio.to_thread(fetch, after):
+                events = await asyncio.to_thread(fetch, after)
+                if events is None:
+                    return
+                for event_id, kind, data in events:
                     after = event_id
                     yield {"id": str(event_id), "event": kind, "data": json.dumps(data)}
                     if kind == "end":
@@ -560,12 +598,13 @@ def create_app(
             path, filename=name, headers={"X-Content-SHA256": job.artifacts[name]["sha256"]}
         )
 
-    @app.get("/api/ledger", responses=responses(401, 422))
+    @app.get("/api/ledger", responses=responses(401, 422, 503))
     async def ledger(t: Tenant) -> list[dict[str, Any]]:
         """Per dataset (deleted ones too): the epsilon of its worst-off record, composed over
         every job on any dataset holding that record (PLD), at the tenant's delta."""
         rows = await asyncio.to_thread(ledger_rows, t)
-        epsilons = await plan(planning.worst_epsilons, [r.pop("groups") for r in rows], t.delta)
+        groups = [r.pop("groups") for r in rows]
+        epsilons = await plan(t, planning.worst_epsilons, groups, t.delta)
         return [{**r, "epsilon": e} for r, e in zip(rows, epsilons, strict=True)]
 
     def ledger_rows(t: db.Tenant) -> list[dict[str, Any]]:
@@ -669,18 +708,11 @@ def check_public_eval(s, t: db.Tenant, eval_set: db.Dataset) -> None:
         )
 
 
-def canonical_record(text: str) -> str:
-    """The form a record is stored, trained and matched in (the ledger's digests): Unicode NFC,
-    CRLF line ends as LF, no leading or trailing whitespace. So "José" typed precomposed or
-    decomposed, or a copy with a trailing space, is the same record, not a second unit."""
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n")).strip()
-
-
 def unique_records(records: list[str]) -> tuple[list[str], int]:
     """The distinct records (canonical form) in their first order, and how many copies were
     dropped: a record is one privacy unit however often it was uploaded (a repeated one would
     otherwise be trained on, and spend budget, once per copy)."""
-    seen: dict[str, None] = dict.fromkeys(canonical_record(r) for r in records)
+    seen: dict[str, None] = dict.fromkeys(db.canonical_record(r) for r in records)
     return list(seen), len(records) - len(seen)
 
 

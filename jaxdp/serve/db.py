@@ -16,6 +16,7 @@ import json
 import math
 import secrets
 import time
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ class Dataset(Base):
     # Declared public by the tenant at upload: usable as a job's evaluation set, whose metrics
     # are released without noise (refused when it shares a record with a private dataset).
     public: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Its records' digests include their canonical forms (`canonical_record`).
+    canonical: Mapped[bool] = mapped_column(Boolean, default=False)
     # Per word, as DECLARED by the uploader (the server cannot check the browser's perturbation).
     local_epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -118,6 +121,41 @@ class DatasetRecord(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
     digest: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+
+
+def canonical_record(text: str) -> str:
+    """The form a record is stored, trained and matched in (the ledger's digests): Unicode NFC,
+    CRLF line ends as LF, no leading or trailing whitespace. So "José" typed precomposed or
+    decomposed, or a copy with a trailing space, is the same record, not a second unit."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n")).strip()
+
+
+def add_canonical_digests(sessions: sessionmaker[Session]) -> int:
+    """Gives every stored dataset uploaded before records were canonical (NFC, trimmed) the
+    digests of its records' canonical forms too, so that the ledger matches them with later
+    uploads (a superset: both forms count). A deleted dataset's text is gone: it keeps its old
+    digests only. How many datasets were brought up to date."""
+    done = 0
+    with sessions() as s:
+        old = s.scalars(
+            select(Dataset).where(~Dataset.canonical & Dataset.deleted_at.is_(None))
+        ).all()
+    for d in old:
+        path = Path(d.path)
+        if not path.is_file():
+            continue
+        records = [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()]
+        with sessions.begin() as s:
+            tenant = s.get(Tenant, d.tenant_id)
+            have = set(
+                s.scalars(select(DatasetRecord.digest).where(DatasetRecord.dataset_id == d.id))
+            )
+            new = record_digests(tenant, [canonical_record(r) for r in records]) - have
+            for digest in new:
+                s.add(DatasetRecord(dataset_id=d.id, digest=digest, tenant_id=d.tenant_id))
+            s.get(Dataset, d.id).canonical = True
+        done += 1
+    return done
 
 
 def record_digests(tenant: Tenant, records: list[str]) -> set[str]:
@@ -220,6 +258,7 @@ _ADDED_COLUMNS = (
     ("datasets", "public", "BOOLEAN DEFAULT FALSE"),
     ("jobs", "idempotency_key", "VARCHAR(200)"),
     ("api_keys", "revoked_at", "FLOAT"),
+    ("datasets", "canonical", "BOOLEAN DEFAULT FALSE"),
 )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,8 @@ from jaxdp.tracking import Event
 
 log = logging.getLogger("jaxdp.serve")
 ARTIFACTS = ("peft.zip", "hf.zip", "privacy.json", "report.png")
+MAX_STEPS = 1_000_000  # a job's steps, given or from its epochs
+MAX_CLAIMS = 3  # a job claimed more often took its workers down: it fails instead
 
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -88,7 +91,7 @@ class JobSpec(BaseModel):
         json_schema_extra=_optional,
     )
     epochs: float = Field(None, gt=0, le=10_000, json_schema_extra=_optional)
-    steps: int = Field(None, ge=1, le=1_000_000, json_schema_extra=_optional)
+    steps: int = Field(None, ge=1, le=MAX_STEPS, json_schema_extra=_optional)
     expected_batch_size: float = Field(16, ge=1, le=1_000_000)
     l2_clip_norm: float = Field(1.0, gt=0, le=1e6)
     learning_rate: float = Field(1e-3, gt=0, le=10)
@@ -127,6 +130,14 @@ class JobSpec(BaseModel):
 def plan_job(spec: JobSpec, num_records: int, delta: float) -> PrivacyPlan:
     """The job's privacy plan at its tenant's `delta`: the noise multiplier for its target, on
     record units (each distinct uploaded record: uploads are de-duplicated)."""
+    if spec.epochs is not None:  # steps = ceil(epochs / q), q = batch / records (PrivacyPlan)
+        steps = math.ceil(spec.epochs * num_records / spec.expected_batch_size)
+        if steps > MAX_STEPS:
+            raise ValueError(
+                f"{spec.epochs:g} epochs of {num_records} records at an expected batch size of "
+                f"{spec.expected_batch_size:g} is {steps} steps, over the limit of {MAX_STEPS}: "
+                f"ask for fewer epochs or a larger batch."
+            )
     if spec.target_delta is not None and spec.target_delta != delta:
         raise ValueError(
             f"target_delta={spec.target_delta:g} differs from the tenant's delta {delta:g}: every "
@@ -163,6 +174,11 @@ def _composed_epsilon(entries: tuple[Entry, ...], delta: float) -> float:
     interval = accounting.pld_interval(min(s for s, _, _ in entries))
     acc = accounting.make_accountant("pld", pld_discretization=interval)
     return float(acc.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta))
+
+
+def clear_caches() -> None:
+    """Forgets every composition computed in this process (see `planning.Planner.run`)."""
+    _composed_epsilon.cache_clear()
 
 
 def ledger_groups(s: Session, tenant_id: str, dataset_id: str) -> list[list[Entry]]:
@@ -377,13 +393,16 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
         except Exception as e:  # packing failed: the job failed (its steps stay charged)
             state, error = "failed", f"Packing the results failed: {type(e).__name__}: {e}"
             log.error("Job %s: %s\n%s", job.id, error, traceback.format_exc())
-    log.info(
-        "Job %s of tenant %s ended: %s after %d steps.", job.id, job.tenant_id, state, steps_run
-    )
+    finish_job(sessions, job, state, error, steps_run, summary, artifacts)
+
+
+def finish_job(sessions, job, state, error, steps_run, summary=None, artifacts=None) -> None:
+    """Records a job's end: its state, and in the ledger the steps it actually ran."""
+    log.info("Job %s of tenant %s ended: %s, %d steps.", job.id, job.tenant_id, state, steps_run)
     with sessions.begin() as s:
         row = s.get(db.Job, job.id)
         row.state, row.error, row.finished_at = state, error, db.now()
-        row.result, row.artifacts = summary, artifacts
+        row.result, row.artifacts = summary, artifacts or {}
         entry = s.scalar(select(db.LedgerEntry).where(db.LedgerEntry.job_id == job.id))
         entry.steps, entry.final = steps_run, True  # what it actually ran
         s.add(db.JobEvent(job_id=job.id, kind="end", data={"state": state, "error": error}))
@@ -413,6 +432,13 @@ def run_worker(
         if job is None:
             time.sleep(poll_interval)
             continue
+        done += 1
+        steps = int((job.progress or {}).get("step", 0))
+        if job.claims > MAX_CLAIMS:  # it took its workers down each time: never again
+            error = f"The job stopped its worker {job.claims - 1} times; it is not retried."
+            log.error("Job %s of tenant %s: %s", job.id, job.tenant_id, error)
+            finish_job(sessions, job, "failed", error, steps)
+            continue
         log.info(
             "Worker %s runs job %s of tenant %s (claim %d).",
             worker,
@@ -420,8 +446,11 @@ def run_worker(
             job.tenant_id,
             job.claims,
         )
-        run_job(sessions, workdir, job, worker, heartbeat_interval)
-        done += 1
+        try:
+            run_job(sessions, workdir, job, worker, heartbeat_interval)
+        except Exception as e:  # never the worker's end: the job fails, charged what it ran
+            log.exception("Job %s of tenant %s could not be run.", job.id, job.tenant_id)
+            finish_job(sessions, job, "failed", f"{type(e).__name__}: {e}", steps)
 
 
 def cap_message(spent: float, planned: float, cap: float, delta: float) -> str:

@@ -2,9 +2,9 @@
 queue's depth is `jaxdp_jobs{state="queued"}`), workers alive and restarted, durations of the
 jobs that ended, and planning durations (`jaxdp_plan_seconds`, from `planning`).
 
-They describe the service's load, not any tenant's data; even so they are served only to
-clients on the server's own host, or to those that carry the operator's token
-(`JAXDP_METRICS_TOKEN`).
+They are for the operator, who runs the service and holds its data anyway: durations depend on
+the tenants' data (a job's steps follow from its record count), so they are served only with
+the operator's token (`JAXDP_METRICS_TOKEN`), never to a tenant.
 """
 
 from __future__ import annotations
@@ -70,11 +70,15 @@ def registry(sessions, supervisor) -> CollectorRegistry:
 
 
 def allowed(request) -> bool:
+    """Only with the operator's token (`Authorization: Bearer $JAXDP_METRICS_TOKEN`); without a
+    token set, never (a peer address says nothing behind a proxy on the same host)."""
     token = os.environ.get("JAXDP_METRICS_TOKEN")
-    given = request.headers.get("authorization", "")
-    if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        return True
-    return request.client is not None and request.client.host in ("127.0.0.1", "::1")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return (
+        bool(token)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(given.strip().encode(), token.encode())
+    )
 
 
 def render(r: CollectorRegistry) -> tuple[bytes, str]:

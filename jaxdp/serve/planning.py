@@ -18,8 +18,7 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, NamedTuple
 
 import pebble
 from prometheus_client import Histogram
@@ -30,6 +29,9 @@ log = logging.getLogger("jaxdp.serve")
 
 
 PLANNER_NICENESS = 5
+# How long a call may wait for a planning process (one killed at its deadline is replaced, and
+# the new one imports JAX: seconds) before it is refused as busy (503).
+QUEUE_SECONDS = 60.0
 PLAN_SECONDS = Histogram(
     "jaxdp_plan_seconds", "Seconds a planning call took (calibration, ledger).", ["function"]
 )
@@ -39,11 +41,45 @@ class PlanningTimeout(ValueError):
     """A plan or a ledger took longer than the server's deadline."""
 
 
+class PlanningBusy(RuntimeError):
+    """Every planning process stayed busy for the deadline: try again later (503)."""
+
+    def __init__(self, deadline: float):
+        super().__init__(
+            f"The server's planning processes stayed busy for {deadline:g} s: try again in a "
+            f"minute."
+        )
+
+
+class _Refused(NamedTuple):
+    """A cached ValueError: raised anew each time (a cached exception object would grow its
+    traceback, and keep its frames, at every raise)."""
+
+    kind: type
+    args: tuple
+
+
+def _outcome(outcome: Any) -> Any:
+    if isinstance(outcome, _Refused):
+        raise outcome.kind(*outcome.args)
+    return outcome
+
+
+def _forget() -> None:
+    """Clears this pool process's caches of plans and compositions (see `Planner.run`)."""
+    from jaxdp import accounting
+    from jaxdp.serve import jobs
+
+    accounting.calibrate_noise_multiplier.cache_clear()
+    jobs.clear_caches()
+
+
 def plan(spec: dict[str, Any], num_records: int, delta: float) -> dict[str, Any]:
     """(In a pool process.) The job's privacy plan: its publishable record and ledger entry."""
     from jaxdp.release import mechanism_record
     from jaxdp.serve import jobs
 
+    _forget()
     p = jobs.plan_job(jobs.JobSpec.stored(spec), num_records, delta)
     return {
         "record": mechanism_record(p, randomness="secret: drawn when the job starts"),
@@ -56,6 +92,7 @@ def ledger_check(groups: list, delta: float, new: tuple) -> tuple[float, float]:
     job event `new`."""
     from jaxdp.serve import jobs
 
+    _forget()
     return jobs.worst_record_epsilon(groups, delta), jobs.worst_record_epsilon(groups, delta, new)
 
 
@@ -63,6 +100,7 @@ def worst_epsilons(groups_per_dataset: list, delta: float) -> list[float]:
     """(In a pool process.) For each dataset's ledger groups: its worst-off record's epsilon."""
     from jaxdp.serve import jobs
 
+    _forget()
     return [jobs.worst_record_epsilon(groups, delta) for groups in groups_per_dataset]
 
 
@@ -91,6 +129,7 @@ class Planner:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._busy: set[str] = set()
         for _ in range(processes):
             self._pool.schedule(_warm)
 
@@ -98,41 +137,59 @@ class Planner:
     def _key(fn, args) -> str:
         return json.dumps([fn.__name__, args], sort_keys=True, default=repr)
 
-    async def run(self, fn, *args, deadline: float) -> Any:
-        """`fn(*args)` in a pool process, killed after `deadline` seconds of running
-        (PlanningTimeout); a ValueError it raises (an unattainable target) is re-raised and,
-        like a result, cached."""
-        key = self._key(fn, args)
+    async def run(self, fn, *args, tenant: str, deadline: float) -> Any:
+        """`fn(*args)` for `tenant` in a pool process, killed after `deadline` seconds of
+        running (PlanningTimeout); refused with PlanningBusy if it waited longer than
+        max(`deadline`, QUEUE_SECONDS) for a process. A ValueError it raises (an unattainable
+        target) is re-raised.
+
+        Results and ValueErrors are cached per tenant, never across tenants: a hit answers in
+        milliseconds where a computation takes seconds, so a shared cache would tell one tenant
+        what another computed (its record count). For the same reason the pool processes
+        forget their own caches after each call. A tenant has at most one call in the pool at a
+        time, so that it cannot hold every planning process."""
+        key = json.dumps([tenant, fn.__name__, args], sort_keys=True, default=repr)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                outcome = self._cache[key]
-                if isinstance(outcome, ValueError):
-                    raise outcome
-                return outcome
+                return _outcome(self._cache[key])
+        waited = time.monotonic()
+        while True:  # one call per tenant at a time (polling: any event loop, any thread)
+            with self._lock:
+                if tenant not in self._busy:
+                    self._busy.add(tenant)
+                    break
+            if time.monotonic() - waited > max(deadline, QUEUE_SECONDS):
+                raise PlanningBusy(max(deadline, QUEUE_SECONDS))
+            await asyncio.sleep(0.05)
         started = time.perf_counter()
-        future = self._pool.schedule(fn, args=args, timeout=deadline)
         try:
-            outcome = await asyncio.wrap_future(future)
-        except FutureTimeout:
-            raise PlanningTimeout(
-                f"Planning took longer than the server's deadline of {deadline:g} s (a PLD "
-                f"computation grows with the steps and with how small the noise is): ask for "
-                f"fewer steps or epochs, or a larger target epsilon."
-            ) from None
-        except ValueError as e:
-            outcome = e
+            future = self._pool.schedule(fn, args=args, timeout=deadline)
+            try:
+                waiting = max(deadline, QUEUE_SECONDS)  # for a process, then `deadline` to run
+                outcome = await asyncio.wait_for(asyncio.wrap_future(future), waiting + deadline)
+            except TimeoutError:  # (concurrent.futures' and asyncio's are this one since 3.11)
+                if future.cancelled():  # it waited too long in all: wait_for cancelled it
+                    raise PlanningBusy(waiting) from None
+                # pebble: it ran for `deadline` seconds and its process was killed
+                raise PlanningTimeout(
+                    f"Planning took longer than the server's deadline of {deadline:g} s (a PLD "
+                    f"computation grows with the steps and with how small the noise is): ask "
+                    f"for fewer steps or epochs, or a larger target epsilon."
+                ) from None
+            except ValueError as e:
+                outcome = _Refused(type(e), e.args)
         finally:
+            with self._lock:
+                self._busy.discard(tenant)
             seconds = time.perf_counter() - started
             PLAN_SECONDS.labels(fn.__name__).observe(seconds)
-            log.info("Planning %s took %.2f s.", fn.__name__, seconds)
+            log.info("Planning %s for tenant %s took %.2f s.", fn.__name__, tenant, seconds)
         with self._lock:
             self._cache[key] = outcome
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        if isinstance(outcome, ValueError):
-            raise outcome
-        return outcome
+        return _outcome(outcome)
 
     @staticmethod
     def shared(processes: int = 1) -> Planner:

@@ -12,6 +12,7 @@ failure under `errors` (the field's location and what is wrong with it).
 from __future__ import annotations
 
 import http
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,12 +20,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 MEDIA_TYPE = "application/problem+json"
+log = logging.getLogger("jaxdp.serve")
 
 WHY = {
     400: "The body cannot be parsed (not JSON, not multipart).",
@@ -34,6 +35,7 @@ WHY = {
     413: "The request body, or the tenant's storage, is over its limit.",
     422: "The request is invalid or cannot be honoured (the detail says why, with numbers).",
     429: "A quota of the tenant is reached.",
+    503: "The server is busy (planning): try again after Retry-After seconds.",
 }
 
 
@@ -74,9 +76,11 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def allowed_methods(app: FastAPI, scope) -> list[str]:
     methods: set[str] = set()
     for route in app.routes:
-        if isinstance(route, APIRoute) and route.matches(scope)[0] != Match.NONE:
-            methods |= route.methods
-    return sorted(methods)
+        if route.matches(scope)[0] == Match.NONE:
+            continue
+        methods |= getattr(route, "methods", None) or {"GET", "HEAD"}  # a mount: files
+    # Inside a mount (static files) the scope's path is the mount's: its files take GET, HEAD.
+    return sorted(methods or {"GET", "HEAD"})
 
 
 def install(app: FastAPI) -> None:
@@ -100,6 +104,11 @@ def install(app: FastAPI) -> None:
             or "The request is invalid."
         )
         return problem(422, detail, errors=jsonable_encoder(failures))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.error("Unhandled %s: %s", type(e).__name__, e, exc_info=e)
+        return problem(500, "The server failed to answer; the error is in its log.")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

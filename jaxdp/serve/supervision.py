@@ -72,6 +72,9 @@ class WorkerSupervisor:
         self.context = multiprocessing.get_context("spawn")
         self.procs: dict[int, tuple[multiprocessing.Process, str]] = {}
         self.restarts = 0
+        self.deaths: dict[int, int] = {}
+        self._dead_since: dict[int, float] = {}
+        self._lock = threading.Lock()
         self._generation = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -99,14 +102,29 @@ class WorkerSupervisor:
         return sum(proc.is_alive() for proc, _ in self.procs.values())
 
     def _watch(self) -> None:
+        """Checks the workers every `check_seconds`. It never ends before `stop`: an error (the
+        database unreachable) is logged and the next pass tries again, since the workers this
+        thread started would die with it (PR_SET_PDEATHSIG follows the parent thread)."""
         from jaxdp.serve import db
 
         sessions = db.connect(self.db_url)
         while not self._stop.wait(self.check_seconds):
-            for slot, (proc, worker_id) in list(self.procs.items()):
-                if proc.is_alive() or self._stop.is_set():
-                    continue
+            try:
+                with self._lock:
+                    self._check(sessions)
+            except Exception:
+                log.exception("Checking the workers failed; the next pass tries again.")
+
+    def _check(self, sessions) -> None:
+        from jaxdp.serve import db
+
+        for slot, (proc, worker_id) in list(self.procs.items()):
+            if proc.is_alive() or self._stop.is_set():
+                continue
+            if slot not in self._dead_since:
                 handed_back = db.release_jobs_of(sessions, worker_id)
+                self.deaths[slot] = self.deaths.get(slot, 0) + 1
+                self._dead_since[slot] = time.monotonic()
                 log.error(
                     "Worker %s (pid %d) died (exit code %s); its job(s) %s handed back; "
                     "restarting it.",
@@ -117,14 +135,17 @@ class WorkerSupervisor:
                 )
                 if self.on_death is not None:
                     self.on_death(worker_id)
+            # Back off when a slot's workers keep dying: 0 s, then 2, 4, ... up to a minute.
+            delay = min(60.0, 2.0 ** (self.deaths[slot] - 1)) if self.deaths[slot] > 1 else 0.0
+            if time.monotonic() - self._dead_since[slot] >= delay:
+                del self._dead_since[slot]
                 self.restarts += 1
                 self._start(slot)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Terminates every worker (SIGTERM, then SIGKILL after `timeout`)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        """Terminates every worker (SIGTERM, then SIGKILL after `timeout`), then the watch."""
+        with self._lock:
+            self._stop.set()
         for proc, _ in self.procs.values():
             if proc.is_alive():
                 proc.terminate()
@@ -135,6 +156,8 @@ class WorkerSupervisor:
                 log.warning("Worker %s did not stop in %g s: killed.", worker_id, timeout)
                 proc.kill()
                 proc.join()
+        if self._thread.is_alive():
+            self._thread.join()
         from jaxdp.serve import db
 
         sessions = db.connect(self.db_url)

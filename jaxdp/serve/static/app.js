@@ -142,7 +142,10 @@ $("perturb").onclick = async () => {
     catch (e) { throw new Error("The server has no vocabulary for perturbing text yet: ask your administrator to build it."); }
     // A text repeated in the file is one record: dropped here, BEFORE perturbing (perturbed
     // apart, its copies would arrive as different records, each trained on and charged).
-    const all = parseRecords(await file.text(), $("format").value);
+    // Each record in the server's canonical form (NFC, trimmed): two lines that differ only in
+    // Unicode form or surrounding spaces are one record, dropped here before perturbing.
+    const all = parseRecords(await file.text(), $("format").value)
+      .map(r => r.replace(/\r\n/g, "\n").normalize("NFC").trim()).filter(r => r);
     if (!all.length) throw new Error("The file has no text in it.");
     state.records = [...new Set(all)];
     state.repeats = all.length - state.records.length;
