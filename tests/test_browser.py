@@ -9,17 +9,13 @@ Without chromium these tests skip, unless JAXDP_REQUIRE_BROWSER=1 (CI sets it): 
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import numpy as np
 import pytest
-from conftest import REPO
 from scipy import stats
 from test_serve import WORDS, tickets
+from test_serve_process import serve
 
 from jaxdp import perturb
 from jaxdp.serve import db
@@ -60,12 +56,6 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, base_model):
     """`jaxdp serve` on 127.0.0.1 with one worker, public embeddings of WORDS, and a tenant."""
@@ -75,30 +65,8 @@ def server(tmp_path_factory, base_model):
     sessions = db.connect(db.default_url(workdir))
     key = db.create_tenant(sessions, "clinic", 20.0)
     db.add_base_model(sessions, "tiny-gpt2", base_model)
-    port = free_port()
-    flags = f"--workdir {workdir} --port {port} --poll-interval 0.2 --heartbeat-interval 1"
-    log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxdp.cli", "serve", *flags.split()],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"The server did not start:\n{(workdir / 'server.log').read_text()}")
-            time.sleep(0.2)
-    yield {"url": url, "key": key, "workdir": workdir}
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
+    with serve(workdir, "--heartbeat-interval", "1") as (_, url, _):
+        yield {"url": url, "key": key, "workdir": workdir}
 
 
 def wait_text(driver, element_id, text, timeout=30):

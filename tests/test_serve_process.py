@@ -6,6 +6,7 @@ import contextlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,10 +17,15 @@ import urllib.request
 import psutil
 import pytest
 from conftest import REPO
-from test_browser import free_port
 from test_serve import BASE, spec, tickets
 
 from jaxdp.serve import db
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

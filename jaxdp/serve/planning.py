@@ -130,6 +130,7 @@ class Planner:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._busy: set[str] = set()
+        self._running: dict[str, Any] = {}  # key -> the pool's future computing it
         for _ in range(processes):
             self._pool.schedule(_warm)
 
@@ -143,16 +144,32 @@ class Planner:
         max(`deadline`, QUEUE_SECONDS) for a process. A ValueError it raises (an unattainable
         target) is re-raised.
 
-        Results and ValueErrors are cached per tenant, never across tenants: a hit answers in
-        milliseconds where a computation takes seconds, so a shared cache would tell one tenant
-        what another computed (its record count). For the same reason the pool processes
-        forget their own caches after each call. A tenant has at most one call in the pool at a
-        time, so that it cannot hold every planning process."""
-        key = json.dumps([tenant, fn.__name__, args], sort_keys=True, default=repr)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return _outcome(self._cache[key])
+        Results are computed once for everyone (the same call from 50 tenants is one PLD
+        computation), but a tenant never learns from its latency that someone else computed
+        it: a result another tenant's call computed is answered no sooner than that computation
+        took, counted from this request's arrival (a bare cache hit answers in milliseconds
+        where a plan takes seconds: it would tell one tenant another's record count). A
+        tenant's own earlier result is answered at once. The pool processes forget their own
+        caches after each call, so no shortcut hides inside them. A tenant has at most one
+        call in the pool at a time, so that it cannot hold every planning process."""
+        arrived = time.monotonic()
+        key = json.dumps([fn.__name__, args], sort_keys=True, default=repr)
+        while True:
+            with self._lock:
+                entry = self._cache.get(key)
+                running = self._running.get(key)
+                if entry is not None:
+                    self._cache.move_to_end(key)
+            if entry is not None:
+                outcome, seconds, owners = entry
+                if tenant not in owners:  # as long as computing it would have taken
+                    await asyncio.sleep(max(0.0, arrived + seconds - time.monotonic()))
+                    with self._lock:
+                        owners.add(tenant)
+                return _outcome(outcome)
+            if running is None:
+                break
+            await asyncio.wait([asyncio.wrap_future(running)])  # its outcome, then as above
         waited = time.monotonic()
         while True:  # one call per tenant at a time (polling: any event loop, any thread)
             with self._lock:
@@ -163,32 +180,39 @@ class Planner:
                 raise PlanningBusy(max(deadline, QUEUE_SECONDS))
             await asyncio.sleep(0.05)
         started = time.perf_counter()
+        waiting = max(deadline, QUEUE_SECONDS)  # for a process, then `deadline` to run
+        future = self._pool.schedule(fn, args=args, timeout=deadline)
+        with self._lock:
+            self._running[key] = future
         try:
-            future = self._pool.schedule(fn, args=args, timeout=deadline)
             try:
-                waiting = max(deadline, QUEUE_SECONDS)  # for a process, then `deadline` to run
                 outcome = await asyncio.wait_for(asyncio.wrap_future(future), waiting + deadline)
             except TimeoutError:  # (concurrent.futures' and asyncio's are this one since 3.11)
                 if future.cancelled():  # it waited too long in all: wait_for cancelled it
                     raise PlanningBusy(waiting) from None
                 # pebble: it ran for `deadline` seconds and its process was killed
-                raise PlanningTimeout(
-                    f"Planning took longer than the server's deadline of {deadline:g} s (a PLD "
-                    f"computation grows with the steps and with how small the noise is): ask "
-                    f"for fewer steps or epochs, or a larger target epsilon."
-                ) from None
+                outcome = _Refused(
+                    PlanningTimeout,
+                    (
+                        f"Planning took longer than the server's deadline of {deadline:g} s (a "
+                        f"PLD computation grows with the steps and with how small the noise "
+                        f"is): ask for fewer steps or epochs, or a larger target epsilon.",
+                    ),
+                )
             except ValueError as e:
                 outcome = _Refused(type(e), e.args)
+            seconds = time.monotonic() - arrived
+            with self._lock:
+                self._cache[key] = (outcome, seconds, {tenant})
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         finally:
             with self._lock:
                 self._busy.discard(tenant)
-            seconds = time.perf_counter() - started
-            PLAN_SECONDS.labels(fn.__name__).observe(seconds)
-            log.info("Planning %s for tenant %s took %.2f s.", fn.__name__, tenant, seconds)
-        with self._lock:
-            self._cache[key] = outcome
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+                self._running.pop(key, None)
+            elapsed = time.perf_counter() - started
+            PLAN_SECONDS.labels(fn.__name__).observe(elapsed)
+            log.info("Planning %s for tenant %s took %.2f s.", fn.__name__, tenant, elapsed)
         return _outcome(outcome)
 
     @staticmethod
