@@ -168,7 +168,10 @@ def _serve(args: argparse.Namespace, workdir: Path, url: str, options: dict) -> 
             planner=planner,
             lifespan=lifespan,
         )
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+        # On SIGTERM: at most 10 s for the requests under way, then the lifespan's shutdown.
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=10
+        )
     finally:  # a start-up failure: nothing is left behind either
         supervisor.stop()
         planner.close()

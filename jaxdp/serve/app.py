@@ -38,6 +38,17 @@ from jaxdp.serve.problems import responses
 STATIC = Path(__file__).parent / "static"
 MULTIPART_SLACK = 64 << 10  # the multipart envelope around an upload's bytes
 RESERVE_TRIES = 5
+# The JobSpec fields a privacy plan depends on (jobs.plan_job).
+PLANNED = (
+    "target_epsilon",
+    "target_delta",
+    "epochs",
+    "steps",
+    "expected_batch_size",
+    "l2_clip_norm",
+    "block_size",
+    "max_blocks_per_record",
+)
 MAX_NAME = 200  # characters of a dataset's name
 DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 MAX_LOCAL_EPSILON = 1e3
@@ -396,8 +407,9 @@ def create_app(
                 return earlier
         dataset, base = await asyncio.to_thread(check_submission, t, spec)
         delta = t.delta  # the tenant's: every job, the cap and the ledger are stated at it
-        body = spec.model_dump(exclude_none=True)
-        planned = await plan(t, planning.plan, body, dataset.num_records, delta)
+        # Only what the plan depends on: the same plan asked by many tenants is one computation.
+        inputs = {k: v for k, v in spec.model_dump(exclude_none=True).items() if k in PLANNED}
+        planned = await plan(t, planning.plan, inputs, dataset.num_records, delta)
         new = tuple(planned["entry"])
         for _ in range(RESERVE_TRIES):
             # The ledger composed off the server's interpreter, then the job reserved under

@@ -103,8 +103,10 @@ class JobSpec(BaseModel):
 
     @classmethod
     def stored(cls, spec: dict[str, Any]) -> JobSpec:
-        """A job's spec as the database holds it (older versions stored unset fields as null)."""
-        return cls.model_validate({k: v for k, v in spec.items() if v is not None})
+        """A job's spec as the database holds it, or the part of it a plan depends on: checked
+        when it was submitted, not again (an older version stored unset fields as null and
+        knew none of today's bounds)."""
+        return cls.model_construct(**{k: v for k, v in spec.items() if v is not None})
 
     @model_validator(mode="before")
     @classmethod
