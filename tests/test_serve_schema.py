@@ -5,6 +5,7 @@ schemas), with every check on and zero failures. Configuration: schemathesis.tom
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -17,7 +18,7 @@ FUZZ_SECONDS = 120
 @pytest.mark.slow
 def test_the_api_keeps_its_openapi_contract_under_fuzzing(tmp_path):
     pytest.importorskip("schemathesis")
-    cli = shutil.which("schemathesis", path=str(__import__("pathlib").Path(sys.executable).parent))
+    cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert cli, "schemathesis is in the test extra"
     key = tenant(tmp_path)
     flags = ["--workers", "0", "--plan-deadline", "5", "--max-datasets-per-tenant", "50"]

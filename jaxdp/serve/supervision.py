@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +64,9 @@ class WorkerSupervisor:
         options: dict[str, Any],
         *,
         check_seconds: float = 1.0,
-        on_death: Callable[[str], None] | None = None,
     ):
         self.workdir, self.db_url, self.count, self.options = workdir, db_url, count, options
-        self.check_seconds, self.on_death = check_seconds, on_death
+        self.check_seconds = check_seconds
         self.context = multiprocessing.get_context("spawn")
         self.procs: dict[int, tuple[multiprocessing.Process, str]] = {}
         self.restarts = 0
@@ -133,8 +131,6 @@ class WorkerSupervisor:
                     proc.exitcode,
                     ", ".join(handed_back) or "none",
                 )
-                if self.on_death is not None:
-                    self.on_death(worker_id)
             # Back off when a slot's workers keep dying: 0 s, then 2, 4, ... up to a minute.
             delay = min(60.0, 2.0 ** (self.deaths[slot] - 1)) if self.deaths[slot] > 1 else 0.0
             if time.monotonic() - self._dead_since[slot] >= delay:
