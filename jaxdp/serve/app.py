@@ -38,6 +38,7 @@ from jaxdp.serve.problems import responses
 STATIC = Path(__file__).parent / "static"
 MULTIPART_SLACK = 64 << 10  # the multipart envelope around an upload's bytes
 RESERVE_TRIES = 5
+NO_KEY = "A valid API key is needed (Authorization: Bearer jdp_...)."
 # The JobSpec fields a privacy plan depends on (jobs.plan_job).
 PLANNED = (
     "target_epsilon",
@@ -77,7 +78,7 @@ class BodyLimit:
             if await asyncio.to_thread(db.tenant_for_key, self.sessions, key) is None:
                 return await problems.problem(
                     401,
-                    "A valid API key is needed (Authorization: Bearer jdp_...).",
+                    NO_KEY,
                     headers={"WWW-Authenticate": "Bearer"},
                 )(scope, receive, send)
         limit = self.limit(scope["path"])
@@ -114,7 +115,7 @@ def current_tenant(
     if found is None:
         raise HTTPException(
             401,
-            "A valid API key is needed (Authorization: Bearer jdp_...).",
+            NO_KEY,
             headers={"WWW-Authenticate": "Bearer"},
         )
     return found
