@@ -36,17 +36,15 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import dp_accounting
 import optax
 
 from jaxdp import accounting, sampling
 from jaxdp.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from jaxdp.clipping import CLIPPING_MODES
 from jaxdp.noise import add_gaussian_noise
-
-if TYPE_CHECKING:
-    import dp_accounting
 
 log = logging.getLogger("jaxdp")
 
@@ -322,8 +320,6 @@ class PrivacyPlan:
         """The DpEvent of `steps` steps, at the accounting noise multiplier."""
         steps = self.num_steps if steps is None else steps
         if not self.enabled:
-            import dp_accounting
-
             return dp_accounting.NonPrivateDpEvent()
         return accounting.dpsgd_event(self.accounting_noise_multiplier, self.sampling_prob, steps)
 

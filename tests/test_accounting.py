@@ -71,9 +71,10 @@ def test_dpsgd_event_structure():
         dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.5)), 7
     )
     assert accounting.dpsgd_event(1.5, 0.02, 7) == expected
-    # Shuffled / fixed batches are accounted as if Poisson-sampled (approximation).
+    # Shuffled batches are accounted as if Poisson-sampled (approximation).
     assert accounting.dpsgd_event(1.5, 0.02, 7, sampling="shuffle") == expected
-    assert accounting.dpsgd_event(1.5, 0.02, 7, sampling="fixed") == expected
+    with pytest.raises(ValueError, match="sampling"):
+        accounting.dpsgd_event(1.5, 0.02, 7, sampling="fixed")
 
 
 @pytest.mark.parametrize("kind", ["pld", "rdp"])
@@ -91,25 +92,33 @@ def test_epsilon_monotone(kind):
     assert np.all(np.diff(in_q) > 0), in_q
 
 
-def test_compute_delta_inverts_compute_epsilon():
-    for kind in accounting.ACCOUNTANTS:
-        eps = accounting.compute_epsilon(1.0, 0.01, 500, DELTA, accountant=kind)
-        got = accounting.compute_delta(1.0, 0.01, 500, eps, accountant=kind)
-        assert got <= DELTA * 1.01
-        assert accounting.compute_delta(1.0, 0.01, 500, 0.5 * eps, accountant=kind) > DELTA
+@pytest.mark.parametrize(
+    "sigma, q", [(0.4145, 0.008), (1.0, 0.01), (0.05, 0.3), (2.0, 1.0), (0.7, 0.5), (30.0, 1e-3)]
+)
+def test_one_step_pld_is_dp_accountings_bit_for_bit(sigma, q):
+    """The vectorized one-step PLD against dp_accounting's own, point by point."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-
-def test_truncated_poisson():
-    kw = dict(sampling="truncated_poisson", num_examples=400)
-    # A truncation bound >= num_examples never truncates: identical to Poisson sampling.
-    untruncated = accounting.compute_epsilon(1.0, 0.05, 40, DELTA, truncated_batch_size=400, **kw)
-    assert untruncated == pytest.approx(direct_epsilon(1.0, 0.05, 40, DELTA, "pld"), rel=1e-6)
-    with pytest.raises(ValueError, match="pld"):
-        accounting.compute_epsilon(
-            1.0, 0.05, 40, DELTA, accountant="rdp", truncated_batch_size=40, **kw
-        )
-    with pytest.raises(ValueError, match="truncated_batch_size"):
-        accounting.compute_epsilon(1.0, 0.05, 40, DELTA, **kw)
+    interval = accounting.pld_interval(sigma)
+    accounting.gaussian_step_pld.cache_clear()
+    got = accounting.gaussian_step_pld(sigma, q, interval)
+    want = pld_lib.from_gaussian_mechanism(
+        sigma, value_discretization_interval=interval, sampling_prob=q
+    )
+    for side in ("_pmf_remove", "_pmf_add"):
+        a, b = getattr(got, side), getattr(want, side)
+        assert type(a) is type(b)
+        assert a._infinity_mass == b._infinity_mass
+        if hasattr(b, "_probs"):  # dense
+            assert a._lower_loss == b._lower_loss
+            np.testing.assert_array_equal(a._probs, b._probs)
+        else:
+            assert a._loss_probs == b._loss_probs
+    for eps in (0.0, 0.5, 3.0):
+        assert got.get_delta_for_epsilon(eps) == want.get_delta_for_epsilon(eps)
+    assert got.self_compose(50).get_epsilon_for_delta(DELTA) == want.self_compose(
+        50
+    ).get_epsilon_for_delta(DELTA)
 
 
 def test_describe_guarantee():
@@ -184,17 +193,8 @@ def test_calibrate_unreachable_and_invalid_targets():
         accounting.calibrate_noise_multiplier(1.0, 0.0, 0.01, 100)
     with pytest.raises(ValueError, match="steps"):
         accounting.calibrate_noise_multiplier(1.0, DELTA, 0.01, 0)
-    with pytest.raises(ValueError, match="pld"):
-        accounting.calibrate_noise_multiplier(
-            1.0,
-            DELTA,
-            0.01,
-            100,
-            accountant="rdp",
-            sampling="truncated_poisson",
-            num_examples=1000,
-            truncated_batch_size=20,
-        )
+    with pytest.raises(ValueError, match="pld.*rdp"):
+        accounting.calibrate_noise_multiplier(1.0, DELTA, 0.01, 100, accountant="moments")
 
 
 @pytest.mark.parametrize(
