@@ -12,7 +12,7 @@ from sqlalchemy import select
 from test_serve import BASE, Service, fastapi_testclient, spec, tickets
 
 from jaxdp import cli
-from jaxdp.serve import db, jobs
+from jaxdp.serve import db, jobs, planning
 from jaxdp.serve.app import create_app
 
 
@@ -43,6 +43,30 @@ def test_one_delta_per_tenant_for_every_job_cap_check_and_ledger(
     assert db.tenant_for_key(db.connect(service.url), other).delta == 1e-9
     with pytest.raises(ValueError, match="delta"):
         db.create_tenant(db.connect(service.url), "loose", 8.0, delta=1.0)
+
+
+def test_an_unchanged_ledger_is_read_without_composing_it_again(tmp_path, base_model, monkeypatch):
+    """The epsilon a submission composed for the ledger it leaves is the ledger's next read,
+    with no planning call; a server that never saw the submission composes the same number."""
+    service = Service(tmp_path, epsilon_cap=20.0, base_model=base_model)
+    dataset = service.upload(tickets(40)).json()
+    job = service.post("/api/jobs", spec(dataset["id"], target_epsilon=3.0))
+    assert job.status_code == 201, job.text
+    calls = []
+    real_run = planning.Planner.run
+
+    async def counted(self, fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return await real_run(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(planning.Planner, "run", counted)
+    (entry,) = service.get("/api/ledger").json()
+    assert calls == []
+    assert entry["epsilon"] == job.json()["ledger"]["after"]
+    restarted = fastapi_testclient.TestClient(create_app(tmp_path, service.url))
+    (fresh,) = restarted.get("/api/ledger", headers=service.headers).json()
+    assert calls == ["worst_epsilons"]
+    assert fresh["epsilon"] == entry["epsilon"]
 
 
 def test_a_repeated_record_is_one_unit(tmp_path):

@@ -52,7 +52,7 @@ def serve(workdir, *flags):
         deadline = time.monotonic() + 90
         while True:
             try:
-                urllib.request.urlopen(f"{url}/api/health", timeout=2)
+                urllib.request.urlopen(f"{url}/api/ready", timeout=2)  # 503 until ready
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -123,7 +123,14 @@ def test_planning_never_stalls_the_server_and_has_a_deadline(tmp_path):
     the reason, while /api/health and other requests answer at once; an unattainable target is
     refused with the epsilon that is attainable, without a search."""
     key = tenant(tmp_path)
-    with serve(tmp_path, "--workers", "0", "--plan-deadline", "2") as (proc, url, _):
+    with serve(tmp_path, "--workers", "0", "--plan-deadline", "2") as (proc, url, log_path):
+        # `serve` waited for /api/ready (503 while the planner imports), which the log says
+        for _ in range(50):  # within the 0.2 s that the log's watcher polls
+            if re.search(r"Ready \(0 worker\(s\), 1 planner\(s\)", log_path.read_text()):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"No 'Ready' line in the log:\n{log_path.read_text()}")
         dataset = upload(url, key, tickets(40))
         heavy = spec(dataset["id"], steps=1_000_000, target_epsilon=2.0)
         outcome = {}

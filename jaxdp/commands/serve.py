@@ -22,10 +22,13 @@ The database defaults to SQLite in the workdir (W/service.db). Workers are start
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 ADMIN_ACTIONS = (
@@ -135,7 +138,6 @@ def _serve(args: argparse.Namespace, workdir: Path, url: str, options: dict) -> 
     planning processes, all stopped in the app's shutdown, which uvicorn runs on SIGTERM and
     SIGINT before it re-raises the signal; on SIGKILL the children die with the server
     (`supervision.die_with_parent`)."""
-    import contextlib
 
     import uvicorn
 
@@ -146,13 +148,26 @@ def _serve(args: argparse.Namespace, workdir: Path, url: str, options: dict) -> 
     planner = planning.Planner(args.planners)
     supervisor = supervision.WorkerSupervisor(workdir, url, args.workers, options)
 
+    async def announce_ready() -> None:
+        started = time.monotonic()
+        while not (planner.ready() and supervisor.ready()):
+            await asyncio.sleep(0.2)
+        logging.getLogger("jaxdp.serve").info(
+            "Ready (%d worker(s), %d planner(s), %.1f s): GET /api/ready answers 200.",
+            args.workers,
+            args.planners,
+            time.monotonic() - started,
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         supervisor.start()
         app.state.supervisor = supervisor
+        announcing = asyncio.create_task(announce_ready())
         try:
             yield
         finally:
+            announcing.cancel()
             logging.getLogger("jaxdp.serve").info("Stopping the workers and planners.")
             supervisor.stop()
             planner.close()

@@ -167,6 +167,8 @@ def create_app(
         sessions=sessions,
     )
 
+    ledger_memo = planning.LedgerMemo()
+
     async def plan(t: db.Tenant, fn, *args):
         try:
             return await planner.run(fn, *args, tenant=t.id, deadline=plan_deadline)
@@ -225,7 +227,21 @@ def create_app(
 
     @app.get("/api/health")
     def health() -> dict[str, str]:
+        """Liveness: the server answers."""
         return {"status": "ok"}
+
+    @app.get("/api/ready", responses=responses(503))
+    def ready() -> dict[str, str]:
+        """Readiness: the planning processes and the workers have started and imported what
+        they need (seconds of CPU each after a start). Send traffic once this answers 200."""
+        supervisor = getattr(app.state, "supervisor", None)
+        if not planner.ready() or (supervisor is not None and not supervisor.ready()):
+            raise HTTPException(
+                503,
+                "Starting: the planners and workers are not ready yet.",
+                headers={"Retry-After": "1"},
+            )
+        return {"status": "ready"}
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus(request: Request) -> Response:
@@ -425,6 +441,9 @@ def create_app(
                 response.status_code = 200
                 return job
             if job is not None:
+                # Every group of the dataset now holds the new job's event: the ledger's next
+                # read finds its epsilon here (the composition is of the same sorted events).
+                ledger_memo.put(t.id, sorted(sorted([*g, new]) for g in groups), delta, total)
                 return job_json(job, ledger={"spent_before": spent, "after": total, "delta": delta})
         raise HTTPException(
             409, "The ledger kept changing under concurrent submissions: submit again."
@@ -617,7 +636,14 @@ def create_app(
         every job on any dataset holding that record (PLD), at the tenant's delta."""
         rows = await asyncio.to_thread(ledger_rows, t)
         groups = [r.pop("groups") for r in rows]
-        epsilons = await plan(t, planning.worst_epsilons, groups, t.delta)
+        epsilons = [ledger_memo.get(t.id, g, t.delta) for g in groups]
+        unknown = [g for g, e in zip(groups, epsilons, strict=True) if e is None]
+        if unknown:  # composed off the server's interpreter, remembered for the next read
+            computed = iter(await plan(t, planning.worst_epsilons, unknown, t.delta))
+            for i, e in enumerate(epsilons):
+                if e is None:
+                    epsilons[i] = next(computed)
+                    ledger_memo.put(t.id, groups[i], t.delta, epsilons[i])
         return [{**r, "epsilon": e} for r, e in zip(rows, epsilons, strict=True)]
 
     def ledger_rows(t: db.Tenant) -> list[dict[str, Any]]:

@@ -71,6 +71,8 @@ def _forget() -> None:
     from jaxdp.serve import jobs
 
     accounting.calibrate_noise_multiplier.cache_clear()
+    accounting.gaussian_step_pld.cache_clear()
+    accounting.epsilon_curve.cache_clear()
     jobs.clear_caches()
 
 
@@ -112,6 +114,35 @@ def _start_process() -> None:
     from jaxdp.serve import jobs  # noqa: F401
 
 
+class LedgerMemo:
+    """Each tenant's ledger epsilons by ledger state (a dataset's groups of DP events, delta),
+    so that reading a ledger that has not changed composes nothing. A submission stores the
+    epsilon it composed for the ledger it leaves behind; a read stores what it composed. Per
+    tenant: what one tenant's requests computed never answers another's (see `Planner.run`)."""
+
+    def __init__(self, size: int = 4096):
+        self._known: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(tenant: str, groups: list, delta: float) -> tuple[str, str]:
+        return tenant, json.dumps([groups, delta])
+
+    def get(self, tenant: str, groups: list, delta: float) -> float | None:
+        with self._lock:
+            key = self._key(tenant, groups, delta)
+            if key in self._known:
+                self._known.move_to_end(key)
+            return self._known.get(key)
+
+    def put(self, tenant: str, groups: list, delta: float, epsilon: float) -> None:
+        with self._lock:
+            self._known[self._key(tenant, groups, delta)] = epsilon
+            while len(self._known) > self._size:
+                self._known.popitem(last=False)
+
+
 def _warm() -> None:
     """Nothing: scheduled once per process at start-up, so that the processes start now."""
 
@@ -131,8 +162,7 @@ class Planner:
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._running: dict[str, Any] = {}  # key -> the pool's future computing it
-        for _ in range(processes):
-            self._pool.schedule(_warm)
+        self._warming = [self._pool.schedule(_warm) for _ in range(processes)]
 
     @staticmethod
     def _key(fn, args) -> str:
@@ -214,6 +244,10 @@ class Planner:
             PLAN_SECONDS.labels(fn.__name__).observe(elapsed)
             log.info("Planning %s for tenant %s took %.2f s.", fn.__name__, tenant, elapsed)
         return _outcome(outcome)
+
+    def ready(self) -> bool:
+        """Whether the pool's processes have started and imported what plans need."""
+        return all(future.done() for future in self._warming)
 
     @staticmethod
     def shared(processes: int = 1) -> Planner:

@@ -42,13 +42,18 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
-def worker_entry(workdir: str, db_url: str, options: dict[str, Any]) -> None:
-    """A spawned worker process: dies with the server, then claims and runs jobs."""
+def worker_entry(
+    workdir: str, db_url: str, options: dict[str, Any], ready: Any | None = None
+) -> None:
+    """A spawned worker process: dies with the server, imports the training stack (seconds of
+    CPU), says so through `ready` (a multiprocessing Event), then claims and runs jobs."""
     die_with_parent()
     os.nice(WORKER_NICENESS)  # training is batch work: the server's requests come first
     from jaxdp.serve import jobs, logs
 
     logs.configure()
+    if ready is not None:
+        ready.set()
     jobs.run_worker(workdir, db_url, **options)
 
 
@@ -69,6 +74,7 @@ class WorkerSupervisor:
         self.check_seconds = check_seconds
         self.context = multiprocessing.get_context("spawn")
         self.procs: dict[int, tuple[multiprocessing.Process, str]] = {}
+        self._ready: dict[int, Any] = {}  # slot -> the Event its worker sets once imported
         self.restarts = 0
         self.deaths: dict[int, int] = {}
         self._dead_since: dict[int, float] = {}
@@ -80,14 +86,16 @@ class WorkerSupervisor:
     def _start(self, slot: int) -> None:
         self._generation += 1
         worker_id = f"{os.uname().nodename}:{os.getpid()}:w{slot}.{self._generation}"
+        ready = self.context.Event()
         proc = self.context.Process(
             target=worker_entry,
-            args=(str(self.workdir), self.db_url, {**self.options, "worker_id": worker_id}),
+            args=(str(self.workdir), self.db_url, {**self.options, "worker_id": worker_id}, ready),
             name=f"jaxdp-worker-{slot}",
             daemon=True,
         )
         proc.start()
         self.procs[slot] = (proc, worker_id)
+        self._ready[slot] = ready
         log.info("Worker %s started (pid %d).", worker_id, proc.pid)
 
     def start(self) -> WorkerSupervisor:
@@ -98,6 +106,10 @@ class WorkerSupervisor:
 
     def alive(self) -> int:
         return sum(proc.is_alive() for proc, _ in self.procs.values())
+
+    def ready(self) -> bool:
+        """Whether every worker started so far has imported what it needs."""
+        return all(event.is_set() for event in self._ready.values())
 
     def _watch(self) -> None:
         """Checks the workers every `check_seconds`. It never ends before `stop`: an error (the

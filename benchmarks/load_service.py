@@ -2,8 +2,8 @@
 server on 127.0.0.1, follow their jobs to the end and download a result; then every job is
 checked: none lost (each submitted job exists and ended), none run twice (claimed once).
 
-    python scripts/load_service.py --clients 50 --workers 1
-    python scripts/load_service.py --url http://127.0.0.1:8000 --workdir W   # a server running
+    python benchmarks/load_service.py --clients 50 --workers 1 [--ramp 5]
+    python benchmarks/load_service.py --url http://127.0.0.1:8000 --workdir W   # a server running
 
 Without --url it starts `jaxdp serve` itself (a temporary workdir, a tiny random GPT-2 as the
 base model, one tenant per client). Prints requests/s and p50/p99 latency per kind of request
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
@@ -73,6 +74,7 @@ class Timings:
 
 async def one_client(i, base, key, base_model, args, timings: Timings) -> str | None:
     headers = {"Authorization": f"Bearer {key}"}
+    await asyncio.sleep(i * args.ramp / args.clients)  # clients arrive over `ramp` seconds
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as c:
         await timings.request(c, "me", "GET", "/api/me")
         files = {"file": (f"client{i}.txt", records(i, args.records), "text/plain")}
@@ -150,12 +152,11 @@ def start_server(workdir: Path, args) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "jaxdp.cli", "serve", *flags.split()], stdout=log, stderr=log
     )
     base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/api/health").status_code == 200:
+    for _ in range(600):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/api/ready").status_code == 200:  # 503 while starting
                 return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
+        time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"The server did not start; see {workdir / 'server.log'}")
 
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="worker processes of a started server")
     p.add_argument("--records", type=int, default=40, help="records per uploaded dataset")
     p.add_argument("--steps", type=int, default=2, help="DP-SGD steps per job")
+    p.add_argument(
+        "--ramp", type=float, default=5.0, help="seconds over which the clients start (0: at once)"
+    )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between job polls")
     p.add_argument("--url", help="a running server (then --workdir must be its workdir)")
     p.add_argument("--workdir", type=Path, help="default: a temporary directory")
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     claims = [j.claims for j in rows]
     summary |= {
         "clients": args.clients,
+        "ramp_seconds": args.ramp,
         "workers": args.workers,
         "steps_per_job": args.steps,
         "jobs": len(rows),
