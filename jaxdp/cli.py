@@ -1,4 +1,4 @@
-"""The `jaxdp` command: `jaxdp train | epsilon | export | audit | benchmark | serve |
+"""The `jaxdp` command: `jaxdp train | epsilon | export | audit | serve |
 train-reward | best-of-n [ARGS]`.
 
 Each subcommand is a module of `jaxdp.commands` with `main(argv) -> exit status`; `jaxdp
@@ -15,7 +15,6 @@ COMMANDS = {
     "epsilon": ("jaxdp.commands.epsilon", "epsilon of a DP-SGD run, or the noise for a target"),
     "export": ("jaxdp.commands.export", "export a run or HF model to a PyTorch directory"),
     "audit": ("jaxdp.commands.audit", "audit a config with canaries (exposure, epsilon bound)"),
-    "benchmark": ("jaxdp.commands.benchmark", "speed and memory of the DP-SGD engines"),
     "serve": ("jaxdp.commands.serve", "the private fine-tuning service (web page, API, workers)"),
     "train-reward": ("jaxdp.commands.train_reward", "train a DP reward model (preference pairs)"),
     "best-of-n": ("jaxdp.commands.best_of_n", "best-of-N responses scored by a DP reward model"),

@@ -19,7 +19,7 @@ def test_the_console_script_is_installed_and_lists_its_commands(capsys):
     assert shutil.which("jaxdp") is not None  # [project.scripts]
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("train", "epsilon", "export", "audit", "benchmark"):
+    for name in ("train", "epsilon", "export", "audit", "serve"):
         assert f"  {name} " in out
     assert cli.main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
 

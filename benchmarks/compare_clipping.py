@@ -1,6 +1,6 @@
 """Fixed vs adaptive clipping, flat vs per-layer (fused), at several epsilons: one markdown table.
 
-    python scripts/compare_clipping.py --steps 150 --epsilons 3 8 --out runs/clipping.md
+    python benchmarks/compare_clipping.py --steps 150 --epsilons 3 8 --out runs/clipping.md
 
 Trains `configs/tiny_offline.py` (a tiny random GPT-2 on WikiText-2 valid, evaluated on the
 first 64 blocks of WikiText-2 test, expected batch 32) once per (epsilon, variant), with the

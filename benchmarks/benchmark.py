@@ -67,7 +67,7 @@ run before it: run nonprivate first), so a run cut short keeps what it measured:
 
 CPU (a quick check; the tiny model still has GPT-2's 50257-token vocabulary):
 
-    jaxdp benchmark --model tiny --batch 8 --seq 64 --modes nonprivate,vmap
+    python benchmarks/benchmark.py --model tiny --batch 8 --seq 64 --modes nonprivate,vmap
 
 `--compile-only` skips the timed steps and reports only what the compiler knows (compile_s,
 grad_step_flops, grad_step_temp_bytes, state_bytes, estimated_peak_bytes): a quick,
@@ -79,8 +79,8 @@ non-private, the clipping plan, both in bf16, then fused, ghost and vmap), each 
 process, and prints one markdown table; `--compile-only` checks on any machine that every mode
 compiles (and reports the FLOPs and XLA memory estimates):
 
-    jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl
-    jaxdp benchmark --suite gpu --compile-only
+    python benchmarks/benchmark.py --suite gpu --steps 5 --warmup 1 --out results.jsonl
+    python benchmarks/benchmark.py --suite gpu --compile-only
 
 A timed suite first compiles every mode, --jobs (4) at a time, each into a compilation cache
 of its own and its steps serialized (`save_executables`), then times each mode alone with its
@@ -95,13 +95,14 @@ keeps the rows already in --out (same arguments) and runs only the missing modes
 `--cache-dir` keeps the compile pass's caches and rows, so that the modes compiled there before
 (same machine, same jaxdp sources and JAX) are not compiled again:
 
-    jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl --cache-dir cache
-    jaxdp benchmark --suite gpu --steps 5 --warmup 1 --out results.jsonl --cache-dir cache --resume
+    python benchmarks/benchmark.py --suite gpu --steps 5 --warmup 1 --out r.jsonl --cache-dir c
+    python benchmarks/benchmark.py --suite gpu --steps 5 --warmup 1 --out r.jsonl --cache-dir c \
+        --resume
 
 One setting at a time (if a mode runs out of memory its line says so; retry with a smaller
 --microbatch):
 
-    jaxdp benchmark --model gpt2-xl --batch 16 --seq 256 \
+    python benchmarks/benchmark.py --model gpt2-xl --batch 16 --seq 256 \
         --modes nonprivate,ghost_plan,ghost --microbatch 4 --out results.jsonl
 
 Invalid arguments exit with status 2.
@@ -110,6 +111,7 @@ Invalid arguments exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -786,8 +788,7 @@ def run_single(args: argparse.Namespace) -> None:
 def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     command = [
         sys.executable,
-        "-m",
-        "jaxdp.commands.benchmark",
+        str(Path(__file__).resolve()),
         f"--model={args.model}",
         f"--batch={args.batch}",
         f"--seq={args.seq}",
@@ -1190,9 +1191,10 @@ def code_version() -> str:
     # The libraries that shape the traced program, besides jaxdp's sources.
     for name in ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes"):
         digest.update(f"{name}=={metadata.version(name)};".encode())
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    package = Path(importlib.util.find_spec("jaxdp").origin).resolve().parent
+    for path in sorted([*package.rglob("*.py"), Path(__file__).resolve()]):
+        name = path.relative_to(package.parent) if path.is_relative_to(package) else path.name
+        digest.update(str(name).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
