@@ -64,7 +64,7 @@ def one_run_epsilon_lower_bound(
     (eps, delta)-DP for any eps below the returned "epsilon_lower_bound".
     """
     # jax_privacy is the `audit` extra: imported only by the audit that needs it.
-    from jax_privacy.auditing import CanaryScoreAuditor
+    from jax_privacy.auditing import CanaryScoreAuditor  # noqa: PLC0415 (the audit extra)
 
     auditor = CanaryScoreAuditor(-np.asarray(in_losses), -np.asarray(out_losses))
     return {

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-PyTree = Any
+from jaxdp.params import PyTree
+
 CLIPPING_MODES = ("flat", "per_layer")
 
 

@@ -57,7 +57,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     GPT-2's byte-level BPE tokenizer with `<|endoftext|>` as EOS.
     """
     # transformers (the `hf` extra) is imported by the functions that need it only.
-    import transformers
+    import transformers  # noqa: PLC0415 (the hf extra)
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -281,7 +281,7 @@ def _csv_records(source: TextSource) -> Iterator[list[tuple[str, Any]]]:
 
 def _hf_records(source: TextSource) -> Iterator[list[tuple[str, Any]]]:
     # datasets (the `hf` extra) is imported by the source that needs it only.
-    import datasets
+    import datasets  # noqa: PLC0415 (the hf extra)
 
     try:
         ds = datasets.load_dataset(source.dataset, source.config, split=source.split)
@@ -307,7 +307,7 @@ def _hf_records(source: TextSource) -> Iterator[list[tuple[str, Any]]]:
 
 def _tfds_records(source: TextSource) -> Iterator[list[tuple[str, Any]]]:
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (the tfds extra)
     except ImportError as e:
         raise ImportError(
             "data.source='tfds' needs TensorFlow Datasets: pip install 'jaxdp[tfds]'."

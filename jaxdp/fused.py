@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +51,8 @@ from jaxdp.clipping import (
 )
 from jaxdp.gpt2 import Tape
 from jaxdp.loss import example_loss
-from jaxdp.params import merge, path_name
+from jaxdp.params import PyTree, merge, path_name
 
-PyTree = Any
 WTE = "wte.embedding"
 WTE_IN, WTE_OUT = f"{WTE}:input", f"{WTE}:output"
 MAX_LEAVES = 4  # parameter tensors of one layer (a LoRA dense layer: kernel, bias, lora_a, lora_b)

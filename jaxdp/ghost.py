@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +73,8 @@ from jaxdp.clipping import (
 from jaxdp.gpt2 import Tape
 from jaxdp.lora import LoRALinear
 from jaxdp.loss import example_loss
-from jaxdp.params import merge, path_name
+from jaxdp.params import PyTree, merge, path_name
 
-PyTree = Any
 STRATEGIES = ("auto", "ghost", "instantiate")
 
 _LN_SUFFIXES = ("ln_1", "ln_2", "ln_f")

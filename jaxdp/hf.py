@@ -63,7 +63,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None =
         raise FileNotFoundError(f"Model directory not found: {path}")
     try:
         # huggingface_hub (the `hf` extra) is needed only to download from the Hub.
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 (the hf extra)
 
         return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # network errors, offline mode, unknown repo, auth, ...
@@ -138,7 +138,7 @@ def _read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
     bin_path = model_dir / "pytorch_model.bin"
     if bin_path.is_file():
         try:
-            import torch
+            import torch  # noqa: PLC0415 (optional: a .bin checkpoint)
         except ImportError as e:
             raise ImportError(
                 f"{bin_path} is a PyTorch pickle; install torch to read it, or convert it to "

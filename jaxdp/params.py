@@ -14,7 +14,7 @@ from typing import Any
 
 from flax import nnx
 
-PyTree = Any
+PyTree = Any  # the one alias of the package: a pytree of arrays
 
 
 def path_name(path: Sequence[Any]) -> str:

@@ -173,8 +173,8 @@ def build_embeddings(
 ) -> Embeddings:
     """Word2vec (gensim) embeddings of a PUBLIC corpus's most frequent `vocab_size` words."""
     # gensim (the `serve` extra) is needed by this builder only.
-    from gensim import utils
-    from gensim.models import Word2Vec
+    from gensim import utils  # noqa: PLC0415 (optional: building embeddings)
+    from gensim.models import Word2Vec  # noqa: PLC0415 (optional)
 
     sentences = [
         [w.lower() for w in WORD.findall(line)]

@@ -32,11 +32,10 @@ import optax
 from jaxdp import accounting, randomness, sampling
 from jaxdp import steps as steps_lib
 from jaxdp.adaptive import AdaptiveClipping
+from jaxdp.params import PyTree
 from jaxdp.plan import PrivacyPlan
 from jaxdp.randomness import Secrets
 from jaxdp.release import mechanism_record
-
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

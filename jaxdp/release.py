@@ -29,13 +29,16 @@ for each dataset's N, and NOISED fields that are functions of the released model
 from __future__ import annotations
 
 import enum
+import gzip
 import json
 import math
 import os
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from jaxdp import hf, lora
 from jaxdp.tracking import JsonlLog, namespaced, read_metrics
 from jaxdp.workdir import Workdir
 
@@ -214,8 +217,7 @@ class RunRelease:
     def model(self, model, tokenizer, record: dict[str, Any], *, base: str | None, peft: bool):
         """hf/ (LoRA merged: a plain GPT2LMHeadModel) and, for LoRA on a pretrained base with
         `peft`, peft/; each with a model card stating `record`'s guarantee."""
-        # (Imported here: the model's packages are not needed to release metrics.)
-        from jaxdp import hf, lora, report
+        from jaxdp import report  # noqa: PLC0415 (matplotlib, the train extra: only here)
 
         checked(record, PRIVACY_FIELDS, "the model card")
         if not self.enabled:
@@ -251,8 +253,6 @@ def public_paths(wd: Workdir) -> list[Path]:
 def archive(wd: Workdir, out: str | Path) -> Path:
     """A deterministic .tar.gz of the run's publishable files (sorted; every entry's time
     RELEASE_MTIME, owner 0, mode 0644/0755): what to publish, with no file system timing."""
-    import gzip
-    import tarfile
 
     out = Path(out)
     with (
@@ -275,7 +275,7 @@ def archive(wd: Workdir, out: str | Path) -> Path:
 
 def render_report(metrics_path: Path, out_path: Path, title: str, target_epsilon) -> Path:
     """report.png: a function of metrics.jsonl and two settings."""
-    from jaxdp import report  # matplotlib: only where a report is drawn
+    from jaxdp import report  # noqa: PLC0415 (matplotlib, the train extra)
 
     return report.plot_public(metrics_path, out_path, title=title, target_epsilon=target_epsilon)
 
@@ -285,8 +285,8 @@ def render_board(metrics_path: Path, out_dir: Path) -> Path | None:
     each event's wall time set to its step (a real clock would time the private data). Written
     whole each time (an atomic replace). None when tensorboardX is not installed."""
     try:
-        from tensorboardX.proto import event_pb2, summary_pb2
-        from tensorboardX.record_writer import RecordWriter
+        from tensorboardX.proto import event_pb2, summary_pb2  # noqa: PLC0415 (optional)
+        from tensorboardX.record_writer import RecordWriter  # noqa: PLC0415 (optional)
     except ImportError:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,7 @@ def _scalar(value: Any) -> bool:
 
 def board_scalars(out_dir: Path) -> Iterable[tuple[int, float, str, float]]:
     """(step, wall time, tag, value) of every scalar in tensorboard/ (for tests and readers)."""
-    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415 (optional)
 
     data = (out_dir / BOARD_FILE).read_bytes()
     pos = 0

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdp import data
+from jaxdp.hf import HubUnavailableError
 from jaxdp.params import merge
 
 ASSISTANT = "\n\nAssistant:"
@@ -109,10 +110,8 @@ def load_preferences(
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not JSON ({e}).") from None
     else:
-        from jaxdp.hf import HubUnavailableError
-
         try:
-            import datasets
+            import datasets  # noqa: PLC0415 (the hf extra)
 
             rows = datasets.load_dataset(source, split=split)
         except Exception as e:

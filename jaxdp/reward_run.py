@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from jaxdp import data, hf, lora, reward
 from jaxdp.config import _optional
@@ -239,8 +240,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
 def save_reward_model(out: Path, params, cfg, dim: int) -> None:
     """model.safetensors (w [D], LoRA adapters by path) + config.json (how to rebuild phi)."""
-    from safetensors.numpy import save_file
-
     out.mkdir(parents=True)
     tensors = {"w": np.asarray(params["w"], np.float32)}
     if "lora" in params:
@@ -266,8 +265,6 @@ class RewardModel:
     """A saved reward model, ready to score (prompt, response) pairs."""
 
     def __init__(self, directory: str | Path):
-        from safetensors.numpy import load_file
-
         directory = Path(directory)
         self.meta = json.loads((directory / "config.json").read_text())
         tensors = load_file(str(directory / "model.safetensors"))
@@ -302,7 +299,7 @@ class RewardModel:
 
 
 def _plot(history: list[dict], out: Path, report: dict) -> None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # noqa: PLC0415 (the train extra)
 
     fig = Figure(figsize=(10, 4))
     ax_acc, ax_eps = fig.subplots(1, 2)

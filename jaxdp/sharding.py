@@ -17,16 +17,16 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdp.params import PyTree
+
 log = logging.getLogger("jaxdp")
 
-PyTree = Any
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MIN_SHARDED_SIZE = 2**14  # smaller arrays are replicated: sharding them costs more than it saves

@@ -35,10 +35,9 @@ from jaxdp import clipping, fused, ghost, sharding
 from jaxdp.clipping import NORM_BINS, ClipStats
 from jaxdp.loss import example_loss, model_example_loss, next_token_losses, token_accuracy
 from jaxdp.noise import GaussianNoiseState
-from jaxdp.params import merge, split
+from jaxdp.params import PyTree, merge, split
 from jaxdp.plan import PrivacyPlan
 
-PyTree = Any
 # Per-example clipping engines (jaxdp.clipping, jaxdp.ghost, jaxdp.fused).
 ENGINES = ("vmap", "ghost", "fused")
 # {"tokens": [P, T] int32, "is_padding": [P] bool, optional "segment_ids": [P] int32}

@@ -68,7 +68,7 @@ class MetricsWriter:
         self._board = None
         if enabled and tensorboard and importlib.util.find_spec("tensorboardX") is not None:
             # tensorboardX is optional: TensorBoard logs are written when it is installed.
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional)
 
             self._board = SummaryWriter(str(wd.private / "tensorboard"))
 

@@ -31,8 +31,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -265,8 +267,6 @@ _ADDED_COLUMNS = (
 def _add_missing_columns(engine: Engine) -> None:
     """ALTER TABLE ... ADD COLUMN for each of `_ADDED_COLUMNS` an older database lacks (existing
     rows get the default)."""
-    from sqlalchemy import inspect, text
-
     inspector = inspect(engine)
     exists = "" if engine.dialect.name == "sqlite" else "IF NOT EXISTS "  # racing first starts
     for table, column, ddl in _ADDED_COLUMNS:
