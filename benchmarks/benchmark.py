@@ -596,9 +596,9 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 result["steps_loaded_from"] = "serialized executables"
                 ran_first_step = True
             except Exception as e:
-                from jaxdp.run import _out_of_memory
+                from jaxdp.memory import out_of_memory
 
-                if _out_of_memory(e):  # the mode's own failure, not the executables'
+                if out_of_memory(e):  # the mode's own failure, not the executables'
                     raise
                 failure = _error_message(e)  # (the traceback, which holds the state, ends here)
             if failure is not None:

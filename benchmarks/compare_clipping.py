@@ -47,7 +47,7 @@ def _set(cfg, dotted: str, value) -> None:
 
 def one_run(epsilon: float, variant: str, args) -> dict:
     from jaxdp import run as run_lib
-    from jaxdp.config import load_config_file
+    from jaxdp.config import load_config_file, to_settings
 
     cfg = load_config_file(str(REPO / "configs" / "tiny_offline.py"))
     cfg.dp.target_epsilon = epsilon
@@ -68,7 +68,7 @@ def one_run(epsilon: float, variant: str, args) -> dict:
         elif event.kind == "eval":
             evals.add(event.step)
 
-    summary = run_lib.run(cfg, workdir, callbacks=[timer])
+    summary = run_lib.run(to_settings(cfg), workdir, callbacks=[timer])
     intervals = [
         t1 - t0
         for (s0, t0), (s1, t1) in zip(times, times[1:], strict=False)

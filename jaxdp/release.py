@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdp import hf, lora
+from jaxdp.randomness import FIXED_SEED_LABEL
 from jaxdp.tracking import JsonlLog, namespaced, read_metrics
 from jaxdp.workdir import Workdir
 
@@ -326,3 +327,20 @@ def board_scalars(out_dir: Path) -> Iterable[tuple[int, float, str, float]]:
         pos += 12 + length + 4
         for value in event.summary.value:
             yield event.step, event.wall_time, value.tag, value.simple_value
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    """One line for the console: steps and epsilon with every label it carries."""
+    eps = summary["epsilon"]
+    steps_done = summary["steps"]
+    if summary.get("delta") is None:
+        return f"{steps_done} steps, non-private"
+    if eps is None:
+        return f"{steps_done} steps, {summary['guarantee']}"
+    labels = []
+    if summary["epsilon_is_approximate"]:
+        labels.append("APPROXIMATE: batches not Poisson-sampled")
+    if summary.get("randomness") == FIXED_SEED_LABEL:
+        labels.append(FIXED_SEED_LABEL)
+    label = f" ({'; '.join(labels)})" if labels else ""
+    return f"{steps_done} steps, epsilon = {eps:.4g} at delta = {summary['delta']:.3g}{label}"

@@ -15,11 +15,13 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -178,3 +180,27 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def host_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars as floats, vectors (per-group values) as lists of floats."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v.ravel()]
+    return out
+
+
+def check_step(plan, metrics, done: int, ckpt) -> None:
+    if plan.enabled and float(metrics["num_nonfinite"]) > 0:
+        log.warning(
+            "Step %d: %d examples had non-finite gradients (zeroed, still private).",
+            done,
+            int(metrics["num_nonfinite"]),
+        )
+    if not plan.enabled and not math.isfinite(float(metrics["train_loss"])):
+        # The state now holds the bad update: keep it out of the checkpoints.
+        raise FloatingPointError(
+            f"Non-finite training loss at step {done}; lower the learning rate. The latest "
+            f"checkpoint (step {ckpt.latest_step()}) is unaffected."
+        )

@@ -28,8 +28,9 @@ import numpy as np
 import optax
 from conftest import REPO
 
-from jaxdp import data, randomness, release
+from jaxdp import builders, data, evaluators, randomness, release
 from jaxdp import run as run_lib
+from jaxdp.config import to_settings
 from jaxdp.release import PRIVACY_FIELDS, Source
 from jaxdp.workdir import Workdir
 
@@ -112,7 +113,7 @@ def run_trainer_on_neighbours(make_cfg, root: Path, unit: str) -> tuple[dict, di
         tokenizer = data.load_tokenizer(cfg.data.tokenizer)
         counts[name] = count_units(train, unit, tokenizer, cfg.data.block_size)
         workdirs[name] = root / name
-        run_lib.run(cfg, workdirs[name])
+        run_lib.run(to_settings(cfg), workdirs[name])
     assert counts["D-x"] < counts["D"] < counts["D+x"], counts
     return workdirs, counts, cfg
 
@@ -154,7 +155,7 @@ def _plan(cfg, n: int):
     unit = data.describe_unit(
         cfg.data.privacy_unit, cfg.data.block_size, cfg.data.max_blocks_per_unit
     )
-    return run_lib.privacy_plan(cfg, n, unit=unit, unit_kind=cfg.data.privacy_unit)
+    return builders.privacy_plan(to_settings(cfg), n, unit=unit, unit_kind=cfg.data.privacy_unit)
 
 
 def check_run_release(cfg, workdirs: dict[str, Path], counts: dict[str, int]) -> None:
@@ -249,7 +250,7 @@ def _check_model_outputs(cfg, wd: Path, metrics, samples, privacy) -> None:
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     last = privacy["steps"]
     final = _unprefixed(next(r for r in metrics if r["step"] == last and "public/eval_loss" in r))
-    _, source = run_lib.text_sources(cfg.data)
+    _, source = builders.text_sources(cfg.data)
     unit = "block" if cfg.data.privacy_unit == "block" else "record"
     rows = data.load_rows(
         source,
@@ -259,9 +260,10 @@ def _check_model_outputs(cfg, wd: Path, metrics, samples, privacy) -> None:
         max_blocks_per_unit=cfg.data.max_blocks_per_unit,
     ).first_rows(cfg.data.max_eval_examples)
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    got = run_lib.evaluate(
-        jax.jit(steps.make_eval_step(graphdef)), state, rows, cfg.train.eval_batch_size, mesh
-    )
+    got = evaluators.evaluate(
+        jax.jit(steps.make_eval_step(graphdef)), state.params, state.frozen, rows,
+        cfg.train.eval_batch_size, mesh,
+    )  # fmt: skip
     for key, value in got.items():
         # The same model on the same data, but another compiled program (no train state split
         # into trainable and frozen): float32 summation order may differ in the last bits.

@@ -14,6 +14,7 @@ from scipy import stats
 import jaxdp
 from jaxdp import adaptive, clipping, fused, noise, steps
 from jaxdp.adaptive import AdaptiveClipping
+from jaxdp.config import to_settings
 from jaxdp.plan import PrivacyPlan
 from jaxdp.randomness import Secrets
 
@@ -308,12 +309,12 @@ def test_run_with_adaptive_clipping_publishes_only_dp_releases_and_resumes_exact
     cfg.dp.diagnostics = True
     undo = kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run(cfg, tmp_path / "resumed")
+        run_lib.run(to_settings(cfg), tmp_path / "resumed")
     undo()
     assert checkpoint.manager(tmp_path / "resumed").latest_step() == 2
-    resumed = run_lib.run(cfg, tmp_path / "resumed")
+    resumed = run_lib.run(to_settings(cfg), tmp_path / "resumed")
     same_secrets(tmp_path / "resumed", tmp_path / "full")
-    assert run_lib.run(cfg, tmp_path / "full") == resumed
+    assert run_lib.run(to_settings(cfg), tmp_path / "full") == resumed
     public = read_metrics(tmp_path / "full" / "metrics.jsonl")
     private = read_metrics(tmp_path / "full" / "private" / "metrics.jsonl")
     assert public == read_metrics(tmp_path / "resumed" / "metrics.jsonl")

@@ -10,6 +10,7 @@ import pytest
 from conftest import SAFE
 
 from jaxdp import clipping
+from jaxdp.config import to_settings
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss as make_example_loss
 from jaxdp.steps import init_state
@@ -202,13 +203,13 @@ def _cells(blocks, k):
     plan is made for THIS dataset's size, as the trainer makes it, with dp.num_cells = 3."""
     from conftest import load_config
 
-    from jaxdp import run as run_lib
+    from jaxdp import builders
     from jaxdp.sampling import content_cells
 
     cfg = load_config("tiny_offline")
     cfg.dp.update(group_size=k, num_cells=3, noise_multiplier=1.0, target_epsilon=None)
     cfg.dp.expected_batch_size = 1
-    plan = run_lib.privacy_plan(cfg, max(len(blocks), 1))
+    plan = builders.privacy_plan(to_settings(cfg), max(len(blocks), 1))
     return content_cells(blocks, plan.num_cells)
 
 

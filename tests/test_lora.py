@@ -11,8 +11,9 @@ import pytest
 from conftest import dp_plan, load_config, small
 from flax import nnx
 
-from jaxdp import hf, lora, steps
+from jaxdp import builders, hf, lora, steps
 from jaxdp import run as run_lib
+from jaxdp.config import to_settings
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss
 from jaxdp.params import path_name, trainable_filter
@@ -76,17 +77,17 @@ def test_frozen_parameters_are_bit_identical_after_dp_training(tmp_path, use_lor
         cfg.model.lora_rank = 2
     else:
         cfg.model.trainable = (r"h\.1\..*",)
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     from jaxdp import checkpoint
 
     mngr = checkpoint.manager(tmp_path)
     meta = checkpoint.read_meta(mngr, mngr.latest_step())
     assert meta["trainable"] == ([lora.LORA_PATTERN] if use_lora else [r"h\.1\..*"])
     # The initial model, rebuilt the way the run built it.
-    model_config = run_lib.model_configuration(cfg.model)
-    initial = run_lib.build_model(cfg.model, model_config, seed=cfg.train.seed)
+    model_config = builders.model_configuration(to_settings(cfg).model)
+    initial = builders.build_model(to_settings(cfg).model, model_config, seed=cfg.train.seed)
     _, init_params, init_frozen = nnx.split(
-        initial, trainable_filter(run_lib.trainable_patterns(cfg.model)), ...
+        initial, trainable_filter(builders.trainable_patterns(to_settings(cfg).model)), ...
     )
     import orbax.checkpoint as ocp
 
@@ -210,7 +211,7 @@ def test_lora_run_on_a_pretrained_base_exports_merged_and_peft(tmp_path):
     cfg.model.lora_rank = 2
     cfg.dp.engine = "ghost"  # LoRA through the ghost engine (vmap: the frozen-parameter test)
     cfg.optim.learning_rate = 0.05
-    run_lib.run(cfg, tmp_path / "run")
+    run_lib.run(to_settings(cfg), tmp_path / "run")
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "hf").eval()
     adapted = peft.PeftModel.from_pretrained(
         transformers.GPT2LMHeadModel.from_pretrained(base_dir), tmp_path / "run" / "peft"

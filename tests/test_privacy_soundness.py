@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxdp import checkpoint, randomness
 from jaxdp import run as run_lib
+from jaxdp.config import to_settings
 from jaxdp.tracking import read_metrics
 from jaxdp.workdir import RunMismatchError, RunRecord, Workdir
 
@@ -41,9 +42,9 @@ def test_default_runs_on_neighbouring_datasets_add_independent_noise(tmp_path):
     cfg.dp.noise_multiplier, cfg.dp.l2_clip_norm = sigma, C
     cfg.optim.name, cfg.optim.learning_rate = "sgd", 1.0
     cfg.train.export_hf = False
-    run_lib.run(cfg, tmp_path / "d")
+    run_lib.run(to_settings(cfg), tmp_path / "d")
     x = np.arange(cfg.data.block_size, dtype=np.int32)[None] + 1000  # one more example
-    run_lib.run(cfg, tmp_path / "d_plus_x", extra_train_blocks=x)
+    run_lib.run(to_settings(cfg), tmp_path / "d_plus_x", extra_train_blocks=x)
     diff = _params(tmp_path / "d") - _params(tmp_path / "d_plus_x")
     B = cfg.dp.expected_batch_size
     expected = math.sqrt(2) * sigma * C / B
@@ -59,7 +60,7 @@ def _public_files(root):
 
 def test_released_files_hold_no_secret_and_no_noise_free_statistic(tmp_path):
     cfg = small(load_config("tiny_offline"))
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     wd = Workdir(tmp_path)
     secrets = RunRecord.load(wd.run_record).secrets
     assert not secrets.fixed_by_user and summary["randomness"] == secrets.label
@@ -107,14 +108,14 @@ def test_crash_after_logging_uncheckpointed_steps_replays_them_exactly(tmp_path,
         run_dir = tmp_path / f"kill{kill_step}"
         undo = kill_at_step(monkeypatch, kill_step)
         with pytest.raises(KeyboardInterrupt):
-            run_lib.run(cfg, run_dir)
+            run_lib.run(to_settings(cfg), run_dir)
         undo()
         wd = Workdir(run_dir)
         assert checkpoint.manager(run_dir).latest_step() == checkpointed
         logs = (wd.metrics, wd.private_metrics)
         logged = [_without_timing(_jsonl(path)) for path in logs]
         assert [r["step"] for r in logged[1]] == list(range(1, kill_step + 1))
-        summary = run_lib.run(cfg, run_dir)
+        summary = run_lib.run(to_settings(cfg), run_dir)
         for before, path in zip(logged, logs, strict=True):
             again = _without_timing(_jsonl(path))
             assert again[: len(before)] == before, path
@@ -141,14 +142,14 @@ def test_eval_outputs_come_from_checkpoints_so_resuming_cannot_release_them_twic
     cfg.train.keep_checkpoints = 10
     undo = kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run(cfg, tmp_path)  # steps 1 and 2 evaluated and released
+        run_lib.run(to_settings(cfg), tmp_path)  # steps 1 and 2 evaluated and released
     undo()
     wd = Workdir(tmp_path)
     assert checkpoint.manager(tmp_path).all_steps() == [1, 2]  # every eval checkpointed first
     released = [_jsonl(wd.metrics), _jsonl(wd.samples)]
     assert [r["step"] for r in released[0]] == [1, 2] and "public/eval_loss" in released[0][1]
     cfg.dp.microbatch_size = 1  # a resumable setting changed
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     for before, path in zip(released, (wd.metrics, wd.samples), strict=True):
         assert _jsonl(path)[: len(before)] == before
 
@@ -162,17 +163,17 @@ def test_resuming_on_other_data_is_refused(tmp_path, monkeypatch):
     cfg.data.train_files = (str(text),)
     undo = kill_at_step(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run(cfg, tmp_path / "w")  # step 1 logged, no checkpoint yet
+        run_lib.run(to_settings(cfg), tmp_path / "w")  # step 1 logged, no checkpoint yet
     undo()
     text.write_text(source[:19000] + source[20000:21000])  # one example changed
     with pytest.raises(RunMismatchError, match="data_sha256"):
-        run_lib.run(cfg, tmp_path / "w")
+        run_lib.run(to_settings(cfg), tmp_path / "w")
 
 
 def test_fixed_noise_seed_is_labelled_everywhere(tmp_path):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_seed = 5
-    summary = run_lib.run(cfg, tmp_path / "a")
+    summary = run_lib.run(to_settings(cfg), tmp_path / "a")
     assert summary["randomness"] == randomness.FIXED_SEED_LABEL
     records = read_metrics(tmp_path / "a" / "metrics.jsonl", "public")
     assert records and all(r["noise_seed_fixed_by_user"] for r in records)
@@ -181,10 +182,10 @@ def test_fixed_noise_seed_is_labelled_everywhere(tmp_path):
     assert config["dp"]["noise_seed"] != 5 and "private" in config["dp"]["noise_seed"]
     assert randomness.FIXED_SEED_LABEL in run_lib.describe_result(summary)
     # Reproducible: the same seed gives the same run.
-    again = run_lib.run(cfg, tmp_path / "b")
+    again = run_lib.run(to_settings(cfg), tmp_path / "b")
     assert again == summary
     np.testing.assert_array_equal(_params(tmp_path / "a"), _params(tmp_path / "b"))
-    default = run_lib.run(small(load_config("tiny_offline")), tmp_path / "c")
+    default = run_lib.run(to_settings(small(load_config("tiny_offline"))), tmp_path / "c")
     assert randomness.FIXED_SEED_LABEL not in run_lib.describe_result(default)
 
 
@@ -193,8 +194,8 @@ def test_workdirs_without_their_secrets_are_refused(tmp_path):
     old = tmp_path / "old_layout"
     (old / "checkpoints" / "2").mkdir(parents=True)  # written by jaxdp with a public seed
     with pytest.raises(RunMismatchError, match="public"):
-        run_lib.run(cfg, old)
-    run_lib.run(cfg, tmp_path / "lost")
+        run_lib.run(to_settings(cfg), old)
+    run_lib.run(to_settings(cfg), tmp_path / "lost")
     (tmp_path / "lost" / "private" / "run.json").unlink()
     with pytest.raises(RunMismatchError, match="secret randomness"):
-        run_lib.run(cfg, tmp_path / "lost")
+        run_lib.run(to_settings(cfg), tmp_path / "lost")

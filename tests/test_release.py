@@ -68,19 +68,19 @@ def test_trainer_releases_nothing_of_the_data_beyond_its_noised_model(tmp_path, 
 def test_the_harness_fails_on_a_planted_leak(tmp_path, monkeypatch):
     """Finding 1 planted back (the unit's description computed from the data): the harness
     must fail."""
-    from jaxdp import run as run_lib
+    from jaxdp import builders
 
-    real = run_lib.privacy_plan
+    real = builders.privacy_plan
 
     def leaky(cfg, num_examples, unit=None, unit_kind="block"):
         return real(
             cfg, num_examples, unit=f"{unit}, of {num_examples} present", unit_kind=unit_kind
         )
 
-    monkeypatch.setattr(run_lib, "privacy_plan", leaky)
+    monkeypatch.setattr(builders, "privacy_plan", leaky)
     make = _config()
     workdirs, counts, cfg = run_trainer_on_neighbours(make, tmp_path, "block")
-    monkeypatch.setattr(run_lib, "privacy_plan", real)  # the harness's plans are the real ones
+    monkeypatch.setattr(builders, "privacy_plan", real)  # the harness's plans are the real ones
     with pytest.raises(AssertionError, match="privacy_unit"):
         check_run_release(cfg, workdirs, counts)
 

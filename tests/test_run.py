@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import REPO, kill_at_step, load_config, same_secrets, small, train_command
 
-from jaxdp import accounting, checkpoint
+from jaxdp import accounting, builders, checkpoint
 from jaxdp import run as run_lib
+from jaxdp.config import to_settings
 from jaxdp.tracking import read_metrics
 from jaxdp.workdir import RunMismatchError
 
@@ -21,7 +22,7 @@ from jaxdp.workdir import RunMismatchError
 def test_offline_config_two_step_smoke_run(tmp_path, arg):
     cfg = small(load_config("tiny_offline", arg))
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 3.0  # calibrated, as shipped
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     for name in ("metrics.jsonl", "privacy.json", "samples.jsonl", "report.png", "config.json"):
         assert (tmp_path / name).is_file(), name
     for name in ("run.json", "metrics.jsonl", "report.png", "README.txt"):
@@ -74,13 +75,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     # Kill the run as it draws the batch of step 3: after the checkpoint at step 2.
     undo = kill_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run(cfg, tmp_path / "resumed")
+        run_lib.run(to_settings(cfg), tmp_path / "resumed")
     undo()
     assert checkpoint.manager(tmp_path / "resumed").latest_step() == 2
-    resumed = run_lib.run(cfg, tmp_path / "resumed")
+    resumed = run_lib.run(to_settings(cfg), tmp_path / "resumed")
     # The uninterrupted twin: the same run (same secrets), never killed.
     same_secrets(tmp_path / "resumed", tmp_path / "full")
-    full = run_lib.run(cfg, tmp_path / "full")
+    full = run_lib.run(to_settings(cfg), tmp_path / "full")
 
     assert resumed == full
     a, _ = checkpoint.load_model_from_workdir(tmp_path / "full")
@@ -106,7 +107,7 @@ def test_exported_hf_dir_loads_in_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = small(load_config("tiny_offline"))
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     model, _ = checkpoint.load_model_from_workdir(tmp_path)
     pt = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ids = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
@@ -139,15 +140,15 @@ def test_exported_hf_dir_loads_in_pytorch(tmp_path):
 
 def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path):
     cfg = small(load_config("tiny_offline"))
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     config_json = (tmp_path / "config.json").read_text()
     cfg.dp.l2_clip_norm = 2.0
     with pytest.raises(RunMismatchError, match=r"l2_clip_norm: 1\.0 -> 2\.0"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     cfg.dp.l2_clip_norm = 1.0
     cfg.model.dropout = 0.1  # dropout changes every gradient: part of the fingerprint
     with pytest.raises(RunMismatchError, match="model.dropout"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     cfg.model.dropout = 0.0
     assert (tmp_path / "config.json").read_text() == config_json  # the record of the run stays
 
@@ -159,13 +160,13 @@ def _largest_file(directory):
 def test_changing_only_the_number_of_steps_says_so_and_the_documented_extension_works(tmp_path):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 2.0  # sigma calibrated to 2 steps
-    first = run_lib.run(cfg, tmp_path)
+    first = run_lib.run(to_settings(cfg), tmp_path)
     cfg.train.num_steps = 3
     with pytest.raises(RunMismatchError, match=r"train.num_steps: 2 -> 3.*train a finished run"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     # As the message says: keep the run's noise multiplier, drop the target, raise the steps.
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = first["noise_multiplier"], None
-    longer = run_lib.run(cfg, tmp_path)
+    longer = run_lib.run(to_settings(cfg), tmp_path)
     assert longer["steps"] == 3 and longer["noise_multiplier"] == first["noise_multiplier"]
     assert longer["epsilon"] > first["epsilon"]
 
@@ -174,14 +175,14 @@ def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
     """A bit flip (or truncation) in a checkpoint is refused before anything is loaded, with
     the step and how to fall back to the previous checkpoint; following that advice works."""
     cfg = small(load_config("tiny_offline"), num_steps=4, checkpoint_every=2, eval_every=4)
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     ckpts = tmp_path / "private" / "checkpoints"
     data_file = _largest_file(ckpts / "4" / "state")
     raw = bytearray(data_file.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 16] = bytes(b ^ 0xFF for b in raw[len(raw) // 2 :][:16])
     data_file.write_bytes(bytes(raw))
     with pytest.raises(checkpoint.CheckpointError, match=r"Checkpoint 4 .*corrupt.*from step 2"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     # The command line says it in one line, without a traceback.
     proc = subprocess.run(
         train_command(
@@ -200,48 +201,48 @@ def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
     assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr
     # As the message says: move step 4 away and run again; it resumes from step 2.
     shutil.move(ckpts / "4", tmp_path / "4.bad")
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     assert summary["steps"] == 4 and checkpoint.manager(tmp_path).latest_step() == 4
     # A truncated file, and a checkpoint whose save never finished (no checksum record).
     data_file = _largest_file(ckpts / "2" / "state")
     data_file.write_bytes(data_file.read_bytes()[:-100])
     shutil.rmtree(ckpts / "4")
     with pytest.raises(checkpoint.CheckpointError, match=r"Checkpoint 2 .*corrupt"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     (tmp_path / "private" / "checksums" / "2.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="no checksum record"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.expected_batch_size = 10**6
     with pytest.raises(run_lib.ConfigError, match="exceeds the number of training examples"):
-        run_lib.run(cfg, tmp_path / "a")
+        run_lib.run(to_settings(cfg), tmp_path / "a")
     cfg = small(load_config("tiny_offline"))
     cfg.dp.expected_batch_size = 999  # q ~ 0.06
     cfg.dp.target_epsilon = 0.01
     with pytest.raises(run_lib.ConfigError, match="Even one step"):
-        run_lib.run(cfg, tmp_path / "b")
+        run_lib.run(to_settings(cfg), tmp_path / "b")
     cfg = small(load_config("tiny_offline"))
     short = tmp_path / "short.txt"
     short.write_text("too short")
     cfg.data.train_files = (str(short),)
     with pytest.raises(run_lib.ConfigError, match="no complete block"):
-        run_lib.run(cfg, tmp_path / "c")
+        run_lib.run(to_settings(cfg), tmp_path / "c")
 
 
 def test_zero_noise_and_tiny_noise_are_reported_honestly_and_fast():
     cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_multiplier = 0.0
-    plan = run_lib.privacy_plan(cfg, 1000)
+    plan = builders.privacy_plan(to_settings(cfg), 1000)
     assert "no privacy" in plan.describe() and "Poisson" not in plan.describe()
     assert plan.epsilon(2) == math.inf
     # sigma = 0.01 with a budget: PLD accounting at such noise used to run for minutes; now the
     # grid is bounded and the answer (not even one step fits) comes at once, with its cost.
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = 0.01, 8.0
     with pytest.raises(run_lib.ConfigError, match=r"one step costs epsilon=\d"):
-        run_lib.privacy_plan(cfg, 1000)
+        builders.privacy_plan(to_settings(cfg), 1000)
 
 
 def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
@@ -249,7 +250,7 @@ def test_budget_stops_training_before_target_epsilon_is_exceeded(tmp_path):
     N = 1000
     q = cfg.dp.expected_batch_size / N
     cfg.dp.target_epsilon = accounting.compute_epsilon(1.0, q, 7, 1 / (10 * N)) * 1.0001
-    plan = run_lib.privacy_plan(cfg, N)
+    plan = builders.privacy_plan(to_settings(cfg), N)
     assert plan.num_steps == 7
     assert plan.epsilon(7) <= cfg.dp.target_epsilon < plan.epsilon(8)
 
@@ -318,7 +319,7 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     cfg.dp.microbatch_size = 4
     cfg.dp.group_size, cfg.dp.num_cells = 2, 500
     cfg.dp.noise_multiplier = 1.6
-    plan = run_lib.privacy_plan(cfg, 1000)
+    plan = builders.privacy_plan(to_settings(cfg), 1000)
     assert plan.accounting_noise_multiplier == 0.8
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(0.8)), 10
@@ -327,14 +328,14 @@ def test_group_clipping_is_accounted_at_sensitivity_2C():
     assert plan.epsilon(10) == pytest.approx(direct, rel=1e-9)
     # Calibrated: twice the noise of per-example clipping for the same target.
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 4.0
-    grouped = run_lib.privacy_plan(cfg, 1000)
+    grouped = builders.privacy_plan(to_settings(cfg), 1000)
     cfg.dp.group_size, cfg.dp.num_cells = 1, None
-    single = run_lib.privacy_plan(cfg, 1000)
+    single = builders.privacy_plan(to_settings(cfg), 1000)
     assert grouped.noise_multiplier == pytest.approx(2 * single.noise_multiplier, rel=1e-12)
     assert grouped.epsilon(10) <= 4.0
     cfg.dp.group_size, cfg.dp.microbatch_size = 5, 4
     with pytest.raises(run_lib.ConfigError, match="at least dp.group_size"):
-        run_lib.check_config(cfg)
+        to_settings(cfg)
 
 
 @pytest.mark.parametrize(
@@ -353,13 +354,13 @@ def test_engine_settings_are_checked_before_training(overrides, message):
     cfg = load_config("tiny_offline")
     cfg.dp.update(overrides)
     with pytest.raises(run_lib.ConfigError, match=message):
-        run_lib.check_config(cfg)
+        to_settings(cfg)
 
 
 def test_group_clipping_run(tmp_path):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.group_size, cfg.dp.num_cells = 3, 7
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     assert summary["group_size"] == 3
     assert summary["num_cells"] == 7  # the setting, never a count of the data
     assert "2C" in summary["neighbouring_relation"]
@@ -386,14 +387,14 @@ def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, share
     cfg = small(load_config("tiny_offline"))
     cfg.data.source = "hf"
     cfg.data.hf_dataset, cfg.data.hf_config = str(ds_dir), None
-    summary = run_lib.run(cfg, tmp_path / "run")
+    summary = run_lib.run(to_settings(cfg), tmp_path / "run")
     assert summary["num_examples"] == len(blocks)
 
 
 def test_shuffled_batches_label_every_epsilon_approximate(tmp_path):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.sampling = "shuffle"
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     assert summary["epsilon_is_approximate"] is True
     assert summary["guarantee"].startswith("APPROXIMATE")
     records = read_metrics(tmp_path / "metrics.jsonl", "public")
@@ -408,7 +409,7 @@ def test_nonfinite_nonprivate_loss_stops_without_checkpointing_the_bad_state(tmp
     cfg = small(load_config("tiny_offline", "nodp"), num_steps=4, checkpoint_every=1)
     cfg.optim.name, cfg.optim.learning_rate = "sgd", 1e30  # step 1 overflows the weights
     with pytest.raises(FloatingPointError, match="Non-finite training loss"):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     mngr = checkpoint.manager(tmp_path)
     latest = mngr.latest_step()
     assert latest is not None
@@ -426,7 +427,9 @@ def test_observers_see_every_step_and_cancellation_stops_with_an_honest_record(t
     events = []
     broken = lambda event: 1 / 0  # a failing observer must not stop training
     cancel = lambda: sum(e.kind == "step" for e in events) >= 2
-    summary = run_lib.run(cfg, tmp_path, callbacks=[events.append, broken], cancel=cancel)
+    summary = run_lib.run(
+        to_settings(cfg), tmp_path, callbacks=[events.append, broken], cancel=cancel
+    )
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert [e.step for e in events if e.kind == "step"] == [1, 2]
@@ -444,7 +447,7 @@ def test_observers_see_every_step_and_cancellation_stops_with_an_honest_record(t
     assert privacy["epsilon"] == pytest.approx(direct, rel=1e-6)  # the steps it ran, no more
     assert checkpoint.manager(tmp_path).latest_step() == 2
     assert not (tmp_path / "hf").exists()
-    finished = run_lib.run(cfg, tmp_path)
+    finished = run_lib.run(to_settings(cfg), tmp_path)
     assert finished["steps"] == 4 and "cancelled" not in finished
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
@@ -454,9 +457,9 @@ def test_resumed_run_logs_the_same_steps_as_an_uninterrupted_one(tmp_path, monke
     cfg.train.log_every = 2
     undo = kill_at_step(monkeypatch, 3)  # the last checkpoint is step 2
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run(cfg, tmp_path / "resumed")
+        run_lib.run(to_settings(cfg), tmp_path / "resumed")
     undo()
-    run_lib.run(cfg, tmp_path / "resumed")
+    run_lib.run(to_settings(cfg), tmp_path / "resumed")
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [1, 2, 4, 5]  # no extra row for the first step after the resume
 
@@ -480,7 +483,7 @@ def test_bad_settings_fail_before_any_slow_work(tmp_path, monkeypatch, setting, 
     section, field = setting.split(".")
     cfg[section][field] = value
     with pytest.raises(run_lib.ConfigError, match=message):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
 
 
@@ -492,7 +495,7 @@ def test_wrong_dataset_column_names_the_columns(tmp_path, shared_data):
     cfg.data.source, cfg.data.hf_dataset, cfg.data.hf_config = "hf", str(ds_dir), None
     cfg.data.hf_eval_split, cfg.data.text_field = "", "content"
     with pytest.raises(run_lib.ConfigError, match=r"no column 'content'.*\['text'\]"):
-        run_lib.run(cfg, tmp_path / "w")
+        run_lib.run(to_settings(cfg), tmp_path / "w")
 
 
 def test_unreachable_hub_is_one_error_naming_every_setting_that_needs_it(tmp_path, monkeypatch):
@@ -506,22 +509,24 @@ def test_unreachable_hub_is_one_error_naming_every_setting_that_needs_it(tmp_pat
     with pytest.raises(
         HubUnavailableError, match="model='gpt2', dataset='wikitext'.*HF_HUB_OFFLINE"
     ):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
 
 
 def test_hopeless_noise_and_lora_on_random_weights_are_warned_about(caplog):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_multiplier = 97.0  # what target_epsilon=0.001 calibrated to in an early user run
     cfg.model.lora_rank = 4
-    plan = run_lib.privacy_plan(cfg, 1000)
+    plan = builders.privacy_plan(to_settings(cfg), 1000)
     with caplog.at_level("WARNING", logger="jaxdp"):
-        run_lib._warn_about_hopeless_settings(plan, cfg.model)
+        builders.warn_about_hopeless_settings(plan, to_settings(cfg).model)
     text = caplog.text
     assert "barely move the loss" in text and "LoRA adapters on a randomly initialised" in text
     caplog.clear()
     cfg.dp.noise_multiplier, cfg.model.lora_rank = 1.0, 0
     with caplog.at_level("WARNING", logger="jaxdp"):
-        run_lib._warn_about_hopeless_settings(run_lib.privacy_plan(cfg, 1000), cfg.model)
+        builders.warn_about_hopeless_settings(
+            builders.privacy_plan(to_settings(cfg), 1000), to_settings(cfg).model
+        )
     assert caplog.text == ""
 
 
@@ -546,7 +551,7 @@ def _tensorboard_tags(directory) -> set[str]:
 def test_tensorboard_logs_keep_public_and_private_apart(tmp_path):
     pytest.importorskip("tensorboardX")
     cfg = small(load_config("tiny_offline"))
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     public = _tensorboard_tags(tmp_path / "tensorboard")
     private = _tensorboard_tags(tmp_path / "private" / "tensorboard")
     assert "public/epsilon" in public and "public/eval_loss" in public
@@ -560,7 +565,7 @@ def test_exported_files_are_readable_like_the_rest(tmp_path):
     import stat
 
     cfg = small(load_config("tiny_offline"))
-    run_lib.run(cfg, tmp_path)
+    run_lib.run(to_settings(cfg), tmp_path)
     modes = {
         p.name: stat.S_IMODE(os.stat(p).st_mode)
         for p in (tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json")
@@ -575,9 +580,9 @@ def test_bf16_run_with_the_clipping_plan(tmp_path):
     cfg.train.dtype = "bfloat16"
     cfg.dp.engine, cfg.dp.ghost_strategy = "ghost", "auto"
     with pytest.raises(run_lib.ConfigError, match="needs dp.ghost_strategy 'plan'"):
-        run_lib.check_config(cfg)
+        to_settings(cfg)
     cfg.dp.ghost_strategy = "plan"
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     assert summary["steps"] == 2
     records = read_metrics(tmp_path / "metrics.jsonl", "public")
     assert math.isfinite(records[-1]["eval_loss"])
@@ -585,7 +590,7 @@ def test_bf16_run_with_the_clipping_plan(tmp_path):
     assert "compute_dtype" not in config  # a compute setting, not part of the exported model
     cfg.train.dtype = "float16"
     with pytest.raises(run_lib.ConfigError, match="Unknown train.dtype"):
-        run_lib.check_config(cfg)
+        to_settings(cfg)
 
 
 def test_out_of_device_memory_is_one_error_that_loses_nothing(tmp_path, monkeypatch):
@@ -613,7 +618,7 @@ def test_out_of_device_memory_is_one_error_that_loses_nothing(tmp_path, monkeypa
     monkeypatch.setattr(steps_lib, "shard_and_jit", shard_and_jit)
     failure["error"] = jax.errors.JaxRuntimeError("INTERNAL: a driver bug")
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL") as raised:
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     assert not isinstance(raised.value, run_lib.DeviceMemoryError)
     oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.50GiB.\nmore detail"
     failure["error"] = jax.errors.JaxRuntimeError(oom)
@@ -624,10 +629,10 @@ def test_out_of_device_memory_is_one_error_that_loses_nothing(tmp_path, monkeypa
         r".* continues from its last checkpoint \(step 2\): nothing is lost\.$"
     )
     with pytest.raises(run_lib.DeviceMemoryError, match=expected):
-        run_lib.run(cfg, tmp_path)
+        run_lib.run(to_settings(cfg), tmp_path)
     assert checkpoint.manager(tmp_path).latest_step() == 2
     del failure["error"]
     cfg.dp.microbatch_size = 1  # as the error says: a setting that may change on resume
-    summary = run_lib.run(cfg, tmp_path)
+    summary = run_lib.run(to_settings(cfg), tmp_path)
     assert summary["steps"] == 4
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from jaxdp.config import to_settings
 from jaxdp.serve import db, jobs
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
@@ -316,14 +317,14 @@ def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, ba
     with db.connect(service.url)() as s:
         row = s.get(db.Job, job["id"])
         dataset = s.get(db.Dataset, row.dataset_id)
-        cfg = jobs.job_config(
+        cfg = jobs.job_settings(
             jobs.JobSpec.stored(row.spec), row.plan, row.base_source, dataset.path, None
         )
         job_run = jobs.job_dir(tmp_path, row)
     twin = tmp_path / "twin"
     Workdir(twin).make_private()
     (twin / "private" / "run.json").write_bytes((job_run / "private" / "run.json").read_bytes())
-    summary = run_lib.run(cfg, twin)
+    summary = run_lib.run(to_settings(cfg), twin)
     assert summary["epsilon"] == done["result"]["epsilon"]
     a, b = (
         load_file(job_run / "hf" / "model.safetensors"),

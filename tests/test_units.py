@@ -13,6 +13,7 @@ from conftest import SAFE, dp_plan, load_config, small
 
 from jaxdp import clipping, data, sampling, steps
 from jaxdp import run as run_lib
+from jaxdp.config import to_settings
 from jaxdp.gpt2 import init_model
 from jaxdp.loss import model_example_loss
 
@@ -240,7 +241,7 @@ def test_a_run_with_record_or_user_units_states_epsilon_per_unit(tmp_path, unit,
     cfg.data.train_files, cfg.data.eval_files = (str(tmp_path / "train.jsonl"),), ()
     cfg.data.max_blocks_per_unit = 3
     cfg.dp.engine, cfg.dp.expected_batch_size = engine, 4
-    summary = run_lib.run(cfg, tmp_path / "run")
+    summary = run_lib.run(to_settings(cfg), tmp_path / "run")
     assert summary["epsilon_per"] == unit and unit in summary["privacy_unit"]
     assert summary["num_examples"] == (120 if unit == "record" else 12)
     assert summary["sampling_prob"] == 4 / summary["num_examples"]
@@ -270,9 +271,10 @@ def test_engines_that_norm_one_row_refuse_units_of_several_rows(tiny_config, eng
     in the config check and in the engine itself."""
     cfg = small(load_config("tiny_offline"))
     cfg.data.privacy_unit, cfg.data.max_blocks_per_unit = "user", 3
+    cfg.data.source = "jsonl"  # (user units need a user column: the engine is the only fault)
     cfg.dp.engine, cfg.dp.clipping = engine, "per_layer" if engine == "fused" else "flat"
     with pytest.raises(run_lib.ConfigError, match="clips one row per privacy unit"):
-        run_lib.check_config(cfg)
+        to_settings(cfg)
     rows, graphdef, params = _setup(tiny_config, "user", max_blocks=3)
     with pytest.raises(NotImplementedError, match="one row per unit"):
         _engine_sum(

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from jaxdp import audit, checkpoint
 from jaxdp import run as run_lib
-from jaxdp.config import load_config_file
+from jaxdp.config import load_config_file, to_settings
 from jaxdp.data import load_tokenizer
 
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     for name, dp_enabled in (("dp", cfg.dp.enabled), ("nonprivate", False)):
         run_cfg = cfg.copy_and_resolve_references()
         run_cfg.dp.enabled = dp_enabled
+        run_cfg = to_settings(run_cfg)
         workdir = args.workdir / name
         summary = run_lib.run(run_cfg, workdir, extra_train_blocks=inserted)
         model, _ = checkpoint.load_model_from_workdir(workdir)

@@ -135,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         config.keys()  # the file is loaded lazily: fail here, not mid-run
         for path in none_overrides:
             config_lib.set_none(config, path)
+        settings = config_lib.to_settings(config)  # checks every field, before any slow work
+    except run_lib.ConfigError as e:
+        _fail(_message(e))
     except (OSError, ValueError, KeyError, AttributeError) as e:
         _fail(_message(e), usage=True)
     try:
         with _StopOnSignal() as stop:
-            summary = run_lib.run(config, _WORKDIR.value, cancel=stop.event)
+            summary = run_lib.run(settings, _WORKDIR.value, cancel=stop.event)
     except USER_ERRORS as e:
         _fail(_message(e))
     except KeyboardInterrupt:

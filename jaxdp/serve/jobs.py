@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from jaxdp import accounting, data, release
 from jaxdp import run as run_lib
-from jaxdp.config import default_config
+from jaxdp import settings as settings_lib
 from jaxdp.plan import PrivacyPlan
 from jaxdp.serve import db
 from jaxdp.tracking import Event
@@ -219,41 +219,52 @@ def job_dir(workdir: Path, job: db.Job) -> Path:
     return Path(workdir) / "tenants" / job.tenant_id / "jobs" / job.id
 
 
-def job_config(
+def job_settings(
     spec: JobSpec, plan: dict[str, Any], base: str, data_file: str, eval_file: str | None
-):
-    """The `jaxdp.run` config of a job: the plan's noise multiplier and steps, fixed; `base` the
-    registered base model's source."""
-    c = default_config()
-    c.model.init, c.model.name_or_path, c.model.dropout = "pretrained", base, 0.0
-    c.model.public_name = spec.base_model  # the registered name, never the server's path
-    c.model.lora_rank = spec.lora_rank
-    c.model.lora_targets = tuple(spec.lora_targets)
-    c.model.trainable = tuple(spec.trainable)
-    c.data.source = "jsonl"
-    c.data.train_files = (data_file,)
-    c.data.eval_files = (eval_file,) if eval_file else ()
-    c.data.tokenizer = base
-    c.data.block_size = spec.block_size
-    c.data.privacy_unit = "record"
-    c.data.max_blocks_per_unit = spec.max_blocks_per_record
-    c.data.expected_units = plan["num_examples"]
-    c.dp.noise_multiplier = plan["noise_multiplier"]
-    c.dp.target_epsilon = None
-    c.dp.target_delta = plan["delta"]
-    c.dp.expected_batch_size = spec.expected_batch_size
-    c.dp.l2_clip_norm = spec.l2_clip_norm
-    c.dp.microbatch_size = max(spec.microbatch_size, spec.max_blocks_per_record)
-    c.optim.name, c.optim.learning_rate = "adamw", spec.learning_rate
+) -> settings_lib.Settings:
+    """The training settings of a job: the plan's noise multiplier and steps, fixed; `base`
+    the registered base model's source."""
     steps = plan["steps"]
-    c.train.num_steps = steps
-    c.train.eval_every = steps
-    c.train.log_every = 1
-    c.train.checkpoint_every = spec.checkpoint_every or max(1, steps // 10)
-    c.train.sample_prompts = ()
-    c.train.progress = False
-    c.train.tensorboard = False
-    return c
+    s = settings_lib
+    return s.Settings(
+        model=s.ModelSettings(
+            name_or_path=base,
+            init="pretrained",
+            dropout=0.0,
+            public_name=spec.base_model,  # the registered name, never the server's path
+            lora_rank=spec.lora_rank,
+            lora_targets=tuple(spec.lora_targets),
+            trainable=tuple(spec.trainable),
+        ),
+        data=s.DataSettings(
+            source="jsonl",
+            train_files=(data_file,),
+            eval_files=(eval_file,) if eval_file else (),
+            tokenizer=base,
+            block_size=spec.block_size,
+            privacy_unit="record",
+            max_blocks_per_unit=spec.max_blocks_per_record,
+            expected_units=plan["num_examples"],
+        ),
+        dp=s.DPSettings(
+            noise_multiplier=plan["noise_multiplier"],
+            target_epsilon=None,
+            target_delta=plan["delta"],
+            expected_batch_size=spec.expected_batch_size,
+            l2_clip_norm=spec.l2_clip_norm,
+            microbatch_size=max(spec.microbatch_size, spec.max_blocks_per_record),
+        ),
+        optim=s.OptimSettings(name="adamw", learning_rate=spec.learning_rate),
+        train=s.TrainSettings(
+            num_steps=steps,
+            eval_every=steps,
+            log_every=1,
+            checkpoint_every=spec.checkpoint_every or max(1, steps // 10),
+            sample_prompts=(),
+            progress=False,
+            tensorboard=False,
+        ),
+    )
 
 
 class LeaseLost(RuntimeError):
@@ -371,9 +382,11 @@ def run_job(sessions: sessionmaker, workdir: Path, job: db.Job, worker: str, int
         base = job.base_source
         if base is None:
             raise FileNotFoundError("The job names no registered base model.")
-        cfg = job_config(spec, job.plan, base, dataset.path, eval_set.path if eval_set else None)
+        settings = job_settings(
+            spec, job.plan, base, dataset.path, eval_set.path if eval_set else None
+        )
         with _Heartbeat(sessions, job.id, worker, interval) as beat:
-            summary = run_lib.run(cfg, run_dir, callbacks=[observe], cancel=beat.should_stop)
+            summary = run_lib.run(settings, run_dir, callbacks=[observe], cancel=beat.should_stop)
         steps_run = summary["steps"]
         state = "cancelled" if summary.get("cancelled") else "succeeded"
     except LeaseLost:

@@ -27,6 +27,7 @@ def main():
     from conftest import load_config, small
 
     from jaxdp import run as run_lib
+    from jaxdp.config import to_settings
 
     cfg = small(load_config("tiny_offline"), num_steps=2)
     cfg.dp.microbatch_size = 2  # per device: 8 examples per chunk on 4 devices
@@ -35,7 +36,7 @@ def main():
         cfg.distributed.coordinator_address = f"127.0.0.1:{port}"
         cfg.distributed.num_processes = num_processes
         cfg.distributed.process_id = process_id
-    summary = run_lib.run(cfg, workdir)
+    summary = run_lib.run(to_settings(cfg), workdir)
     assert jax.device_count() == 4, jax.devices()
     if jax.process_index() == 0:
         print("SUMMARY " + json.dumps(summary))
