@@ -111,7 +111,7 @@ class PrivacyPlan:
     # ------------------------------------------------------------------------------ create ---
 
     @classmethod
-    def create(  # noqa: C901 (validation moves to the typed settings)
+    def create(
         cls,
         *,
         num_examples: int,
@@ -149,38 +149,10 @@ class PrivacyPlan:
         N, B, q, steps, delta = _check_common(
             num_examples, expected_batch_size, steps, epochs, target_delta
         )
-        if not (math.isfinite(l2_clip_norm) and l2_clip_norm > 0):
-            raise ValueError(f"l2_clip_norm must be a positive number, got {l2_clip_norm}.")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"Unknown sampling {sampling!r}; use one of {SAMPLINGS}.")
-        if clipping not in CLIPPING_MODES:
-            raise ValueError(f"Unknown clipping {clipping!r}; use one of {CLIPPING_MODES}.")
-        if accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(f"Unknown accountant {accountant!r}; use {accounting.ACCOUNTANTS}.")
-        if not (isinstance(group_size, int) and group_size >= 1):
-            raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}.")
-        if group_size > 1 and sampling != "poisson":
-            raise ValueError("group_size > 1 needs sampling='poisson'.")
-        if group_size > 1 and not (
-            isinstance(num_cells, int) and not isinstance(num_cells, bool) and num_cells >= 1
-        ):
-            raise ValueError(
-                f"group_size={group_size} (micro-batch clipping) needs num_cells, an integer >= 1 "
-                f"fixed from public information before training (e.g. the number of units you "
-                f"expect divided by the group size), got {num_cells!r}: a cell count computed "
-                f"from the data would change when a unit is added or removed and move every "
-                f"example to another cell."
-            )
-        if group_size == 1 and num_cells is not None:
-            raise ValueError("num_cells is micro-batch clipping's: it needs group_size > 1.")
-        if noise_multiplier is not None and not (
-            math.isfinite(noise_multiplier) and noise_multiplier >= 0
-        ):
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-        if target_epsilon is not None and not (
-            math.isfinite(target_epsilon) and target_epsilon > 0
-        ):
-            raise ValueError(f"target_epsilon must be a positive number, got {target_epsilon}.")
+        _check_mechanism(
+            l2_clip_norm, sampling, clipping, accountant, group_size, num_cells,
+            noise_multiplier, target_epsilon,
+        )  # fmt: skip
         factor = _sensitivity_factor(group_size)
         sigma = noise_multiplier
         if sigma is None:
@@ -464,6 +436,43 @@ class PrivacyPlan:
         different fingerprint would add the same noise to different gradients."""
         record = self.record(0)
         return {k: record.get(k) for k in self.FINGERPRINT_KEYS}
+
+
+def _check_mechanism(
+    l2_clip_norm, sampling, clipping, accountant, group_size, num_cells, noise_multiplier,
+    target_epsilon,
+) -> None:  # fmt: skip
+    """`PrivacyPlan.create`'s checks of the mechanism's settings (ValueError naming the fix)."""
+    if not (math.isfinite(l2_clip_norm) and l2_clip_norm > 0):
+        raise ValueError(f"l2_clip_norm must be a positive number, got {l2_clip_norm}.")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"Unknown sampling {sampling!r}; use one of {SAMPLINGS}.")
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"Unknown clipping {clipping!r}; use one of {CLIPPING_MODES}.")
+    if accountant not in accounting.ACCOUNTANTS:
+        raise ValueError(f"Unknown accountant {accountant!r}; use {accounting.ACCOUNTANTS}.")
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}.")
+    if group_size > 1 and sampling != "poisson":
+        raise ValueError("group_size > 1 needs sampling='poisson'.")
+    if group_size > 1 and not (
+        isinstance(num_cells, int) and not isinstance(num_cells, bool) and num_cells >= 1
+    ):
+        raise ValueError(
+            f"group_size={group_size} (micro-batch clipping) needs num_cells, an integer >= 1 "
+            f"fixed from public information before training (e.g. the number of units you "
+            f"expect divided by the group size), got {num_cells!r}: a cell count computed "
+            f"from the data would change when a unit is added or removed and move every "
+            f"example to another cell."
+        )
+    if group_size == 1 and num_cells is not None:
+        raise ValueError("num_cells is micro-batch clipping's: it needs group_size > 1.")
+    if noise_multiplier is not None and not (
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0
+    ):
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+    if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be a positive number, got {target_epsilon}.")
 
 
 def _sensitivity_factor(group_size: int) -> float:
