@@ -30,7 +30,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxdp.params import PyTree
 
@@ -80,11 +79,6 @@ class ClipStats(NamedTuple):
 def _check_mode(clipping: str) -> None:
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"Unknown clipping {clipping!r}; choose one of {CLIPPING_MODES}.")
-
-
-def per_example_norms(grads: PyTree) -> jax.Array:
-    """L2 norm of each example's gradient over the whole tree: [B, ...] leaves -> [B]."""
-    return jnp.sqrt(sum(_sq_norms(jax.tree.leaves(grads))))
 
 
 def default_thresholds(l2_clip_norm: float, clipping: str, num_groups: int) -> jax.Array:
@@ -377,26 +371,3 @@ def clipped_grad(
         )
 
     return fn
-
-
-def clip_per_example(
-    l2_clip_norm: float, *, clipping: str = "flat"
-) -> optax.GradientTransformationExtraArgs:
-    """Optax transform: per-example gradients (leading batch axis) -> their clipped sum.
-
-    For users who already hold per-example gradients; pass `is_padding=[B] bool` as an extra
-    argument to `update` to exclude padding rows. Chain it with `jaxdp.noise.add_gaussian_noise`.
-    Sensitivity of the output: l2_clip_norm (add/remove one example).
-    """
-    _check_mode(clipping)
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None, *, is_padding=None, **extra_args):
-        del params, extra_args
-        summed, _ = clip_and_sum(updates, l2_clip_norm, is_padding, clipping=clipping)
-        return summed, state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -652,18 +652,6 @@ def record_rows(
     return UnitRows(tokens=tokens, lengths=lengths, starts=starts, counts=counts, kind=unit, cap=K)
 
 
-def load_blocks(
-    source: TextSource,
-    tokenizer: Any,
-    block_size: int,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-) -> np.ndarray:
-    """The source's blocks [N, block_size] (block units, see the module docstring)."""
-    check_block_size(block_size)
-    return to_blocks(load_tokens(source, tokenizer, cache_dir=cache_dir), block_size)
-
-
 def load_rows(
     source: TextSource,
     tokenizer: Any,

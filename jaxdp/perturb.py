@@ -123,24 +123,6 @@ def perturb_words(
     return [embeddings.words[i] for i in np.argmax(scores, axis=1)]
 
 
-def perturb_text(
-    text: str,
-    epsilon: float,
-    embeddings: Embeddings,
-    rng: np.random.Generator | None = None,
-) -> tuple[str, int]:
-    """(text with every word perturbed, number of words): see the module docstring."""
-    spans = [m.span() for m in WORD.finditer(text)]
-    words = [text[a:b].lower() for a, b in spans]
-    replaced = perturb_words(words, epsilon, embeddings, rng)
-    out, last = [], 0
-    for (a, b), word in zip(spans, replaced, strict=True):
-        out += [text[last:a], word]
-        last = b
-    out.append(text[last:])
-    return "".join(out), len(words)
-
-
 def guarantee(epsilon: float, num_words: int) -> str:
     """The local guarantee of one perturbed document, in words."""
     return (

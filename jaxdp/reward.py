@@ -167,16 +167,6 @@ def synthetic_preferences(
     return out
 
 
-def synthetic_corpus(n: int, seed: int = 0) -> list[str]:
-    """Public text in the synthetic task's style (prompt + response), to train a reference
-    language model for demos and tests."""
-    rng = np.random.default_rng(seed)
-    return [
-        f"Human: How was {rng.choice(TOPICS)}?{ASSISTANT}{synthetic_response(rng)}"
-        for _ in range(n)
-    ]
-
-
 # ------------------------------------------------------------------------------ features ---
 
 

@@ -7,11 +7,14 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The tests compile many tiny programs; XLA's backend optimisations cost more than they save here.
 # (Numerics are unaffected; set XLA_FLAGS yourself to override.) Set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
 
 from jaxdp import sampling  # noqa: E402
 from jaxdp.config import load_config_file  # noqa: E402
@@ -82,6 +85,13 @@ def tiny_config():
 
 # clipping.clip_factor clips to (1 - ROUNDING_MARGIN) of a threshold: brute-force references too
 SAFE = 1 - 1e-5
+
+
+def per_example_norms(grads) -> np.ndarray:
+    """Reference: the L2 norm of each example's gradient over the whole tree ([B, ...] leaves),
+    in float64 NumPy."""
+    leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    return np.sqrt(sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim))) for g in leaves))
 
 
 def dp_plan(l2_clip_norm, noise_multiplier, expected_batch_size, *, clipping="flat", n=10_000):

@@ -28,7 +28,7 @@ def test_text_files_concatenate_in_order(tmp_path, tokenizer_dir):
     expected = np.concatenate(
         [data.tokenize(tok, a.read_text()), data.tokenize(tok, b.read_text())]
     )
-    blocks = data.load_blocks(data.TextSource("text_files", files=(a, b)), tok, block_size=4)
+    blocks = data.load_rows(data.TextSource("text_files", files=(a, b)), tok, block_size=4).tokens
     np.testing.assert_array_equal(blocks.reshape(-1), expected[: blocks.size])
     assert blocks.size == len(expected) // 4 * 4
     with pytest.raises(FileNotFoundError, match="missing.txt"):
@@ -39,7 +39,7 @@ def test_line_by_line_tokenization_equals_whole_text_on_wikitext(shared_data, to
     """Tokenizing line by line (in batches) gives WikiText's token stream exactly."""
     tok = data.load_tokenizer(tokenizer_dir)
     path = shared_data / "wikitext-2" / "valid.txt"
-    blocks = data.load_blocks(data.TextSource("text_files", files=(path,)), tok, 64)
+    blocks = data.load_rows(data.TextSource("text_files", files=(path,)), tok, 64).tokens
     whole = data.tokenize(tok, path.read_text())
     np.testing.assert_array_equal(blocks, data.to_blocks(whole, 64))
     assert blocks.dtype == np.uint16  # GPT-2's 50257 tokens fit in 16 bits
@@ -50,17 +50,17 @@ def test_token_cache_is_written_once_and_memory_mapped(tmp_path, tokenizer_dir, 
     text = tmp_path / "t.txt"
     text.write_text("One line of text.\nAnother line, with more words in it.\n" * 50)
     source = data.TextSource("text_files", files=(text,))
-    first = data.load_blocks(source, tok, 8, cache_dir=tmp_path / "cache")
+    first = data.load_rows(source, tok, 8, cache_dir=tmp_path / "cache").tokens
     cached = list((tmp_path / "cache").glob("tokens-*.bin"))
     assert len(cached) == 1 and cached[0].stat().st_size == 2 * len(data.load_tokens(source, tok))
     # The second load reads the cache: no tokenization at all.
     monkeypatch.setattr(data, "token_stream", lambda *a: pytest.fail("tokenized again"))
-    again = data.load_blocks(source, tok, 8, cache_dir=tmp_path / "cache")
+    again = data.load_rows(source, tok, 8, cache_dir=tmp_path / "cache").tokens
     np.testing.assert_array_equal(again, first)
     assert isinstance(data.load_tokens(source, tok, cache_dir=tmp_path / "cache"), np.memmap)
     # Changed text is a new cache entry (the key holds the file's size and modification time).
     monkeypatch.undo()
     text.write_text("Different text entirely, long enough for a block or two.\n" * 20)
-    changed = data.load_blocks(source, tok, 8, cache_dir=tmp_path / "cache")
+    changed = data.load_rows(source, tok, 8, cache_dir=tmp_path / "cache").tokens
     assert len(list((tmp_path / "cache").glob("tokens-*.bin"))) == 2
     assert changed.shape != first.shape or not np.array_equal(changed, first)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import dp_plan
+from conftest import dp_plan, per_example_norms
 
 from jaxdp import clipping, ghost, steps
 from jaxdp.gpt2 import init_model
@@ -38,7 +38,7 @@ def _per_example_grads(graphdef, params, tokens):
 
 
 def _vmap_norms(graphdef, params, tokens):
-    return np.asarray(clipping.per_example_norms(_per_example_grads(graphdef, params, tokens)))
+    return np.asarray(per_example_norms(_per_example_grads(graphdef, params, tokens)))
 
 
 @pytest.mark.parametrize("vocab_size", [61, 50257])

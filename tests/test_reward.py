@@ -87,7 +87,15 @@ def _train_reference_lm(tmp_path, tokenizer_dir) -> str:
     """A tiny GPT-2 taught the synthetic task's (public) text, non-privately: a reference model
     whose samples are lexicon words, so that rewards differ between them."""
     tok = data.load_tokenizer(tokenizer_dir)
-    texts = reward.synthetic_corpus(512, seed=5)
+    rng = np.random.default_rng(5)  # public text in the synthetic task's style
+    texts = [
+        "Human: How was "
+        + str(rng.choice(reward.TOPICS))
+        + "?"
+        + reward.ASSISTANT
+        + reward.synthetic_response(rng)
+        for _ in range(512)
+    ]
     T = 24
     rows = np.zeros((len(texts), T), np.int32)
     for i, t in enumerate(texts):

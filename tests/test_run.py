@@ -379,7 +379,7 @@ def test_hf_datasets_source_reads_a_local_dataset(tmp_path, tokenizer_dir, share
     (ds_dir / "validation.txt").write_text("\n".join(lines[len(lines) // 2 :]) + "\n")
     tok = data.load_tokenizer(tokenizer_dir)
     source = data.TextSource("hf", dataset=str(ds_dir), split="train", text_field="text")
-    blocks = data.load_blocks(source, tok, 16)
+    blocks = data.load_rows(source, tok, 16).tokens
     # The text builder drops line breaks; join_rows restores one row per line.
     expected = data.to_blocks(data.tokenize(tok, (ds_dir / "train.txt").read_text()), 16)
     np.testing.assert_array_equal(blocks, expected)
@@ -478,7 +478,7 @@ def test_resumed_run_logs_the_same_steps_as_an_uninterrupted_one(tmp_path, monke
 def test_bad_settings_fail_before_any_slow_work(tmp_path, monkeypatch, setting, value, message):
     from jaxdp import data
 
-    monkeypatch.setattr(data, "load_blocks", lambda *a, **k: pytest.fail("data was loaded"))
+    monkeypatch.setattr(data, "load_rows", lambda *a, **k: pytest.fail("data was loaded"))
     cfg = small(load_config("tiny_offline"))
     section, field = setting.split(".")
     cfg[section][field] = value
