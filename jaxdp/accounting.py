@@ -143,7 +143,9 @@ class _GaussianPrivacyLoss(privacy_loss_mechanism.GaussianPrivacyLoss):
             without = -log_sum if add else log_sum
             edge = -math.log(1 - q) if add else math.log(1 - q)
             # math.isclose(loss, edge): the loss without subsampling is infinite there.
-            close = np.abs(loss - edge) <= 1e-9 * np.maximum(np.abs(loss), abs(edge))
+            close = np.isfinite(loss) & (
+                np.abs(loss - edge) <= 1e-9 * np.maximum(np.abs(loss), abs(edge))
+            )
             without = np.where(close, math.inf if add else -math.inf, without)
         x_remove = -0.5 * s - without * var / s
         return s + x_remove if add else x_remove
@@ -173,7 +175,8 @@ class PLDAccountant(pld_privacy_accountant.PLDAccountant):
     Poisson-sampled Gaussian steps; every other event goes to dp_accounting's own code.
 
     With ``fit_grid=True`` the grid is `pld_interval(sigma, value_discretization_interval)` for
-    the noise multiplier of the first Gaussian step composed (the grid `compute_epsilon` uses).
+    the noise multiplier of the first Gaussian step composed, if nothing was composed before it
+    (the grid `compute_epsilon` uses); else the grid stays as given.
     """
 
     def __init__(self, value_discretization_interval: float = 1e-4, *, fit_grid: bool = False):
@@ -181,12 +184,16 @@ class PLDAccountant(pld_privacy_accountant.PLDAccountant):
         self._fit_grid = fit_grid
 
     def _maybe_compose(self, event, count, do_compose):
+        if isinstance(event, dp_accounting.SelfComposedDpEvent | dp_accounting.ComposedDpEvent):
+            return super()._maybe_compose(event, count, do_compose)  # (back here per event)
         if not (
             isinstance(event, dp_accounting.PoissonSampledDpEvent)
             and isinstance(event.event, dp_accounting.GaussianDpEvent)
             and event.sampling_probability > 0
             and event.event.noise_multiplier > 0
         ):
+            if do_compose and not isinstance(event, dp_accounting.NoOpDpEvent):
+                self._fit_grid = False  # something is composed on the given grid: keep it
             return super()._maybe_compose(event, count, do_compose)
         if do_compose:
             sigma = float(event.event.noise_multiplier)
@@ -392,7 +399,10 @@ class _Calibration:
 
     def solve(self, goal: float, lo: float, hi: float) -> float:
         """dp_accounting's calibration: a root of epsilon(sigma) = goal on the search grid in
-        [lo, hi] with epsilon <= goal there."""
+        [lo, hi] with epsilon <= goal there (hi itself if epsilon is infinite at lo: then the
+        two are adjacent floats)."""
+        if not math.isfinite(self.search(lo)):
+            return hi
 
         def fresh() -> dp_accounting.PrivacyAccountant:
             self.evaluations += 1
@@ -608,9 +618,13 @@ def _bracket(
             if eps(hi) <= target:
                 break
             lo, factor = hi, min(factor**2, 16.0)
-    # brentq needs a finite value at the lower end: bisect (geometrically) while infinite.
+    # brentq needs a finite value at the lower end: bisect (geometrically) while infinite. Where
+    # epsilon jumps from infinite to <= target between two adjacent floats, lo stays infinite
+    # and hi is the answer (`_Calibration.solve`).
     while not math.isfinite(eps(lo)):
         mid = math.sqrt(lo * hi)
+        if not lo < mid < hi:
+            break
         if eps(mid) > target:
             lo = mid
         else:

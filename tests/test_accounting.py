@@ -244,3 +244,50 @@ def test_pld_grid_stays_bounded_at_small_noise(sigma):
 def test_unreachable_target_fails_fast_naming_the_attainable_epsilon():
     with pytest.raises(ValueError, match=r"not attainable.*gives epsilon=0\.0\d+"):
         accounting.calibrate_noise_multiplier(1e-4, 1e-6, 1.0, 1000)
+
+
+def test_calibration_ends_where_epsilon_jumps_from_infinite_to_finite():
+    """At delta 1e-16 a dense PLD's composition carries more infinite mass than delta (epsilon
+    is infinite) and a sparse one, at a larger sigma, does not: between two adjacent floats
+    epsilon jumps from infinite to below the target. The search must end there."""
+    import signal
+
+    def too_long(*_):
+        raise TimeoutError("calibration did not end")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    try:
+        sigma = accounting.calibrate_noise_multiplier(5.0, 1e-16, 0.01, 100)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert accounting.compute_epsilon(sigma, 0.01, 100, 1e-16) <= 5.0
+
+
+def test_a_fitted_grid_never_drops_what_was_composed_before():
+    """fit_grid refits the grid only while nothing is composed: an event composed before the
+    first Gaussian stays in the composition (dp_accounting's own accountant as the reference)."""
+    laplace = dp_accounting.LaplaceDpEvent(0.5)
+    steps = accounting.dpsgd_event(1.0, 0.01, 10)
+    want = pld.PLDAccountant(ADD_REMOVE).compose(laplace).compose(steps).get_epsilon(DELTA)
+    for events in ([laplace, steps], [dp_accounting.ComposedDpEvent([laplace, steps])]):
+        acc = accounting.make_accountant("pld", fit_grid=True)
+        for event in events:
+            acc.compose(event)
+        assert acc.get_epsilon(DELTA) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("q", [0.01, 0.5, 1.0])
+def test_the_vectorized_divergence_matches_dp_accountings_at_every_epsilon(q):
+    """Including the infinite ends and the edges +-log(1 - q) (no PLD grid reaches those, but
+    the divergence is a public method)."""
+    from dp_accounting.pld import privacy_loss_mechanism as plm
+
+    edge = -math.log(1 - q) if q < 1 else 1.0
+    epsilons = np.array([-np.inf, -edge, -0.3, 0.0, 0.3, edge, 5.0, np.inf])
+    for kind in (plm.AdjacencyType.ADD, plm.AdjacencyType.REMOVE):
+        ours = accounting._GaussianPrivacyLoss(0.8, sampling_prob=q, adjacency_type=kind)
+        theirs = plm.GaussianPrivacyLoss(0.8, sampling_prob=q, adjacency_type=kind)
+        want = np.array([theirs.get_delta_for_epsilon(float(e)) for e in epsilons])
+        np.testing.assert_array_equal(ours.get_delta_for_epsilon(epsilons), want)

@@ -269,3 +269,24 @@ def test_a_plan_computed_for_another_tenant_answers_no_sooner_than_computing_it(
     assert b_seconds >= took - 0.01  # but answered no sooner than computing it took
     again, again_computed, again_seconds = run("tenant-a")  # a tenant's own: at once
     assert again == a and not again_computed and again_seconds < took / 2
+
+
+def test_the_planners_are_ready_once_every_process_has_imported():
+    """Readiness waits for each planning process (a file per pid), not for the warm-up tasks,
+    which one fast process could run all of."""
+    import os
+    import time
+
+    from jaxdp.serve import planning
+
+    planner = planning.Planner(2)
+    try:
+        deadline = time.monotonic() + 180
+        while not planner.ready():
+            assert time.monotonic() < deadline, "the planners never became ready"
+            time.sleep(0.1)
+        assert len(os.listdir(planner._started.name)) == 2  # two processes, by pid
+        assert planner.ready()  # a start-up gate: it stays ready
+    finally:
+        planner.close()
+    assert not os.path.exists(planner._started.name)

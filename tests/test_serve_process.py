@@ -201,6 +201,10 @@ def test_a_killed_worker_is_replaced_and_its_job_handed_back_at_once(tmp_path, b
         victim = psutil.Process(started[worker_id])
         assert victim.ppid() == proc.pid  # the job's worker is the server's child
         victim.kill()
+        # Readiness is a start-up gate: a worker's death (which a tenant's job can cause) does
+        # not take the server out of a load balancer's rotation while its replacement imports.
+        time.sleep(1.5)  # past the supervisor's next check: the replacement is importing
+        assert request(url, "/api/ready", key)[0] == 200
         wait_for(lambda: progress()["state"] in db.TERMINAL, 300, "the job's end")
         done = progress()
         assert done["state"] == "succeeded" and done["claims"] == 2, done

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pebble
@@ -106,12 +109,15 @@ def worst_epsilons(groups_per_dataset: list, delta: float) -> list[float]:
     return [jobs.worst_record_epsilon(groups, delta) for groups in groups_per_dataset]
 
 
-def _start_process() -> None:
+def _start_process(started: str) -> None:
     """A planning process: dies with the server; imports what plans need before its first task
-    (seconds: never counted against a plan's deadline, also in a replacement process)."""
+    (seconds: never counted against a plan's deadline, also in a replacement process), then
+    says so with a file named by its pid in the directory `started`."""
     supervision.die_with_parent()
     os.nice(PLANNER_NICENESS)  # a plan yields the CPU to the server's other requests
     from jaxdp.serve import jobs  # noqa: F401
+
+    (Path(started) / str(os.getpid())).touch()
 
 
 class LedgerMemo:
@@ -127,7 +133,7 @@ class LedgerMemo:
 
     @staticmethod
     def _key(tenant: str, groups: list, delta: float) -> tuple[str, str]:
-        return tenant, json.dumps([groups, delta])
+        return tenant, hashlib.sha256(json.dumps([groups, delta]).encode()).hexdigest()
 
     def get(self, tenant: str, groups: list, delta: float) -> float | None:
         with self._lock:
@@ -152,17 +158,22 @@ class Planner:
     one planning function in it (from the event loop). Thread-safe."""
 
     def __init__(self, processes: int = 1, cache_size: int = 1024):
+        self._processes = processes
+        self._started = tempfile.TemporaryDirectory(prefix="jaxdp-planners-")
+        self._ready = False
         self._pool = pebble.ProcessPool(
             max_workers=processes,
             context=multiprocessing.get_context("spawn"),
             initializer=_start_process,
+            initargs=(self._started.name,),
         )
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._running: dict[str, Any] = {}  # key -> the pool's future computing it
-        self._warming = [self._pool.schedule(_warm) for _ in range(processes)]
+        for _ in range(processes):
+            self._pool.schedule(_warm)
 
     @staticmethod
     def _key(fn, args) -> str:
@@ -246,8 +257,11 @@ class Planner:
         return _outcome(outcome)
 
     def ready(self) -> bool:
-        """Whether the pool's processes have started and imported what plans need."""
-        return all(future.done() for future in self._warming)
+        """Whether every one of the pool's processes has started and imported what plans need:
+        a start-up gate (once true, it stays true; a replaced process is not waited for)."""
+        if not self._ready:
+            self._ready = len(os.listdir(self._started.name)) >= self._processes
+        return self._ready
 
     @staticmethod
     def shared(processes: int = 1) -> Planner:
@@ -263,6 +277,7 @@ class Planner:
         """Stops the pool's processes now (a calculation under way is killed)."""
         self._pool.stop()
         self._pool.join(timeout=10)
+        self._started.cleanup()
 
 
 _SHARED: Planner | None = None

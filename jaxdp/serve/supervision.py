@@ -75,6 +75,7 @@ class WorkerSupervisor:
         self.context = multiprocessing.get_context("spawn")
         self.procs: dict[int, tuple[multiprocessing.Process, str]] = {}
         self._ready: dict[int, Any] = {}  # slot -> the Event its worker sets once imported
+        self._all_ready = False  # set by the watch thread (never on the caller's thread)
         self.restarts = 0
         self.deaths: dict[int, int] = {}
         self._dead_since: dict[int, float] = {}
@@ -108,8 +109,11 @@ class WorkerSupervisor:
         return sum(proc.is_alive() for proc, _ in self.procs.values())
 
     def ready(self) -> bool:
-        """Whether every worker started so far has imported what it needs."""
-        return all(event.is_set() for event in self._ready.values())
+        """Whether the workers started at start-up have imported what they need: a start-up
+        gate (once true, it stays true; a restarted worker is logged and counted in /metrics,
+        and does not take the server out of service). A plain flag that the watch thread sets,
+        so that asking never touches a lock the workers share."""
+        return self._all_ready or self.count == 0
 
     def _watch(self) -> None:
         """Checks the workers every `check_seconds`. It never ends before `stop`: an error (the
@@ -118,7 +122,9 @@ class WorkerSupervisor:
         from jaxdp.serve import db
 
         sessions = db.connect(self.db_url)
-        while not self._stop.wait(self.check_seconds):
+        while not self._stop.wait(self.check_seconds if self._all_ready else 0.1):
+            if not self._all_ready:
+                self._all_ready = all(event.is_set() for event in self._ready.values())
             try:
                 with self._lock:
                     self._check(sessions)
