@@ -294,6 +294,7 @@ def test_noise_follows_the_thresholds_the_sum_was_clipped_with():
     assert float(jnp.std(out["x"])) == pytest.approx(4.0, rel=0.03)
 
 
+@pytest.mark.slow
 def test_run_with_adaptive_clipping_publishes_only_dp_releases_and_resumes_exactly(
     tmp_path, monkeypatch
 ):

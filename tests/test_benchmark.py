@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# The benchmark harness runs each mode in its own process: minutes in all.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "benchmark.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the benchmark is not part of the package

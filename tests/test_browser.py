@@ -84,6 +84,7 @@ def api(server, path):
         return json.loads(r.read())
 
 
+@pytest.mark.slow
 def test_the_page_perturbs_uploads_trains_and_downloads(browser, server, base_model, tmp_path):
     from test_perturb import MULTILINGUAL
 

@@ -7,6 +7,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(shared_data, monkeypatch):
     monkeypatch.setenv("JAXDP_QUICKSTART_STEPS", "2")
     nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)

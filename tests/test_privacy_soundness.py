@@ -96,6 +96,7 @@ def _without_timing(records):
     return [{k: v for k, v in r.items() if k != "private/tokens_per_s"} for r in records]
 
 
+@pytest.mark.slow
 def test_crash_after_logging_uncheckpointed_steps_replays_them_exactly(tmp_path, monkeypatch):
     """Killed after steps 3 (checkpoint at 2) and 1 (no checkpoint yet) were logged: the
     resumed run, with the stored secrets, replays them exactly (the same draws, dropout masks

@@ -65,6 +65,7 @@ def test_trainer_releases_nothing_of_the_data_beyond_its_noised_model(tmp_path, 
     _check(tmp_path, *FAST[case])
 
 
+@pytest.mark.slow
 def test_the_harness_fails_on_a_planted_leak(tmp_path, monkeypatch):
     """Finding 1 planted back (the unit's description computed from the data): the harness
     must fail."""

@@ -157,6 +157,7 @@ def _build(tmp, tokenizer_dir) -> None:
     (tmp / "report.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow
 def test_dp_reward_model_beats_chance_on_held_out_pairs(trained):
     workdir, report, _ = trained
     assert report["num_heldout"] == 1000
@@ -169,6 +170,7 @@ def test_dp_reward_model_beats_chance_on_held_out_pairs(trained):
     assert (workdir / "report.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # (the trained reward model: minutes, shared with the slow tests)
 def test_the_accountant_epsilon_equals_the_trainers(trained):
     workdir, report, _ = trained
     privacy = json.loads((workdir / "privacy.json").read_text())
@@ -191,6 +193,7 @@ def test_the_accountant_epsilon_equals_the_trainers(trained):
     assert report["epsilon"] == pytest.approx(direct.compose(event).get_epsilon(delta), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_best_of_n_beats_a_single_sample_in_true_reward(trained):
     workdir, _, reference = trained
     prompts = [p.prompt for p in reward.synthetic_preferences(16, seed=9)]
@@ -220,6 +223,7 @@ def test_best_of_n_beats_a_single_sample_in_true_reward(trained):
         assert sum(r["gibbs_probs"]) == pytest.approx(1.0) and 0 <= r["chosen"] < 4
 
 
+@pytest.mark.slow
 def test_cli_offline_config_and_best_of_n(tmp_path, tokenizer_dir, capsys):
     from jaxdp.commands import best_of_n, train_reward
 

@@ -171,6 +171,7 @@ def test_changing_only_the_number_of_steps_says_so_and_the_documented_extension_
     assert longer["epsilon"] > first["epsilon"]
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_one_line_error_with_a_way_back(tmp_path):
     """A bit flip (or truncation) in a checkpoint is refused before anything is loaded, with
     the step and how to fall back to the previous checkpoint; following that advice works."""
@@ -452,6 +453,7 @@ def test_observers_see_every_step_and_cancellation_stops_with_an_honest_record(t
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_the_same_steps_as_an_uninterrupted_one(tmp_path, monkeypatch):
     cfg = small(load_config("tiny_offline"), num_steps=5, checkpoint_every=2, eval_every=5)
     cfg.train.log_every = 2

@@ -283,6 +283,7 @@ def _worker(workdir, url):
     )
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_the_job_to_another_which_resumes_it(tmp_path, base_model):
     """Kill the worker process mid-job (after a checkpoint); a new worker claims the job after
     the heartbeat timeout and resumes it: the final weights and epsilon equal an uninterrupted

@@ -10,6 +10,7 @@ from conftest import REPO
 from jaxdp import sharding
 
 
+@pytest.mark.slow
 def test_sharded_dp_step_equals_single_device_on_8_fake_devices():
     """Data-parallel and FSDP meshes give the single-device update for the same batch and key."""
     env = {
@@ -73,6 +74,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_run_equals_one_process_run(tmp_path):
     """Two processes x 2 CPU devices (gloo collectives on localhost) vs one process x 4 devices."""
     from safetensors.numpy import load_file
