@@ -70,6 +70,7 @@ def test_first_signal_asks_to_stop_and_the_second_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     """What SLURM preemption does: the run stops after its current step with a checkpoint and a
     privacy.json for the steps it ran, prints one line, and the same command resumes it."""

@@ -157,6 +157,7 @@ def _largest_file(directory):
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow
 def test_changing_only_the_number_of_steps_says_so_and_the_documented_extension_works(tmp_path):
     cfg = small(load_config("tiny_offline"))
     cfg.dp.noise_multiplier, cfg.dp.target_epsilon = None, 2.0  # sigma calibrated to 2 steps
@@ -269,6 +270,7 @@ def test_typo_in_config_override_is_rejected(tmp_path):
     assert not (tmp_path / "private").exists()
 
 
+@pytest.mark.slow
 def test_optional_fields_can_be_cleared_from_the_command_line(tmp_path):
     """`--config.dp.target_epsilon=None` drops the shipped budget (a float field otherwise)."""
     flags = [  # small() without its target_epsilon=None: the shipped 8.0 stays until cleared
@@ -595,6 +597,7 @@ def test_bf16_run_with_the_clipping_plan(tmp_path):
         to_settings(cfg)
 
 
+@pytest.mark.slow
 def test_out_of_device_memory_is_one_error_that_loses_nothing(tmp_path, monkeypatch):
     """A step that does not fit in device memory stops the run with one error naming what to
     lower; rerun with it, the run continues from its last checkpoint. Other runtime errors
