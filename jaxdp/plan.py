@@ -48,7 +48,7 @@ from jaxdp.noise import add_gaussian_noise
 
 log = logging.getLogger("jaxdp")
 
-SAMPLINGS = ("poisson", "shuffle")
+SAMPLINGS = accounting.SAMPLINGS  # "poisson" | "shuffle"
 DEFAULT_UNIT = "example"
 COVERED = (
     "the trained parameters at every step and everything outside W/private computed from them "

@@ -17,13 +17,12 @@ import math
 from typing import Any
 
 from jaxdp import data, ghost, steps
+from jaxdp.accounting import ACCOUNTANTS, SAMPLINGS
 from jaxdp.clipping import CLIPPING_MODES
 from jaxdp.gpt2 import COMPUTE_DTYPES, PRESETS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
-ACCOUNTANTS = ("pld", "rdp")
-SAMPLINGS = ("poisson", "shuffle")
 
 
 class ConfigError(ValueError):
